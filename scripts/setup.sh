@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh machine for csp-tch: libtorch 2.13 from PyPI (the version tch 0.26 binds
+# to; a CUDA build that also runs on CPU) in a venv outside the repo, and .cargo/config.toml pointing
+# cargo at it, so that plain `cargo build`, `cargo run` and `cargo test` work afterwards.
+#   CSP_TCH_TORCH_HOME  where the venv lives (default ~/.cache/csp-tch)
+#   LIBTORCH            your own libtorch 2.13: used as it is, nothing installed
+# A second run does no network work and returns in about a second.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+torch_version=2.13.0
+config="$repo/.cargo/config.toml"
+
+write_config() { # LIBTORCH-path python-path
+  local want
+  want=$(printf '# Written by scripts/setup.sh; a LIBTORCH in your environment overrides it.\n[env]\nLIBTORCH = "%s"\nCSP_TCH_PYTHON = "%s"\n' "$1" "$2")
+  if [ "$(cat "$config" 2>/dev/null)" != "$want" ]; then
+    mkdir -p "$(dirname "$config")"
+    printf '%s\n' "$want" > "$config.tmp" && mv "$config.tmp" "$config"
+  fi
+}
+
+if [ -n "${LIBTORCH:-}" ]; then
+  if [ ! -e "$LIBTORCH/lib/libtorch.so" ]; then
+    echo "setup: LIBTORCH=$LIBTORCH has no lib/libtorch.so; unset LIBTORCH to let this script install libtorch $torch_version" >&2
+    exit 1
+  fi
+  echo "setup: using your LIBTORCH=$LIBTORCH"
+  exit 0
+fi
+
+home=${CSP_TCH_TORCH_HOME:-$HOME/.cache/csp-tch}
+venv="$home/venv"
+installed_version() {
+  sed -n "s/^__version__ = '\([0-9.]*\).*/\1/p" "$venv"/lib/python3*/site-packages/torch/version.py 2>/dev/null | head -n 1
+}
+if [ "$(installed_version)" != "$torch_version" ]; then
+  echo "setup: installing torch==$torch_version into $venv (about 4.7 GB, a few minutes)"
+  command -v python3 >/dev/null || { echo "setup: python3 is needed to install libtorch from PyPI" >&2; exit 1; }
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$torch_version" numpy
+fi
+torch_dir=$(echo "$venv"/lib/python3*/site-packages/torch)
+[ -e "$torch_dir/lib/libtorch.so" ] || { echo "setup: $torch_dir/lib/libtorch.so missing; delete $venv and run again" >&2; exit 1; }
+write_config "$torch_dir" "$venv/bin/python"
+echo "setup: libtorch $torch_version at $torch_dir"

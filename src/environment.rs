@@ -1,0 +1,87 @@
+//! Where csp-tch runs: device choice and the facts a result needs to be read honestly.
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+use tch::{Cuda, Device};
+
+/// Parses `--device`: `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let device = match spec {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(index)) => Device::Cuda(index),
+            _ => bail!("--device '{spec}' is not one of auto, cpu, cuda, cuda:N"),
+        },
+    };
+    if let Device::Cuda(index) = device {
+        let count = Cuda::device_count();
+        if index as i64 >= count {
+            bail!(
+                "--device {spec}: this machine has {count} CUDA device(s) visible to libtorch; \
+                 use --device cpu or auto"
+            );
+        }
+    }
+    Ok(device)
+}
+
+/// `cpu` or `cuda:N`.
+pub fn device_label(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// A human name for the device: the CPU model, or the GPU's name where nvidia-smi tells it.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => std::process::Command::new("nvidia-smi")
+            .args(["--query-gpu=name", "--format=csv,noheader", "-i", &i.to_string()])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| format!("CUDA device {i}")),
+        _ => std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+            })
+            .unwrap_or_else(|| "CPU".into()),
+    }
+}
+
+/// Versions and hardware, as `csp-tch env` prints them and comparison.json records them.
+#[derive(Clone, Debug, Serialize)]
+pub struct Environment {
+    pub csp_tch: &'static str,
+    pub tch: &'static str,
+    pub libtorch: &'static str,
+    pub cuda_available: bool,
+    pub cuda_devices: i64,
+    pub cudnn_available: bool,
+    pub cudnn_version: Option<i64>,
+    pub cpu_threads: i32,
+    pub cpu: String,
+}
+
+impl Environment {
+    pub fn detect() -> Self {
+        let cudnn = Cuda::cudnn_is_available();
+        Environment {
+            csp_tch: env!("CARGO_PKG_VERSION"),
+            tch: env!("CSP_TCH_TCH_VERSION"),
+            libtorch: env!("CSP_TCH_LIBTORCH_VERSION"),
+            cuda_available: Cuda::is_available(),
+            cuda_devices: Cuda::device_count(),
+            cudnn_available: cudnn,
+            cudnn_version: cudnn.then(tch::utils::version_cudnn),
+            cpu_threads: tch::get_num_threads(),
+            cpu: device_name(Device::Cpu),
+        }
+    }
+}

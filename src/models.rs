@@ -1,0 +1,428 @@
+//! The backbones of TUTORIAL.md: DarkNet53 (PaddleClas) and CSPDarkNet53, built from one ConvBNLayer
+//! and one BasicBlock, in the style of tch's `vision/resnet.rs`.
+//!
+//! Every network is `stem -> 5 stages -> global average pool -> linear head`. A stage opens with a
+//! stride-2 ConvBNLayer (`entry`) and continues with a body:
+//! - DarkNet53: `n` residual BasicBlocks on the full width;
+//! - CSP: the entry's output is split into a part that goes through `csp1 -> blocks -> csp3` and a
+//!   shortcut `csp2`; the two are concatenated and fused by a 1x1 ConvBNLayer.
+//!
+//! Layer paths mirror the tutorial's (and PaddleClas's) names, e.g. `stage.0.csp0`, `stage.2.5.1`.
+//! `describe` computes each layer's output shape, parameters and MACs from the same definitions that
+//! build the modules, so `csp-tch summary` can never disagree with what is trained.
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+use tch::nn::{self, ModuleT};
+use tch::Tensor;
+
+/// Width `C` and block count `n` of the five stages, shared by all backbones.
+pub const STAGES: [(i64, usize); 5] = [(64, 1), (128, 2), (256, 8), (512, 8), (1024, 4)];
+/// Channels out of the stem ConvBNLayer.
+const STEM_CHANNELS: i64 = 32;
+
+/// How a backbone's stages are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Residual blocks on the full stage width.
+    DarkNet,
+    /// Cross Stage Partial split; `pad_1x1` is the padding of the csp1, csp2 and fusion 1x1 convolutions
+    /// (the tutorial's code pads them by 1).
+    Csp { pad_1x1: i64 },
+}
+
+/// One entry of the model registry.
+#[derive(Debug)]
+pub struct ModelInfo {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub layout: Layout,
+}
+
+/// Every backbone csp-tch knows. Adding one is one entry here.
+pub const MODELS: [ModelInfo; 3] = [
+    ModelInfo {
+        name: "darknet53",
+        about: "DarkNet53 as in PaddleClas (the tutorial's baseline)",
+        layout: Layout::DarkNet,
+    },
+    ModelInfo {
+        name: "cspdarknet53",
+        about: "CSPDarkNet53 as the tutorial wrote it (1x1 convolutions padded by 1)",
+        layout: Layout::Csp { pad_1x1: 1 },
+    },
+    ModelInfo {
+        name: "cspdarknet53-pad0",
+        about: "CSPDarkNet53 with unpadded 1x1 convolutions (what the CSP split itself saves)",
+        layout: Layout::Csp { pad_1x1: 0 },
+    },
+];
+
+/// Names of all registered models, in registry order.
+pub fn model_names() -> Vec<&'static str> {
+    MODELS.iter().map(|m| m.name).collect()
+}
+
+/// Looks a model up by name; an unknown name is an error listing the valid ones.
+pub fn model_info(name: &str) -> Result<&'static ModelInfo> {
+    match MODELS.iter().find(|m| m.name == name) {
+        Some(info) => Ok(info),
+        None => bail!("unknown model '{name}'; valid models: {}", model_names().join(", ")),
+    }
+}
+
+/// A feature map's shape, per image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Shape {
+    pub c: i64,
+    pub h: i64,
+    pub w: i64,
+}
+
+/// One row of a model summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerRow {
+    pub name: String,
+    /// `[C, H, W]` per image (`[features]` for the head).
+    pub output_shape: Vec<i64>,
+    /// Trainable parameters of this layer alone.
+    pub params: i64,
+    /// Multiply-accumulates per image.
+    pub macs: i64,
+}
+
+fn path_name(p: &nn::Path) -> String {
+    p.components().collect::<Vec<_>>().join(".")
+}
+
+/// Geometry of one ConvBNLayer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvSpec {
+    pub cin: i64,
+    pub cout: i64,
+    pub k: i64,
+    pub stride: i64,
+    pub pad: i64,
+}
+
+impl ConvSpec {
+    fn new(cin: i64, cout: i64, k: i64, stride: i64, pad: i64) -> Self {
+        ConvSpec { cin, cout, k, stride, pad }
+    }
+
+    fn out_size(&self, size: i64) -> i64 {
+        (size + 2 * self.pad - self.k) / self.stride + 1
+    }
+}
+
+/// The tutorial's ConvBNLayer: Conv2d (no bias) -> BatchNorm -> ReLU, PaddleClas initialisation.
+#[derive(Debug)]
+pub struct ConvBnLayer {
+    name: String,
+    spec: ConvSpec,
+    conv: nn::Conv2D,
+    bn: nn::BatchNorm,
+}
+
+fn conv_bn(p: nn::Path, spec: ConvSpec) -> ConvBnLayer {
+    let conv_config = nn::ConvConfig {
+        stride: spec.stride,
+        padding: spec.pad,
+        bias: false,
+        // Normal(0, sqrt(2 / (k*k*cin))).
+        ws_init: nn::init::DEFAULT_KAIMING_NORMAL,
+        ..Default::default()
+    };
+    // eps 1e-5, momentum 0.1 in PyTorch's sense (Paddle's 0.9); weight 1, bias 0.
+    let bn_config = nn::BatchNormConfig {
+        ws_init: nn::Init::Const(1.),
+        bs_init: nn::Init::Const(0.),
+        ..Default::default()
+    };
+    ConvBnLayer {
+        name: path_name(&p),
+        spec,
+        conv: nn::conv2d(&p / "conv", spec.cin, spec.cout, spec.k, conv_config),
+        bn: nn::batch_norm2d(&p / "bn", spec.cout, bn_config),
+    }
+}
+
+impl ModuleT for ConvBnLayer {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        xs.apply(&self.conv).apply_t(&self.bn, train).relu()
+    }
+}
+
+impl ConvBnLayer {
+    pub fn spec(&self) -> ConvSpec {
+        self.spec
+    }
+
+    /// The convolution and batch norm, for code that rewrites the layer (BN folding, export).
+    pub fn parts(&self) -> (&nn::Conv2D, &nn::BatchNorm) {
+        (&self.conv, &self.bn)
+    }
+
+    fn describe(&self, input: Shape, rows: &mut Vec<LayerRow>) -> Shape {
+        let s = self.spec;
+        assert_eq!(input.c, s.cin, "{}: channel mismatch", self.name);
+        let out = Shape { c: s.cout, h: s.out_size(input.h), w: s.out_size(input.w) };
+        let weights = s.cout * s.cin * s.k * s.k;
+        rows.push(LayerRow {
+            name: self.name.clone(),
+            output_shape: vec![out.c, out.h, out.w],
+            params: weights + 2 * s.cout,
+            macs: weights * out.h * out.w,
+        });
+        out
+    }
+}
+
+/// The tutorial's BasicBlock(cin, c): 1x1 ConvBNLayer to c, 3x3 ConvBNLayer to 2c, plus the input.
+#[derive(Debug)]
+pub struct BasicBlock {
+    conv1: ConvBnLayer,
+    conv2: ConvBnLayer,
+}
+
+fn basic_block(p: nn::Path, cin: i64, c: i64) -> BasicBlock {
+    assert_eq!(cin, 2 * c, "BasicBlock adds its input: needs cin = 2c");
+    BasicBlock {
+        conv1: conv_bn(&p / "0", ConvSpec::new(cin, c, 1, 1, 0)),
+        conv2: conv_bn(&p / "1", ConvSpec::new(c, 2 * c, 3, 1, 1)),
+    }
+}
+
+impl ModuleT for BasicBlock {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        xs + xs.apply_t(&self.conv1, train).apply_t(&self.conv2, train)
+    }
+}
+
+impl BasicBlock {
+    fn layers(&self) -> [&ConvBnLayer; 2] {
+        [&self.conv1, &self.conv2]
+    }
+
+    fn describe(&self, input: Shape, rows: &mut Vec<LayerRow>) -> Shape {
+        let mid = self.conv1.describe(input, rows);
+        self.conv2.describe(mid, rows)
+    }
+}
+
+/// `n` BasicBlocks on width `c`, named `<p>.0 .. <p>.{n-1}`.
+fn blocks(p: &nn::Path, c: i64, n: usize) -> Vec<BasicBlock> {
+    (0..n).map(|i| basic_block(p / i, c, c / 2)).collect()
+}
+
+fn forward_blocks(blocks: &[BasicBlock], xs: Tensor, train: bool) -> Tensor {
+    blocks.iter().fold(xs, |x, b| x.apply_t(b, train))
+}
+
+/// What follows a stage's stride-2 entry convolution.
+#[derive(Debug)]
+enum Body {
+    Residual(Vec<BasicBlock>),
+    Csp {
+        /// csp1: the part that goes through the blocks.
+        part: ConvBnLayer,
+        blocks: Vec<BasicBlock>,
+        /// csp3: transition after the blocks.
+        transition: ConvBnLayer,
+        /// csp2: the part that skips the blocks.
+        shortcut: ConvBnLayer,
+        /// "stage.k.downsample" in the text: 1x1 fusion of concat(csp3, csp2).
+        fusion: ConvBnLayer,
+    },
+}
+
+/// One stage: stride-2 entry ConvBNLayer, then the body.
+#[derive(Debug)]
+pub struct Stage {
+    entry: ConvBnLayer,
+    body: Body,
+}
+
+/// Stage `k` of width `c` with `n` blocks, fed `cin` channels.
+fn stage(root: &nn::Path, layout: Layout, k: usize, cin: i64, c: i64, n: usize) -> Stage {
+    let p = root / "stage" / k;
+    let entry_spec = ConvSpec::new(cin, c, 3, 2, 1);
+    match layout {
+        Layout::DarkNet => {
+            // PaddleClas names the stride-2 convolution after the stage it leaves.
+            let entry_path = if k == 0 {
+                root / "yolo_input" / "downsample"
+            } else {
+                root / "stage" / (k - 1) / "downsample"
+            };
+            Stage { entry: conv_bn(entry_path, entry_spec), body: Body::Residual(blocks(&p, c, n)) }
+        }
+        Layout::Csp { pad_1x1 } => {
+            // Stage 0 keeps the full 64 channels in each part; later stages halve them.
+            let h = if k == 0 { c } else { c / 2 };
+            Stage {
+                entry: conv_bn(&p / "csp0", entry_spec),
+                body: Body::Csp {
+                    part: conv_bn(&p / "csp1", ConvSpec::new(c, h, 1, 1, pad_1x1)),
+                    blocks: blocks(&p, h, n),
+                    transition: conv_bn(&p / "csp3", ConvSpec::new(h, h, 1, 1, 0)),
+                    shortcut: conv_bn(&p / "csp2", ConvSpec::new(c, h, 1, 1, pad_1x1)),
+                    fusion: conv_bn(&p / "downsample", ConvSpec::new(2 * h, c, 1, 1, pad_1x1)),
+                },
+            }
+        }
+    }
+}
+
+impl ModuleT for Stage {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let x = xs.apply_t(&self.entry, train);
+        match &self.body {
+            Body::Residual(blocks) => forward_blocks(blocks, x, train),
+            Body::Csp { part, blocks, transition, shortcut, fusion } => {
+                let part_out =
+                    forward_blocks(blocks, x.apply_t(part, train), train).apply_t(transition, train);
+                let shortcut_out = x.apply_t(shortcut, train);
+                Tensor::cat(&[part_out, shortcut_out], 1).apply_t(fusion, train)
+            }
+        }
+    }
+}
+
+impl Stage {
+    /// Every ConvBNLayer of the stage, in forward order.
+    pub fn layers(&self) -> Vec<&ConvBnLayer> {
+        let mut layers = vec![&self.entry];
+        match &self.body {
+            Body::Residual(blocks) => layers.extend(blocks.iter().flat_map(|b| b.layers())),
+            Body::Csp { part, blocks, transition, shortcut, fusion } => {
+                layers.push(part);
+                layers.extend(blocks.iter().flat_map(|b| b.layers()));
+                layers.extend([transition, shortcut, fusion]);
+            }
+        }
+        layers
+    }
+
+    fn describe(&self, input: Shape, rows: &mut Vec<LayerRow>) -> Shape {
+        let x = self.entry.describe(input, rows);
+        match &self.body {
+            Body::Residual(blocks) => blocks.iter().fold(x, |s, b| b.describe(s, rows)),
+            Body::Csp { part, blocks, transition, shortcut, fusion } => {
+                let p = blocks.iter().fold(part.describe(x, rows), |s, b| b.describe(s, rows));
+                let p = transition.describe(p, rows);
+                let s = shortcut.describe(x, rows);
+                assert_eq!((p.h, p.w), (s.h, s.w), "concat of mismatched maps");
+                fusion.describe(Shape { c: p.c + s.c, ..p }, rows)
+            }
+        }
+    }
+}
+
+/// A whole classification network: stem, five stages, pool, linear head.
+#[derive(Debug)]
+pub struct Backbone {
+    pub info: &'static ModelInfo,
+    pub classes: i64,
+    stem: ConvBnLayer,
+    stages: Vec<Stage>,
+    head: nn::Linear,
+}
+
+/// Builds a registered model under `p` with a `classes`-way head.
+pub fn build(p: &nn::Path, info: &'static ModelInfo, classes: i64) -> Backbone {
+    let stem = conv_bn(p / "yolo_input", ConvSpec::new(3, STEM_CHANNELS, 3, 1, 1));
+    let mut cin = STEM_CHANNELS;
+    let mut stages = Vec::with_capacity(STAGES.len());
+    for (k, &(c, n)) in STAGES.iter().enumerate() {
+        stages.push(stage(p, info.layout, k, cin, c, n));
+        cin = c;
+    }
+    let bound = 1.0 / (cin as f64).sqrt();
+    let head_config = nn::LinearConfig {
+        ws_init: nn::Init::Uniform { lo: -bound, up: bound },
+        bs_init: Some(nn::Init::Const(0.)),
+        bias: true,
+    };
+    let head = nn::linear(p / "fc", cin, classes, head_config);
+    Backbone { info, classes, stem, stages, head }
+}
+
+impl ModuleT for Backbone {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let features = self.stages.iter().fold(xs.apply_t(&self.stem, train), |x, s| x.apply_t(s, train));
+        features.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.head)
+    }
+}
+
+impl Backbone {
+    pub fn stages(&self) -> &[Stage] {
+        &self.stages
+    }
+
+    pub fn stem(&self) -> &ConvBnLayer {
+        &self.stem
+    }
+
+    pub fn head(&self) -> &nn::Linear {
+        &self.head
+    }
+
+    /// Every ConvBNLayer in forward order.
+    pub fn layers(&self) -> Vec<&ConvBnLayer> {
+        std::iter::once(&self.stem).chain(self.stages.iter().flat_map(|s| s.layers())).collect()
+    }
+
+    /// Smallest square input on which every stride-2 convolution still sees real pixels
+    /// (a 1x1 final map); below it the deep stages compute on padding alone.
+    pub fn min_image_size(&self) -> i64 {
+        self.layers().iter().map(|l| l.spec.stride).product()
+    }
+
+    /// Output shape, parameters and MACs of every layer for a square `image_size` input.
+    pub fn describe(&self, image_size: i64) -> Summary {
+        let mut rows = Vec::new();
+        let input = Shape { c: 3, h: image_size, w: image_size };
+        let mut stage_outputs = Vec::new();
+        let mut x = self.stem.describe(input, &mut rows);
+        for stage in &self.stages {
+            x = stage.describe(x, &mut rows);
+            stage_outputs.push(x);
+        }
+        rows.push(LayerRow { name: "pool".into(), output_shape: vec![x.c, 1, 1], params: 0, macs: 0 });
+        let head_params = x.c * self.classes + self.classes;
+        rows.push(LayerRow {
+            name: "fc".into(),
+            output_shape: vec![self.classes],
+            params: head_params,
+            macs: x.c * self.classes,
+        });
+        let bn_channels: i64 = self.layers().iter().map(|l| l.spec.cout).sum();
+        let trainable_params = rows.iter().map(|r| r.params).sum::<i64>();
+        Summary {
+            model: self.info.name,
+            image_size,
+            classes: self.classes,
+            trainable_params,
+            // Paddle's summary also counts each BatchNorm's running mean and variance.
+            paddle_style_params: trainable_params + 2 * bn_channels,
+            macs: rows.iter().map(|r| r.macs).sum(),
+            stage_outputs,
+            layers: rows,
+        }
+    }
+}
+
+/// A model's totals and layer table at one input size.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub model: &'static str,
+    pub image_size: i64,
+    pub classes: i64,
+    pub trainable_params: i64,
+    pub paddle_style_params: i64,
+    pub macs: i64,
+    #[serde(skip)]
+    pub stage_outputs: Vec<Shape>,
+    pub layers: Vec<LayerRow>,
+}

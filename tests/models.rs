@@ -1,0 +1,172 @@
+//! The backbones against TUTORIAL.md, to the unit.
+
+use csp_tch::models::{self, Backbone, Shape};
+use tch::nn::{self, ModuleT};
+use tch::{Device, Kind, Tensor};
+
+fn build(name: &str, classes: i64) -> (nn::VarStore, Backbone) {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = models::build(&vs.root(), models::model_info(name).unwrap(), classes);
+    (vs, model)
+}
+
+fn numel(tensors: impl IntoIterator<Item = Tensor>) -> i64 {
+    tensors.into_iter().map(|t| t.numel() as i64).sum()
+}
+
+#[test]
+fn parameter_counts_match_the_tutorial() {
+    // (model, trainable at 10 classes, Paddle-style at 1000 classes)
+    let expected = [
+        ("darknet53", 40_595_178, 41_645_640),
+        ("cspdarknet53", 18_061_546, 19_106_376),
+        ("cspdarknet53-pad0", 18_061_546, 19_106_376),
+    ];
+    for (name, trainable, paddle) in expected {
+        let (vs, model) = build(name, 10);
+        assert_eq!(model.describe(224).trainable_params, trainable, "{name}");
+        assert_eq!(numel(vs.trainable_variables()), trainable, "{name}: var store");
+
+        let (vs, model) = build(name, 1000);
+        assert_eq!(model.describe(224).paddle_style_params, paddle, "{name}");
+        // Paddle-style = every variable, BatchNorm running statistics included.
+        assert_eq!(numel(vs.variables().into_values()), paddle, "{name}: var store");
+    }
+}
+
+#[test]
+fn macs_match_the_tutorial() {
+    // TUTORIAL.md's figures in GMAC, as it prints them (three decimals), at 10 classes.
+    let expected = [
+        ("darknet53", "0.145", "7.108"),
+        ("cspdarknet53", "0.902", "6.113"),
+        ("cspdarknet53-pad0", "0.073", "3.589"),
+    ];
+    for (name, at32, at224) in expected {
+        let (_vs, model) = build(name, 10);
+        let giga = |size| format!("{:.3}", model.describe(size).macs as f64 / 1e9);
+        assert_eq!(giga(32), at32, "{name} at 32");
+        assert_eq!(giga(224), at224, "{name} at 224");
+    }
+}
+
+fn square(c: i64, s: i64) -> Shape {
+    Shape { c, h: s, w: s }
+}
+
+#[test]
+fn stage_output_shapes_match_the_tutorial() {
+    let widths = [64, 128, 256, 512, 1024];
+    let cases = [
+        ("darknet53", 224, [112, 56, 28, 14, 7]),
+        ("cspdarknet53-pad0", 224, [112, 56, 28, 14, 7]),
+        ("cspdarknet53", 224, [116, 62, 35, 22, 15]),
+        ("darknet53", 32, [16, 8, 4, 2, 1]),
+        ("cspdarknet53-pad0", 32, [16, 8, 4, 2, 1]),
+        ("cspdarknet53", 32, [20, 14, 11, 10, 9]),
+    ];
+    for (name, size, sides) in cases {
+        let (_vs, model) = build(name, 10);
+        let expected: Vec<Shape> = widths.iter().zip(sides).map(|(&c, s)| square(c, s)).collect();
+        assert_eq!(model.describe(size).stage_outputs, expected, "{name} at {size}");
+    }
+}
+
+#[test]
+fn described_shapes_are_the_shapes_the_modules_compute() {
+    for name in models::model_names() {
+        let (_vs, model) = build(name, 10);
+        let summary = model.describe(32);
+        let mut x = Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu)).apply_t(model.stem(), false);
+        for (stage, shape) in model.stages().iter().zip(&summary.stage_outputs) {
+            x = x.apply_t(stage, false);
+            assert_eq!(x.size(), [2, shape.c, shape.h, shape.w], "{name}");
+        }
+        let logits = Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu)).apply_t(&model, false);
+        assert_eq!(logits.size(), [2, 10]);
+    }
+}
+
+#[test]
+fn layer_paths_mirror_the_tutorial_names() {
+    let (vs, _model) = build("cspdarknet53", 10);
+    let names = vs.variables();
+    for expected in [
+        "yolo_input.conv.weight",
+        "stage.0.csp0.conv.weight",
+        "stage.0.csp1.bn.running_mean",
+        "stage.0.0.1.conv.weight",
+        "stage.0.csp3.conv.weight",
+        "stage.0.csp2.bn.weight",
+        "stage.4.downsample.conv.weight",
+        "fc.weight",
+    ] {
+        assert!(names.contains_key(expected), "missing {expected}");
+    }
+    let (vs, _model) = build("darknet53", 10);
+    for expected in ["yolo_input.downsample.conv.weight", "stage.3.downsample.bn.bias", "stage.4.3.1.conv.weight"] {
+        assert!(vs.variables().contains_key(expected), "missing {expected}");
+    }
+    assert!(!vs.variables().contains_key("stage.4.downsample.conv.weight"), "no downsample after the last stage");
+}
+
+#[test]
+fn forward_and_backward_reach_every_parameter() {
+    tch::manual_seed(0);
+    for name in models::model_names() {
+        let (vs, model) = build(name, 10);
+        let xs = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let labels = Tensor::from_slice(&[0i64, 3, 7, 9]);
+        let loss = xs.apply_t(&model, true).cross_entropy_for_logits(&labels);
+        let value = loss.double_value(&[]);
+        assert!(value.is_finite() && value > 0.0, "{name}: loss {value}");
+        loss.backward();
+        for (var, tensor) in vs.variables() {
+            if !tensor.requires_grad() {
+                continue;
+            }
+            let grad = tensor.grad();
+            assert!(grad.defined(), "{name}: no gradient for {var}");
+            assert!(grad.isfinite().all().int64_value(&[]) == 1, "{name}: non-finite gradient in {var}");
+            assert!(grad.abs().sum(Kind::Double).double_value(&[]) > 0.0, "{name}: zero gradient in {var}");
+        }
+    }
+}
+
+#[test]
+fn initialisation_follows_paddleclas() {
+    tch::manual_seed(1);
+    let (vs, _model) = build("darknet53", 10);
+    let vars = vs.variables();
+    // 3x3 conv, 512 -> 1024: fan_in = 9 * 512.
+    let w = &vars["stage.3.downsample.conv.weight"];
+    assert_eq!(w.size(), [1024, 512, 3, 3]);
+    let std = w.std(true).double_value(&[]);
+    let expected = (2.0 / (9.0 * 512.0f64)).sqrt();
+    assert!((std / expected - 1.0).abs() < 0.05, "conv std {std}, expected {expected}");
+    assert!(w.mean(Kind::Double).double_value(&[]).abs() < 0.05 * expected);
+
+    let head = &vars["fc.weight"];
+    let bound = head.abs().max().double_value(&[]);
+    assert!(bound <= 1.0 / 32.0 && bound > 0.9 / 32.0, "head weights span ±{bound}");
+    assert_eq!(vars["fc.bias"].abs().sum(Kind::Double).double_value(&[]), 0.0);
+    assert_eq!(vars["stage.2.3.0.bn.weight"].min().double_value(&[]), 1.0);
+    assert_eq!(vars["stage.2.3.0.bn.weight"].max().double_value(&[]), 1.0);
+    assert_eq!(vars["stage.2.3.0.bn.bias"].abs().max().double_value(&[]), 0.0);
+}
+
+#[test]
+fn unknown_model_lists_the_valid_ones() {
+    let err = models::model_info("resnet50").unwrap_err().to_string();
+    for name in models::model_names() {
+        assert!(err.contains(name), "{err}");
+    }
+}
+
+#[test]
+fn min_image_size_is_the_total_stride() {
+    for name in models::model_names() {
+        let (_vs, model) = build(name, 10);
+        assert_eq!(model.min_image_size(), 32, "{name}");
+    }
+}
