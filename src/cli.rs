@@ -4,9 +4,16 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use tch::{nn, Device};
 
+use std::path::PathBuf;
+
+use crate::data::{self, Source};
 use crate::environment::{device_label, device_name, parse_device, Environment};
-use crate::models::{self, Backbone};
+use crate::models;
+use crate::optim::AdamConfig;
 use crate::report::{si, thousands};
+use crate::run::{self, Preset, RunConfig};
+use crate::train::Recipe;
+use crate::transform::Normalize;
 
 #[derive(Parser, Debug)]
 #[command(name = "csp-tch", version, about = "DarkNet53 versus CSPDarkNet53 on CIFAR-10, on libtorch")]
@@ -21,6 +28,156 @@ enum Command {
     Summary(SummaryArgs),
     /// csp-tch, tch and libtorch versions; CUDA, cuDNN and CPU threads.
     Env,
+    /// Train and evaluate every backbone (or --models), write CSVs and the comparison report.
+    RunAll(RunAllArgs),
+    /// Train and evaluate one backbone into the same layout as run-all.
+    Train(TrainArgs),
+    /// Fetch, check or synthesise CIFAR-10 in its binary layout.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DataCommand {
+    /// Download cifar-10-binary.tar.gz, verify its MD5 and extract it into --data-dir.
+    Download(SourceArgs),
+    /// Check the binary layout in --data-dir (file sizes, labels) and count images per class.
+    Check {
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
+    /// Write a learnable synthetic set in the same binary layout, for tests and demos.
+    Synth {
+        /// Folder to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// Distinct training images (repeated to fill the fixed 50,000-record layout).
+        #[arg(long, default_value_t = 50_000)]
+        train: usize,
+        /// Distinct test images (repeated to fill the fixed 10,000-record layout).
+        #[arg(long, default_value_t = 10_000)]
+        test: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+const DEFAULT_DATA_DIR: &str = "data/cifar-10-batches-bin";
+
+#[derive(Args, Debug)]
+struct SourceArgs {
+    /// Folder of the CIFAR-10 binary layout (data_batch_1..5.bin, test_batch.bin).
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Where to fetch cifar-10-binary.tar.gz when --data-dir is missing (http(s):// or file://).
+    #[arg(long, env = "CSP_TCH_DATA_URL", default_value = data::DEFAULT_URL)]
+    data_url: String,
+    /// Expected MD5 of the archive.
+    #[arg(long, default_value = data::DEFAULT_MD5)]
+    data_md5: String,
+}
+
+impl SourceArgs {
+    fn source(&self) -> Source {
+        Source { url: self.data_url.clone(), md5: self.data_md5.clone() }
+    }
+}
+
+/// `N` images, or `all`.
+fn parse_limit(s: &str) -> Result<Limit, String> {
+    match s {
+        "all" => Ok(Limit(None)),
+        _ => match s.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(Limit(Some(n))),
+            _ => Err(format!("'{s}' is not a positive number of images or 'all'")),
+        },
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Limit(Option<usize>);
+
+#[derive(Args, Debug)]
+struct RecipeArgs {
+    /// Defaults for the flags below: `tutorial` (full data, 224 px, 5 epochs; for a GPU) or
+    /// `quick` (32 px, 1000/500-image balanced subsets, 3 epochs; a few minutes on a CPU).
+    #[arg(long, value_enum, default_value_t = Preset::Tutorial)]
+    preset: Preset,
+    /// Epochs [preset].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    epochs: Option<u32>,
+    /// Square input size after resizing [preset].
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..=4096))]
+    image_size: Option<i64>,
+    /// Training images: a seeded class-balanced subset of N, or `all` [preset].
+    #[arg(long, value_parser = parse_limit)]
+    train_limit: Option<Limit>,
+    /// Test images: a seeded class-balanced subset of N, or `all` [preset].
+    #[arg(long, value_parser = parse_limit)]
+    test_limit: Option<Limit>,
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    batch_size: u32,
+    /// Adam learning rate (betas 0.9/0.999, eps 1e-8 as in the tutorial).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, value_enum, default_value_t = Normalize::Tutorial)]
+    normalize: Normalize,
+    /// Seeds initialisation, subsets and the per-epoch shuffles.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Output folder for CSVs and the report.
+    #[arg(long, default_value = "results")]
+    out: PathBuf,
+    #[command(flatten)]
+    source: SourceArgs,
+}
+
+impl RecipeArgs {
+    fn resolve(&self, models: Vec<String>) -> Result<RunConfig> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr {} must be a positive number", self.lr);
+        }
+        let defaults = self.preset.defaults();
+        Ok(RunConfig {
+            preset: self.preset,
+            models,
+            recipe: Recipe {
+                epochs: self.epochs.map_or(defaults.epochs, |e| e as usize),
+                batch_size: self.batch_size as usize,
+                adam: AdamConfig { lr: self.lr, ..Default::default() },
+                image_size: self.image_size.unwrap_or(defaults.image_size),
+                normalize: self.normalize,
+                seed: self.seed,
+            },
+            classes: data::CLASSES,
+            data_dir: self.source.data_dir.clone(),
+            train_limit: self.train_limit.map_or(defaults.train_limit, |l| l.0),
+            test_limit: self.test_limit.map_or(defaults.test_limit, |l| l.0),
+            device: self.device.clone(),
+            out: self.out.clone(),
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+struct RunAllArgs {
+    /// Comma-separated backbones to run [all].
+    #[arg(long, value_delimiter = ',', value_parser = model_name_parser())]
+    models: Vec<String>,
+    #[command(flatten)]
+    recipe: RecipeArgs,
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    /// Backbone to train.
+    #[arg(long, value_parser = model_name_parser())]
+    model: String,
+    #[command(flatten)]
+    recipe: RecipeArgs,
 }
 
 #[derive(Args, Debug)]
@@ -60,31 +217,34 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Summary(args) => summary(args),
         Command::Env => env(),
+        Command::RunAll(args) => {
+            let models = if args.models.is_empty() {
+                models::model_names().into_iter().map(String::from).collect()
+            } else {
+                args.models
+            };
+            let config = args.recipe.resolve(models)?;
+            run::run(&config, &args.recipe.source.source())
+        }
+        Command::Train(args) => {
+            let config = args.recipe.resolve(vec![args.model])?;
+            run::run(&config, &args.recipe.source.source())
+        }
+        Command::Data(DataCommand::Download(args)) => data::download(&args.data_dir, &args.source()),
+        Command::Data(DataCommand::Check { data_dir }) => data_check(&data_dir),
+        Command::Data(DataCommand::Synth { out, train, test, seed }) => {
+            data::write_synthetic(&out, train, test, seed)?;
+            eprintln!("wrote a synthetic CIFAR-10 layout ({train} train / {test} test distinct images) to {}", out.display());
+            Ok(())
+        }
     }
-}
-
-/// Builds a registered backbone on `device`, checking that `image_size` suits it.
-pub fn build_model(
-    vs: &nn::VarStore,
-    name: &str,
-    classes: i64,
-    image_size: i64,
-) -> Result<Backbone> {
-    let info = models::model_info(name)?;
-    let model = models::build(&vs.root(), info, classes);
-    let min = model.min_image_size();
-    if image_size < min {
-        bail!(
-            "--image-size {image_size} is too small for {name}: its stride-2 convolutions need at \
-             least {min} px (a 1x1 final feature map)"
-        );
-    }
-    Ok(model)
 }
 
 fn summary(args: SummaryArgs) -> Result<()> {
+    let info = models::model_info(&args.model)?;
+    info.check_image_size(args.image_size)?;
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = build_model(&vs, &args.model, args.classes, args.image_size)?;
+    let model = models::build(&vs.root(), info, args.classes);
     let summary = model.describe(args.image_size);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -123,5 +283,19 @@ fn env() -> Result<()> {
     }
     println!("CPU       {} ({} threads)", e.cpu, e.cpu_threads);
     println!("default device: {}", device_label(parse_device("auto")?));
+    Ok(())
+}
+
+fn data_check(dir: &std::path::Path) -> Result<()> {
+    let cifar = data::load(dir)?;
+    let counts = |labels: &tch::Tensor| {
+        Vec::<i64>::try_from(labels.bincount::<tch::Tensor>(None, data::CLASSES)).unwrap_or_default()
+    };
+    let (train, test) = (counts(&cifar.train_labels), counts(&cifar.test_labels));
+    println!("{}: {} train / {} test images", dir.display(), cifar.train_len(), cifar.test_len());
+    println!("{:<12} {:>8} {:>8}", "class", "train", "test");
+    for (c, name) in cifar.class_names.iter().enumerate() {
+        println!("{name:<12} {:>8} {:>8}", train[c], test[c]);
+    }
     Ok(())
 }

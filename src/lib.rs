@@ -1,11 +1,21 @@
 //! csp-tch: DarkNet53 versus CSPDarkNet53 on CIFAR-10, on libtorch through tch.
 //!
 //! - [`models`]: the backbones, their registry and their layer-by-layer summary;
+//! - [`data`]: CIFAR-10's binary layout: check, download, load, subsets, synthetic sets;
+//! - [`transform`]: the per-batch resize and normalisation, on the training device;
+//! - [`optim`]: Adam with checkpointable state;
+//! - [`train`]: one model's epochs and evaluation;
+//! - [`run`]: `run-all` and `train`, from configuration to output files;
+//! - [`report`]: metric CSVs, comparison.json / comparison.md, number formatting;
 //! - [`environment`]: device choice and version facts;
-//! - [`report`]: metric files, the comparison report, number formatting;
 //! - [`cli`]: the command line.
 
 pub mod cli;
+pub mod data;
 pub mod environment;
 pub mod models;
+pub mod optim;
 pub mod report;
+pub mod run;
+pub mod train;
+pub mod transform;

@@ -58,6 +58,27 @@ pub const MODELS: [ModelInfo; 3] = [
     },
 ];
 
+impl ModelInfo {
+    /// Smallest square input on which every stride-2 convolution (one per stage) still sees real
+    /// pixels, i.e. a 1x1 final map; below it the deep stages compute on padding alone.
+    pub fn min_image_size(&self) -> i64 {
+        1 << STAGES.len()
+    }
+
+    /// An error naming `--image-size` when the input is too small for this model.
+    pub fn check_image_size(&self, image_size: i64) -> Result<()> {
+        let min = self.min_image_size();
+        if image_size < min {
+            bail!(
+                "--image-size {image_size} is too small for {}: its stride-2 convolutions need at \
+                 least {min} px (a 1x1 final feature map)",
+                self.name
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Names of all registered models, in registry order.
 pub fn model_names() -> Vec<&'static str> {
     MODELS.iter().map(|m| m.name).collect()
@@ -106,11 +127,11 @@ pub struct ConvSpec {
 }
 
 impl ConvSpec {
-    fn new(cin: i64, cout: i64, k: i64, stride: i64, pad: i64) -> Self {
+    pub fn new(cin: i64, cout: i64, k: i64, stride: i64, pad: i64) -> Self {
         ConvSpec { cin, cout, k, stride, pad }
     }
 
-    fn out_size(&self, size: i64) -> i64 {
+    pub fn out_size(&self, size: i64) -> i64 {
         (size + 2 * self.pad - self.k) / self.stride + 1
     }
 }
@@ -371,12 +392,6 @@ impl Backbone {
     /// Every ConvBNLayer in forward order.
     pub fn layers(&self) -> Vec<&ConvBnLayer> {
         std::iter::once(&self.stem).chain(self.stages.iter().flat_map(|s| s.layers())).collect()
-    }
-
-    /// Smallest square input on which every stride-2 convolution still sees real pixels
-    /// (a 1x1 final map); below it the deep stages compute on padding alone.
-    pub fn min_image_size(&self) -> i64 {
-        self.layers().iter().map(|l| l.spec.stride).product()
     }
 
     /// Output shape, parameters and MACs of every layer for a square `image_size` input.

@@ -167,6 +167,9 @@ fn unknown_model_lists_the_valid_ones() {
 fn min_image_size_is_the_total_stride() {
     for name in models::model_names() {
         let (_vs, model) = build(name, 10);
-        assert_eq!(model.min_image_size(), 32, "{name}");
+        let total_stride: i64 = model.layers().iter().map(|l| l.spec().stride).product();
+        assert_eq!(total_stride, 32, "{name}");
+        assert_eq!(model.info.min_image_size(), total_stride, "{name}");
+        assert!(model.info.check_image_size(31).is_err() && model.info.check_image_size(32).is_ok());
     }
 }

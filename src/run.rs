@@ -1,0 +1,187 @@
+//! `run-all` and `train`: data, every requested model, and the files a run leaves in `--out`.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::Device;
+
+use crate::data::{self, Cifar, Source};
+use crate::environment::{device_label, device_name, parse_device, Environment};
+use crate::models;
+use crate::report::{self, ModelReport};
+use crate::train::{Progress, Recipe, Trainer};
+
+/// Named sets of defaults; explicit flags override them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// The tutorial's recipe: full CIFAR-10, 224 px, 5 epochs, batch 64 (needs a GPU).
+    Tutorial,
+    /// CPU-sized: 32 px, a small balanced subset, 3 epochs (a few minutes for all models on 2 cores).
+    Quick,
+}
+
+/// Defaults a preset gives to flags left unset.
+pub struct PresetDefaults {
+    pub image_size: i64,
+    pub epochs: usize,
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
+}
+
+impl Preset {
+    pub fn defaults(self) -> PresetDefaults {
+        match self {
+            Preset::Tutorial => PresetDefaults { image_size: 224, epochs: 5, train_limit: None, test_limit: None },
+            Preset::Quick => {
+                PresetDefaults { image_size: 32, epochs: 3, train_limit: Some(1000), test_limit: Some(500) }
+            }
+        }
+    }
+}
+
+/// A resolved run: what comparison.json records under `config`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub preset: Preset,
+    pub models: Vec<String>,
+    #[serde(flatten)]
+    pub recipe: Recipe,
+    pub classes: i64,
+    pub data_dir: PathBuf,
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
+    pub device: String,
+    pub out: PathBuf,
+}
+
+impl RunConfig {
+    /// Whether this run follows the tutorial's recipe on its full data, so that its numbers can be
+    /// set beside the tutorial's.
+    pub fn comparable_to_tutorial(&self) -> bool {
+        let tutorial = Recipe {
+            epochs: 5,
+            batch_size: 64,
+            adam: Default::default(),
+            image_size: 224,
+            normalize: crate::transform::Normalize::Tutorial,
+            seed: self.recipe.seed,
+        };
+        self.recipe == tutorial && self.train_limit.is_none() && self.test_limit.is_none()
+    }
+}
+
+/// Loads the data for a run: fetched when the folder is missing, checked, subset, moved to the device.
+pub fn load_data(config: &RunConfig, source: &Source, device: Device) -> Result<Cifar> {
+    data::ensure(&config.data_dir, source)?;
+    let started = std::time::Instant::now();
+    let cifar = data::load(&config.data_dir)?.limit(config.train_limit, config.test_limit, config.recipe.seed)?;
+    eprintln!(
+        "data: {} train / {} test images from {} ({:.1} s)",
+        cifar.train_len(),
+        cifar.test_len(),
+        config.data_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(cifar.to_device(device))
+}
+
+/// Trains and evaluates every model of `config`, writing `<model>.csv` after each epoch and
+/// comparison.json / comparison.md after each model. A model that fails is recorded as failed and
+/// the others still run; the result is an error when any failed.
+pub fn run(config: &RunConfig, source: &Source) -> Result<()> {
+    let device = parse_device(&config.device)?;
+    for name in &config.models {
+        models::model_info(name)?.check_image_size(config.recipe.image_size)?;
+    }
+    let data = load_data(config, source, device)?;
+    let environment = report::RunEnvironment {
+        device: device_label(device),
+        device_name: device_name(device),
+        versions: Environment::detect(),
+    };
+    remove_previous_outputs(&config.out)?;
+    let progress = Progress::detect();
+    let mut reports: Vec<(String, ModelReport)> = Vec::new();
+    for name in &config.models {
+        let result = train_one(config, name, &data, device, progress, &reports);
+        let report = report::ModelReport::new(name, config, result)?;
+        if let Some(err) = &report.error {
+            eprintln!("error: {name} failed: {err}");
+        }
+        reports.push((name.clone(), report));
+        report::write_comparison(&config.out, config, &environment, &reports)?;
+    }
+    eprintln!("results in {}", config.out.display());
+    let failed: Vec<&str> = reports.iter().filter(|(_, r)| r.error.is_some()).map(|(n, _)| n.as_str()).collect();
+    if !failed.is_empty() {
+        bail!("{} of {} models failed ({}); see {}", failed.len(), reports.len(), failed.join(", "),
+            config.out.join("comparison.md").display());
+    }
+    Ok(())
+}
+
+/// Trains one model, writing its CSV after every epoch; returns its epochs, or the error that
+/// stopped it together with the epochs it completed.
+fn train_one(
+    config: &RunConfig,
+    name: &str,
+    data: &Cifar,
+    device: Device,
+    progress: Progress,
+    done: &[(String, ModelReport)],
+) -> std::result::Result<Vec<crate::train::EpochMetrics>, (anyhow::Error, Vec<crate::train::EpochMetrics>)> {
+    let mut trainer = Trainer::new(name, config.classes, &config.recipe, device).map_err(|e| (e, vec![]))?;
+    let csv = config.out.join(format!("{name}.csv"));
+    let announce = done.is_empty() && device == Device::Cpu && config.preset == Preset::Tutorial;
+    let mut first_steps = |ms_per_step: f64| {
+        if announce {
+            announce_cpu_estimate(config, data, ms_per_step);
+        }
+    };
+    for _ in 0..config.recipe.epochs {
+        let epoch = trainer.run_epoch(data, &config.recipe, progress, &mut first_steps);
+        let written = epoch.and_then(|_| report::write_csv(&csv, &trainer.history));
+        if let Err(err) = written {
+            return Err((err, trainer.history));
+        }
+    }
+    Ok(trainer.history)
+}
+
+/// On a CPU with the tutorial preset: how long the whole run will take, from the first steps.
+fn announce_cpu_estimate(config: &RunConfig, data: &Cifar, ms_per_step: f64) {
+    // Step time scales with a model's MACs; evaluation costs about a third of a training step.
+    let macs = |name: &str| {
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let info = models::model_info(name).expect("checked");
+        models::build(&vs.root(), info, config.classes).describe(config.recipe.image_size).macs as f64
+    };
+    let first = macs(&config.models[0]);
+    let relative: f64 = config.models.iter().map(|m| macs(m) / first).sum();
+    let bs = config.recipe.batch_size as f64;
+    let steps = (data.train_len() as f64 / bs).ceil() + (data.test_len() as f64 / bs).ceil() / 3.0;
+    let minutes = ms_per_step * steps * config.recipe.epochs as f64 * relative / 6e4;
+    let duration =
+        if minutes < 90.0 { format!("{minutes:.0} minutes") } else { format!("{:.1} hours", minutes / 60.0) };
+    eprintln!(
+        "note: {} trains at {ms_per_step:.0} ms/step on this CPU; the tutorial preset on CPU will take \
+         about {duration} for {} model(s). For a CPU-sized run use --preset quick (a few minutes); \
+         the tutorial preset is meant for a GPU.",
+        config.models[0],
+        config.models.len()
+    );
+}
+
+/// Removes what an earlier run left in `out` (every model's CSV, the report files), so that a
+/// folder never mixes two runs' results.
+fn remove_previous_outputs(out: &Path) -> Result<()> {
+    let csvs = models::model_names().into_iter().map(|name| format!("{name}.csv"));
+    for file in csvs.chain(report::REPORT_FILES.map(String::from)) {
+        let path = out.join(file);
+        if path.exists() {
+            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! Training and evaluation of one backbone with the tutorial's recipe.
+//!
+//! Loss and accuracy are accumulated on the device and read back only when the progress display is
+//! refreshed (at most twice a second) and at the end of an epoch, so a GPU is never stalled per step.
+
+use anyhow::{bail, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+use tch::nn::{self, ModuleT};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::{self, Cifar};
+use crate::models::Backbone;
+use crate::optim::{Adam, AdamConfig};
+use crate::transform::{self, Normalize};
+
+/// Everything that decides what a training run computes (timings aside).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub adam: AdamConfig,
+    pub image_size: i64,
+    pub normalize: Normalize,
+    pub seed: u64,
+}
+
+/// One row of `<model>.csv`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    /// Mean training loss over the epoch.
+    pub train_loss: f64,
+    /// Running accuracy over the epoch's batches, as the tutorial's log reports it.
+    pub train_acc: f64,
+    /// Mean loss over the whole test set.
+    pub eval_loss: f64,
+    pub eval_acc: f64,
+    pub train_ms_per_step: f64,
+    pub eval_ms_per_step: f64,
+    pub epoch_seconds: f64,
+    pub train_images_per_s: f64,
+    /// The epoch's last training batch loss (what the tutorial's log prints as `loss`).
+    pub last_train_loss: f64,
+    /// The last test batch's loss (what the tutorial's eval log prints as `loss`).
+    pub last_eval_loss: f64,
+}
+
+/// Result of evaluating a model on a test split.
+#[derive(Clone, Debug, Serialize)]
+pub struct Evaluation {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub last_batch_loss: f64,
+    pub ms_per_step: f64,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<i64>>,
+}
+
+/// Batches of `batch_size` over `0..n`, the last one partial; a trailing batch of one image is
+/// dropped when training, since BatchNorm cannot take train-mode statistics over a single value.
+fn batch_bounds(n: usize, batch_size: usize, training: bool) -> Vec<(i64, i64)> {
+    let mut bounds: Vec<(i64, i64)> =
+        (0..n).step_by(batch_size).map(|s| (s as i64, (batch_size.min(n - s)) as i64)).collect();
+    if training && n > 1 && bounds.last().is_some_and(|&(_, len)| len == 1) {
+        bounds.pop();
+    }
+    bounds
+}
+
+/// Where progress goes: a bar per epoch on a terminal, one plain line per epoch otherwise.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    pub terminal: bool,
+}
+
+impl Progress {
+    pub fn detect() -> Progress {
+        Progress { terminal: std::io::stderr().is_terminal() }
+    }
+
+    fn bar(&self, steps: usize, prefix: String) -> ProgressBar {
+        if !self.terminal {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len} {msg} ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(prefix);
+        bar
+    }
+
+    pub fn line(&self, bar: &ProgressBar, text: String) {
+        if self.terminal {
+            bar.println(text);
+        } else {
+            eprintln!("{text}");
+        }
+    }
+}
+
+/// A model, its optimizer and the metrics so far: what a checkpoint holds.
+pub struct Trainer {
+    pub name: String,
+    pub vs: nn::VarStore,
+    pub model: Backbone,
+    pub adam: Adam,
+    pub history: Vec<EpochMetrics>,
+}
+
+impl Trainer {
+    /// A freshly initialised model (seeded by the recipe) with its optimizer.
+    pub fn new(name: &str, classes: i64, recipe: &Recipe, device: Device) -> Result<Trainer> {
+        tch::manual_seed(recipe.seed as i64);
+        let info = crate::models::model_info(name)?;
+        info.check_image_size(recipe.image_size)?;
+        let vs = nn::VarStore::new(device);
+        let model = crate::models::build(&vs.root(), info, classes);
+        let adam = Adam::new(vs.trainable_variables(), recipe.adam);
+        Ok(Trainer { name: name.to_string(), vs, model, adam, history: Vec::new() })
+    }
+
+    /// Trains one epoch (number `history.len() + 1`) and evaluates on the test split.
+    /// `first_steps` is called once, with the mean ms/step of the epoch's first few steps.
+    pub fn run_epoch(
+        &mut self,
+        data: &Cifar,
+        recipe: &Recipe,
+        progress: Progress,
+        first_steps: &mut dyn FnMut(f64),
+    ) -> Result<EpochMetrics> {
+        let epoch = self.history.len() + 1;
+        let device = self.vs.device();
+        let started = Instant::now();
+        let order = data::epoch_permutation(data.train_len(), recipe.seed, epoch);
+        let order = Tensor::from_slice(&order).to_device(device);
+        let bounds = batch_bounds(data.train_len(), recipe.batch_size, true);
+        let bar = progress.bar(bounds.len(), format!("{} {epoch}/{}", self.name, recipe.epochs));
+
+        let stats = || Tensor::zeros([], (Kind::Double, device));
+        let (mut loss_sum, mut correct, mut seen) = (stats(), stats(), 0i64);
+        let mut last_loss = Tensor::zeros([], (Kind::Float, device));
+        let mut last_refresh = Instant::now();
+        // The first step includes one-off allocations; the next few time the run.
+        const TIMED_STEPS: usize = 3;
+        let mut timed_from = started;
+        for (step, &(start, len)) in bounds.iter().enumerate() {
+            if step == 1 {
+                timed_from = Instant::now();
+            }
+            let index = order.narrow(0, start, len);
+            let xs = transform::batch(&data.train_images, &index, recipe.image_size, recipe.normalize);
+            let ys = data.train_labels.index_select(0, &index);
+            let logits = self.model.forward_t(&xs, true);
+            let loss = logits.cross_entropy_for_logits(&ys);
+            self.adam.zero_grad();
+            loss.backward();
+            self.adam.step();
+            tch::no_grad(|| {
+                loss_sum += loss.to_kind(Kind::Double) * len as f64;
+                correct += logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Double);
+            });
+            last_loss = loss.detach();
+            seen += len;
+            if step == TIMED_STEPS && epoch == 1 {
+                last_loss.double_value(&[]); // waits for the device
+                first_steps(timed_from.elapsed().as_secs_f64() * 1e3 / TIMED_STEPS as f64);
+            }
+            let last = step + 1 == bounds.len();
+            // Reading the loss waits for the device: at most twice a second on a terminal, and every
+            // CHECK_EVERY steps anyway so that a diverged run stops early.
+            const CHECK_EVERY: usize = 50;
+            let refresh = progress.terminal && last_refresh.elapsed() > Duration::from_millis(500);
+            if last || refresh || (step + 1) % CHECK_EVERY == 0 {
+                let loss_now = last_loss.double_value(&[]);
+                if !loss_now.is_finite() {
+                    bar.abandon();
+                    bail!(
+                        "{}: the training loss became {loss_now} in epoch {epoch} (step {}); \
+                         training stopped (try a lower --lr)",
+                        self.name,
+                        step + 1
+                    );
+                }
+                let elapsed = started.elapsed().as_secs_f64();
+                bar.set_position(step as u64 + 1);
+                bar.set_message(format!(
+                    "loss {loss_now:.4} acc {:.4} {:.0} ms/step",
+                    correct.double_value(&[]) / seen as f64,
+                    elapsed * 1e3 / (step + 1) as f64
+                ));
+                last_refresh = Instant::now();
+            }
+        }
+        let train_seconds = started.elapsed().as_secs_f64();
+        let train_loss = loss_sum.double_value(&[]) / seen as f64;
+        let train_acc = correct.double_value(&[]) / seen as f64;
+        bar.finish_and_clear();
+
+        let eval = evaluate(&self.model, &data.test_images, &data.test_labels, recipe, device)?;
+        let metrics = EpochMetrics {
+            epoch,
+            train_loss,
+            train_acc,
+            eval_loss: eval.loss,
+            eval_acc: eval.accuracy,
+            train_ms_per_step: train_seconds * 1e3 / bounds.len() as f64,
+            eval_ms_per_step: eval.ms_per_step,
+            epoch_seconds: started.elapsed().as_secs_f64(),
+            train_images_per_s: seen as f64 / train_seconds,
+            last_train_loss: last_loss.double_value(&[]),
+            last_eval_loss: eval.last_batch_loss,
+        };
+        if !metrics.eval_loss.is_finite() {
+            bail!("{}: the evaluation loss is {} after epoch {epoch}; training stopped", self.name, metrics.eval_loss);
+        }
+        progress.line(
+            &bar,
+            format!(
+                "{} epoch {epoch}/{}: train loss {:.4} acc {:.4} | eval loss {:.4} acc {:.4} | \
+                 {:.0} ms/step train, {:.0} ms/step eval, {:.1} s",
+                self.name,
+                recipe.epochs,
+                metrics.train_loss,
+                metrics.train_acc,
+                metrics.eval_loss,
+                metrics.eval_acc,
+                metrics.train_ms_per_step,
+                metrics.eval_ms_per_step,
+                metrics.epoch_seconds
+            ),
+        );
+        self.history.push(metrics.clone());
+        Ok(metrics)
+    }
+}
+
+/// Test loss, accuracy and confusion matrix over all of `images` (BatchNorm in eval mode).
+pub fn evaluate(
+    model: &impl ModuleT,
+    images: &Tensor,
+    labels: &Tensor,
+    recipe: &Recipe,
+    device: Device,
+) -> Result<Evaluation> {
+    let _guard = tch::no_grad_guard();
+    let n = labels.size()[0] as usize;
+    let classes = data::CLASSES;
+    let started = Instant::now();
+    let bounds = batch_bounds(n, recipe.batch_size, false);
+    let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
+    let mut confusion = Tensor::zeros([classes * classes], (Kind::Int64, device));
+    let mut last_loss = Tensor::zeros([], (Kind::Float, device));
+    for &(start, len) in &bounds {
+        let index = Tensor::arange_start(start, start + len, (Kind::Int64, device));
+        let xs = transform::batch(images, &index, recipe.image_size, recipe.normalize);
+        let ys = labels.index_select(0, &index);
+        let logits = model.forward_t(&xs, false);
+        last_loss = logits.cross_entropy_for_logits(&ys);
+        loss_sum += last_loss.to_kind(Kind::Double) * len as f64;
+        let cells = &ys * classes + logits.argmax(-1, false);
+        confusion += cells.bincount::<Tensor>(None, classes * classes);
+    }
+    let loss = loss_sum.double_value(&[]) / n as f64;
+    let ms_per_step = started.elapsed().as_secs_f64() * 1e3 / bounds.len() as f64;
+    let flat = Vec::<i64>::try_from(confusion.to_device(Device::Cpu))?;
+    let confusion: Vec<Vec<i64>> = flat.chunks(classes as usize).map(<[i64]>::to_vec).collect();
+    let correct: i64 = (0..classes as usize).map(|c| confusion[c][c]).sum();
+    Ok(Evaluation {
+        loss,
+        accuracy: correct as f64 / n as f64,
+        last_batch_loss: last_loss.double_value(&[]),
+        ms_per_step,
+        confusion,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_bounds;
+
+    #[test]
+    fn batches_cover_everything_once_and_never_leave_a_single_image_to_train_on() {
+        assert_eq!(batch_bounds(130, 64, true), vec![(0, 64), (64, 64), (128, 2)]);
+        assert_eq!(batch_bounds(129, 64, true), vec![(0, 64), (64, 64)]);
+        assert_eq!(batch_bounds(129, 64, false), vec![(0, 64), (64, 64), (128, 1)]);
+        assert_eq!(batch_bounds(50_000, 64, true).len(), 782);
+        assert_eq!(batch_bounds(10_000, 64, false).len(), 157);
+    }
+}

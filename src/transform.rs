@@ -1,0 +1,45 @@
+//! The tutorial's per-batch transform, run on the training device: gather the uint8 images of a
+//! batch, resize them, normalise.
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// How pixels are scaled after resizing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalize {
+    /// The tutorial's: Normalize(0.5, 0.5) on raw 0..255 pixels, so inputs span [-1, 509].
+    Tutorial,
+    /// The usual one: pixels scaled to [0, 1] first, so inputs span [-1, 1].
+    Unit,
+}
+
+/// Resizes uint8-valued float images `[N, 3, H, W]` to `size` x `size` as PIL's bilinear resize
+/// does when enlarging (the only direction csp-tch needs: every model wants at least 32 px):
+/// half-pixel centres, edge pixels replicated, and PIL's two passes — horizontal, then vertical —
+/// each rounded half up to an 8-bit image.
+pub fn resize(images: &Tensor, size: i64) -> Tensor {
+    let [.., h, w] = images.size()[..] else { panic!("resize expects NCHW images") };
+    if (h, w) == (size, size) {
+        return images.shallow_clone();
+    }
+    assert!(size >= h && size >= w, "resize only enlarges ({h}x{w} -> {size})");
+    let to_u8 = |t: Tensor| (t + 0.5).floor().clamp(0.0, 255.0);
+    // An unchanged axis samples its own pixel centres: upsampling leaves it as it is.
+    let wide = to_u8(images.upsample_bilinear2d([h, size], false, None, None));
+    to_u8(wide.upsample_bilinear2d([size, size], false, None, None))
+}
+
+/// Applies a normalisation to float pixels in 0..255.
+pub fn normalize(pixels: &Tensor, how: Normalize) -> Tensor {
+    match how {
+        Normalize::Tutorial => (pixels - 0.5) / 0.5,
+        Normalize::Unit => (pixels / 255.0 - 0.5) / 0.5,
+    }
+}
+
+/// The model input for the images at `index` of a uint8 `[N, 3, 32, 32]` tensor held on the device.
+pub fn batch(images: &Tensor, index: &Tensor, size: i64, how: Normalize) -> Tensor {
+    let pixels = images.index_select(0, index).to_kind(Kind::Float);
+    normalize(&resize(&pixels, size), how)
+}
