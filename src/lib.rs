@@ -5,11 +5,13 @@
 //! - [`transform`]: the per-batch resize and normalisation, on the training device;
 //! - [`optim`]: Adam with checkpointable state;
 //! - [`train`]: one model's epochs and evaluation;
+//! - [`checkpoint`]: model and optimizer state after every epoch, for exact resumption;
 //! - [`run`]: `run-all` and `train`, from configuration to output files;
 //! - [`report`]: metric CSVs, comparison.json / comparison.md, number formatting;
 //! - [`environment`]: device choice and version facts;
 //! - [`cli`]: the command line.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod environment;

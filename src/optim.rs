@@ -17,9 +17,11 @@ impl Default for AdamConfig {
     }
 }
 
-/// Adam without weight decay or amsgrad (the tutorial's optimizer).
+/// Adam without weight decay or amsgrad (the tutorial's optimizer), over named parameters so that
+/// its state can be saved and restored by name.
 pub struct Adam {
     pub config: AdamConfig,
+    names: Vec<String>,
     params: Vec<Tensor>,
     /// First and second moments, one pair per parameter.
     exp_avg: Vec<Tensor>,
@@ -28,9 +30,18 @@ pub struct Adam {
 }
 
 impl Adam {
-    pub fn new(params: Vec<Tensor>, config: AdamConfig) -> Adam {
+    pub fn new(named_params: Vec<(String, Tensor)>, config: AdamConfig) -> Adam {
+        let (names, params): (Vec<String>, Vec<Tensor>) = named_params.into_iter().unzip();
         let zeros = |ps: &[Tensor]| ps.iter().map(Tensor::zeros_like).collect::<Vec<_>>();
-        Adam { config, exp_avg: zeros(&params), exp_avg_sq: zeros(&params), params, steps: 0 }
+        Adam { config, names, exp_avg: zeros(&params), exp_avg_sq: zeros(&params), params, steps: 0 }
+    }
+
+    /// The trainable variables of `vs`, sorted by name.
+    pub fn for_var_store(vs: &tch::nn::VarStore, config: AdamConfig) -> Adam {
+        let mut named: Vec<(String, Tensor)> =
+            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Adam::new(named, config)
     }
 
     pub fn zero_grad(&mut self) {
@@ -67,8 +78,15 @@ impl Adam {
         }
     }
 
-    /// The moments and step count, for checkpoints.
-    pub fn state(&self) -> (&[Tensor], &[Tensor], i64) {
-        (&self.exp_avg, &self.exp_avg_sq, self.steps)
+    /// Parameter names with their first and second moments, for checkpoints.
+    pub fn state(&self) -> (&[String], &[Tensor], &[Tensor]) {
+        (&self.names, &self.exp_avg, &self.exp_avg_sq)
+    }
+
+    /// Restores the moments (in the order of [`Adam::state`]'s names) and the step count.
+    pub fn set_state(&mut self, moments: Vec<(Tensor, Tensor)>, steps: i64) {
+        assert_eq!(moments.len(), self.params.len(), "one pair of moments per parameter");
+        (self.exp_avg, self.exp_avg_sq) = moments.into_iter().unzip();
+        self.steps = steps;
     }
 }

@@ -116,17 +116,15 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
 }
 
 impl ModelReport {
-    /// The report of a model trained under `config`: its epochs, or the error that stopped it
-    /// with the epochs it completed.
+    /// The report of a model trained under `config`: the epochs it completed and, when it
+    /// failed, the error that stopped it.
     pub fn new(
         name: &str,
         config: &RunConfig,
-        result: std::result::Result<Vec<EpochMetrics>, (anyhow::Error, Vec<EpochMetrics>)>,
+        epochs: Vec<EpochMetrics>,
+        error: Option<anyhow::Error>,
     ) -> Result<ModelReport> {
-        let (epochs, error) = match result {
-            Ok(epochs) => (epochs, None),
-            Err((err, epochs)) => (epochs, Some(format!("{err:#}"))),
-        };
+        let error = error.map(|e| format!("{e:#}"));
         let vs = tch::nn::VarStore::new(Device::Cpu);
         let summary = models::build(&vs.root(), models::model_info(name)?, config.classes)
             .describe(config.recipe.image_size);

@@ -8,8 +8,9 @@ use tch::Device;
 use crate::data::{self, Cifar, Source};
 use crate::environment::{device_label, device_name, parse_device, Environment};
 use crate::models;
+use crate::checkpoint;
 use crate::report::{self, ModelReport};
-use crate::train::{Progress, Recipe, Trainer};
+use crate::train::{self, Interrupted, Progress, Recipe, Trainer};
 
 /// Named sets of defaults; explicit flags override them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -17,7 +18,7 @@ use crate::train::{Progress, Recipe, Trainer};
 pub enum Preset {
     /// The tutorial's recipe: full CIFAR-10, 224 px, 5 epochs, batch 64 (needs a GPU).
     Tutorial,
-    /// CPU-sized: 32 px, a small balanced subset, 3 epochs (a few minutes for all models on 2 cores).
+    /// CPU-sized: 32 px, 1500/500-image balanced subsets, 5 epochs (about 5 minutes for all models on 2 cores).
     Quick,
 }
 
@@ -34,7 +35,7 @@ impl Preset {
         match self {
             Preset::Tutorial => PresetDefaults { image_size: 224, epochs: 5, train_limit: None, test_limit: None },
             Preset::Quick => {
-                PresetDefaults { image_size: 32, epochs: 3, train_limit: Some(1000), test_limit: Some(500) }
+                PresetDefaults { image_size: 32, epochs: 5, train_limit: Some(1500), test_limit: Some(500) }
             }
         }
     }
@@ -86,10 +87,11 @@ pub fn load_data(config: &RunConfig, source: &Source, device: Device) -> Result<
     Ok(cifar.to_device(device))
 }
 
-/// Trains and evaluates every model of `config`, writing `<model>.csv` after each epoch and
-/// comparison.json / comparison.md after each model. A model that fails is recorded as failed and
-/// the others still run; the result is an error when any failed.
-pub fn run(config: &RunConfig, source: &Source) -> Result<()> {
+/// Trains and evaluates every model of `config`, writing `<model>.csv` and the model's checkpoint
+/// after each epoch and comparison.json / comparison.md after each model. A model that fails is
+/// recorded as failed and the others still run; the result is an error when any failed.
+/// With `resume`, each model continues from its checkpoint, and finished models are not retrained.
+pub fn run(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
     let device = parse_device(&config.device)?;
     for name in &config.models {
         models::model_info(name)?.check_image_size(config.recipe.image_size)?;
@@ -100,53 +102,114 @@ pub fn run(config: &RunConfig, source: &Source) -> Result<()> {
         device_name: device_name(device),
         versions: Environment::detect(),
     };
-    remove_previous_outputs(&config.out)?;
+    if resume {
+        // Refuse a mismatched checkpoint before any training.
+        for name in &config.models {
+            let file = checkpoint::path(&config.out, name);
+            if file.exists() {
+                checkpoint::read_meta(&file)?.check_compatible(&run_meta(config, name, &data, &environment), &file)?;
+            }
+        }
+    } else {
+        remove_previous_outputs(&config.out)?;
+    }
+    train::stop_on_ctrl_c();
     let progress = Progress::detect();
     let mut reports: Vec<(String, ModelReport)> = Vec::new();
     for name in &config.models {
-        let result = train_one(config, name, &data, device, progress, &reports);
-        let report = report::ModelReport::new(name, config, result)?;
-        if let Some(err) = &report.error {
-            eprintln!("error: {name} failed: {err}");
+        let mut trainer = Trainer::new(name, config.classes, &config.recipe, device)?;
+        let result = train_model(config, &mut trainer, &data, progress, reports.is_empty(), resume, &environment);
+        if let Err(err) = &result {
+            if err.is::<Interrupted>() {
+                eprintln!("{}", resume_hint(config, name, trainer.history.len()));
+                return result;
+            }
+            eprintln!("error: {name} failed: {err:#}");
         }
-        reports.push((name.clone(), report));
+        reports.push((name.clone(), ModelReport::new(name, config, trainer.history, result.err())?));
         report::write_comparison(&config.out, config, &environment, &reports)?;
     }
     eprintln!("results in {}", config.out.display());
     let failed: Vec<&str> = reports.iter().filter(|(_, r)| r.error.is_some()).map(|(n, _)| n.as_str()).collect();
     if !failed.is_empty() {
-        bail!("{} of {} models failed ({}); see {}", failed.len(), reports.len(), failed.join(", "),
-            config.out.join("comparison.md").display());
+        bail!(
+            "{} of {} models failed ({}); see {}",
+            failed.len(),
+            reports.len(),
+            failed.join(", "),
+            config.out.join("comparison.md").display()
+        );
     }
     Ok(())
 }
 
-/// Trains one model, writing its CSV after every epoch; returns its epochs, or the error that
-/// stopped it together with the epochs it completed.
-fn train_one(
+/// The checkpoint metadata of `name` in this run, with `trainer`'s progress filled in by the caller.
+fn run_meta(config: &RunConfig, name: &str, data: &Cifar, environment: &report::RunEnvironment) -> checkpoint::Meta {
+    checkpoint::Meta {
+        format: checkpoint::FORMAT,
+        model: name.to_string(),
+        config: config.clone(),
+        train_size: data.train_len(),
+        test_size: data.test_len(),
+        epochs_done: 0,
+        adam_steps: 0,
+        history: Vec::new(),
+        environment: serde_json::to_value(environment).expect("serialisable"),
+    }
+}
+
+/// Trains one model up to the configured epochs (from its checkpoint when resuming), writing its
+/// CSV and checkpoint after every epoch; the epochs done stay in `trainer.history` either way.
+fn train_model(
     config: &RunConfig,
-    name: &str,
+    trainer: &mut Trainer,
     data: &Cifar,
-    device: Device,
     progress: Progress,
-    done: &[(String, ModelReport)],
-) -> std::result::Result<Vec<crate::train::EpochMetrics>, (anyhow::Error, Vec<crate::train::EpochMetrics>)> {
-    let mut trainer = Trainer::new(name, config.classes, &config.recipe, device).map_err(|e| (e, vec![]))?;
+    first_model: bool,
+    resume: bool,
+    environment: &report::RunEnvironment,
+) -> Result<()> {
+    let name = trainer.name.clone();
+    let file = checkpoint::path(&config.out, &name);
     let csv = config.out.join(format!("{name}.csv"));
-    let announce = done.is_empty() && device == Device::Cpu && config.preset == Preset::Tutorial;
+    if resume && file.exists() {
+        let meta = checkpoint::restore(&file, trainer)?;
+        eprintln!("{name}: resuming after epoch {} from {}", meta.epochs_done, file.display());
+        report::write_csv(&csv, &trainer.history)?;
+    }
+    let announce = first_model && trainer.vs.device() == Device::Cpu && config.preset == Preset::Tutorial;
     let mut first_steps = |ms_per_step: f64| {
         if announce {
             announce_cpu_estimate(config, data, ms_per_step);
         }
     };
-    for _ in 0..config.recipe.epochs {
-        let epoch = trainer.run_epoch(data, &config.recipe, progress, &mut first_steps);
-        let written = epoch.and_then(|_| report::write_csv(&csv, &trainer.history));
-        if let Err(err) = written {
-            return Err((err, trainer.history));
-        }
+    let mut meta = run_meta(config, &name, data, environment);
+    while trainer.history.len() < config.recipe.epochs {
+        trainer.run_epoch(data, &config.recipe, progress, &mut first_steps)?;
+        meta.epochs_done = trainer.history.len();
+        meta.adam_steps = trainer.adam.steps();
+        meta.history = trainer.history.clone();
+        checkpoint::save(&file, trainer, &meta)?;
+        report::write_csv(&csv, &trainer.history)?;
     }
-    Ok(trainer.history)
+    Ok(())
+}
+
+/// What to tell a user who pressed Ctrl-C.
+fn resume_hint(config: &RunConfig, name: &str, epochs_done: usize) -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--resume") {
+        args.push("--resume".into());
+    }
+    let quoted: Vec<String> = args
+        .iter()
+        .map(|a| if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,".contains(c)) { a.clone() } else { format!("'{a}'") })
+        .collect();
+    format!(
+        "stopped: {name} keeps its checkpoint after epoch {epochs_done} in {}; resume with:\n  {}",
+        checkpoint::path(&config.out, name).display(),
+        quoted.join(" ")
+    )
 }
 
 /// On a CPU with the tutorial preset: how long the whole run will take, from the first steps.
@@ -173,12 +236,14 @@ fn announce_cpu_estimate(config: &RunConfig, data: &Cifar, ms_per_step: f64) {
     );
 }
 
-/// Removes what an earlier run left in `out` (every model's CSV, the report files), so that a
-/// folder never mixes two runs' results.
+/// Removes what an earlier run left in `out` (every model's CSV and checkpoint, the report files),
+/// so that a folder never mixes two runs' results.
 fn remove_previous_outputs(out: &Path) -> Result<()> {
-    let csvs = models::model_names().into_iter().map(|name| format!("{name}.csv"));
-    for file in csvs.chain(report::REPORT_FILES.map(String::from)) {
-        let path = out.join(file);
+    let per_model = models::model_names()
+        .into_iter()
+        .flat_map(|name| [out.join(format!("{name}.csv")), checkpoint::path(out, name)]);
+    let reports = report::REPORT_FILES.iter().map(|f| out.join(f));
+    for path in per_model.chain(reports) {
         if path.exists() {
             std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
         }

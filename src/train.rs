@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
@@ -15,6 +16,33 @@ use crate::data::{self, Cifar};
 use crate::models::Backbone;
 use crate::optim::{Adam, AdamConfig};
 use crate::transform::{self, Normalize};
+
+/// Set by the Ctrl-C handler; training stops before the next step.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// The error of a run stopped by Ctrl-C.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Makes Ctrl-C stop training at the next step (the epoch in progress is dropped, the last
+/// checkpoint kept); a second Ctrl-C quits at once.
+pub fn stop_on_ctrl_c() {
+    // Only one handler per process: a second call (several runs in one process) keeps the first.
+    let _ = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: stopping before the next step (Ctrl-C again quits at once)");
+    });
+}
 
 /// Everything that decides what a training run computes (timings aside).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -121,7 +149,7 @@ impl Trainer {
         info.check_image_size(recipe.image_size)?;
         let vs = nn::VarStore::new(device);
         let model = crate::models::build(&vs.root(), info, classes);
-        let adam = Adam::new(vs.trainable_variables(), recipe.adam);
+        let adam = Adam::for_var_store(&vs, recipe.adam);
         Ok(Trainer { name: name.to_string(), vs, model, adam, history: Vec::new() })
     }
 
@@ -150,6 +178,10 @@ impl Trainer {
         const TIMED_STEPS: usize = 3;
         let mut timed_from = started;
         for (step, &(start, len)) in bounds.iter().enumerate() {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                bar.abandon();
+                return Err(Interrupted.into());
+            }
             if step == 1 {
                 timed_from = Instant::now();
             }

@@ -1,0 +1,183 @@
+//! Checkpoints: `<out>/checkpoints/<model>.safetensors` holds a model's variables (weights and
+//! BatchNorm statistics, as `model/<name>`), Adam's moments (`adam.exp_avg/<name>`,
+//! `adam.exp_avg_sq/<name>`) and, in the safetensors metadata, the run position: epochs done,
+//! Adam's step count, the metrics so far and the configuration that produced them.
+//!
+//! The shuffle of epoch `e` is a function of `(seed, e)` alone, so weights, moments and the epoch
+//! count are the whole training state: a resumed run replays exactly what an uninterrupted one does.
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+use crate::run::RunConfig;
+use crate::train::{EpochMetrics, Trainer};
+
+pub const FORMAT: u32 = 1;
+const META_KEY: &str = "csp_tch";
+
+/// The checkpoint of `model` in a run's output folder.
+pub fn path(out: &Path, model: &str) -> PathBuf {
+    out.join("checkpoints").join(format!("{model}.safetensors"))
+}
+
+/// What a checkpoint says about itself.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Meta {
+    pub format: u32,
+    pub model: String,
+    pub config: RunConfig,
+    /// Sizes of the training and test splits actually used (after limits).
+    pub train_size: usize,
+    pub test_size: usize,
+    pub epochs_done: usize,
+    pub adam_steps: i64,
+    pub history: Vec<EpochMetrics>,
+    /// Where the last epoch ran (`report::RunEnvironment`).
+    pub environment: Value,
+}
+
+impl Meta {
+    /// The settings that must match for a run to continue this checkpoint: everything that
+    /// changes what is computed, except the number of epochs (a run may be extended).
+    fn fingerprint(&self) -> Value {
+        let r = &self.config.recipe;
+        serde_json::json!({
+            "model": self.model,
+            "classes": self.config.classes,
+            "batch_size": r.batch_size,
+            "lr": r.adam.lr,
+            "betas": [r.adam.beta1, r.adam.beta2],
+            "eps": r.adam.eps,
+            "image_size": r.image_size,
+            "normalize": r.normalize,
+            "seed": r.seed,
+            "train_images": self.train_size,
+            "test_images": self.test_size,
+        })
+    }
+
+    /// An error listing every setting in which `self` (the checkpoint) and `wanted` differ.
+    pub fn check_compatible(&self, wanted: &Meta, file: &Path) -> Result<()> {
+        let (ours, theirs) = (self.fingerprint(), wanted.fingerprint());
+        let differences: Vec<String> = ours
+            .as_object()
+            .expect("object")
+            .iter()
+            .filter(|(key, value)| theirs.get(key.as_str()) != Some(value))
+            .map(|(key, value)| format!("{key}: checkpoint {value}, this run {}", theirs[key.as_str()]))
+            .collect();
+        if !differences.is_empty() {
+            bail!(
+                "{} was written under another configuration ({}); rerun with the checkpoint's \
+                 settings, or without --resume (or with another --out) to start afresh",
+                file.display(),
+                differences.join("; ")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A tensor's bytes, for the safetensors writer.
+struct Bytes {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for &Bytes {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn to_bytes(t: &Tensor) -> Result<Bytes> {
+    ensure!(t.kind() == Kind::Float, "checkpoints hold float32 tensors, got {:?}", t.kind());
+    let t = t.to_device(Device::Cpu).contiguous();
+    let numel = t.numel();
+    let mut data = vec![0u8; numel * 4];
+    t.copy_data_u8(&mut data, numel);
+    Ok(Bytes { dtype: safetensors::Dtype::F32, shape: t.size().iter().map(|&d| d as usize).collect(), data })
+}
+
+/// Writes `trainer`'s state atomically.
+pub fn save(file: &Path, trainer: &Trainer, meta: &Meta) -> Result<()> {
+    let mut tensors: Vec<(String, Bytes)> = Vec::new();
+    for (name, var) in trainer.vs.variables() {
+        tensors.push((format!("model/{name}"), to_bytes(&var)?));
+    }
+    let (names, exp_avg, exp_avg_sq) = trainer.adam.state();
+    for ((name, m), v) in names.iter().zip(exp_avg).zip(exp_avg_sq) {
+        tensors.push((format!("adam.exp_avg/{name}"), to_bytes(m)?));
+        tensors.push((format!("adam.exp_avg_sq/{name}"), to_bytes(v)?));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let info = HashMap::from([(META_KEY.to_string(), serde_json::to_string(meta)?)]);
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, b)| (n.as_str(), b)), Some(info))
+        .context("cannot serialise the checkpoint")?;
+    crate::report::write_atomic(file, &bytes)
+}
+
+fn corrupt(file: &Path) -> String {
+    format!("{} is not a readable csp-tch checkpoint (corrupt or truncated?)", file.display())
+}
+
+/// Reads a checkpoint's bytes and metadata.
+fn read(file: &Path) -> Result<(Vec<u8>, Meta)> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read checkpoint {}", file.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| corrupt(file))?;
+    let json = header.metadata().as_ref().and_then(|m| m.get(META_KEY)).with_context(|| corrupt(file))?;
+    let meta: Meta = serde_json::from_str(json).with_context(|| corrupt(file))?;
+    ensure!(meta.format == FORMAT, "{} has checkpoint format {}, this csp-tch reads {FORMAT}", file.display(), meta.format);
+    Ok((bytes, meta))
+}
+
+/// A checkpoint's metadata alone.
+pub fn read_meta(file: &Path) -> Result<Meta> {
+    read(file).map(|(_, meta)| meta)
+}
+
+/// Loads a checkpoint into `trainer` (model variables and Adam state); returns its metadata.
+pub fn restore(file: &Path, trainer: &mut Trainer) -> Result<Meta> {
+    let (bytes, meta) = read(file)?;
+    ensure!(meta.model == trainer.name, "{} holds {}, not {}", file.display(), meta.model, trainer.name);
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).with_context(|| corrupt(file))?;
+    let device = trainer.vs.device();
+    let load = |key: &str, like: &Tensor| -> Result<Tensor> {
+        let view = tensors.tensor(key).with_context(|| format!("{}: no tensor {key}", corrupt(file)))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        ensure!(
+            view.dtype() == safetensors::Dtype::F32 && shape == like.size(),
+            "{}: {key} has shape {shape:?}, the model wants {:?}",
+            file.display(),
+            like.size()
+        );
+        Ok(Tensor::from_data_size(view.data(), &shape, Kind::Float).to_device(device))
+    };
+    let _guard = tch::no_grad_guard();
+    for (name, mut var) in trainer.vs.variables() {
+        var.copy_(&load(&format!("model/{name}"), &var)?);
+    }
+    let (names, exp_avg, exp_avg_sq) = trainer.adam.state();
+    let mut moments = Vec::with_capacity(names.len());
+    for ((name, m), v) in names.iter().zip(exp_avg).zip(exp_avg_sq) {
+        moments.push((load(&format!("adam.exp_avg/{name}"), m)?, load(&format!("adam.exp_avg_sq/{name}"), v)?));
+    }
+    trainer.adam.set_state(moments, meta.adam_steps);
+    trainer.history = meta.history.clone();
+    Ok(meta)
+}

@@ -1,0 +1,61 @@
+//! Our Adam against tch's `nn::Adam` (libtorch's torch::optim::Adam), step for step.
+
+use csp_tch::optim::{Adam, AdamConfig};
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+fn net(vs: &nn::VarStore) -> impl Module {
+    let p = vs.root();
+    nn::seq()
+        .add(nn::conv2d(&p / "conv", 3, 8, 3, Default::default()))
+        .add_fn(|x| x.relu().flatten(1, -1))
+        .add(nn::linear(&p / "fc", 8 * 6 * 6, 10, Default::default()))
+}
+
+#[test]
+fn adam_matches_tch_adam_step_for_step() {
+    let config = AdamConfig { lr: 3e-3, ..Default::default() };
+    tch::manual_seed(11);
+    let vs_ours = nn::VarStore::new(Device::Cpu);
+    let model_ours = net(&vs_ours);
+    let mut vs_tch = nn::VarStore::new(Device::Cpu);
+    let model_tch = net(&vs_tch);
+    vs_tch.copy(&vs_ours).unwrap();
+
+    let mut ours = Adam::for_var_store(&vs_ours, config);
+    let mut theirs = nn::Adam { beta1: config.beta1, beta2: config.beta2, wd: 0.0, amsgrad: false, eps: config.eps }
+        .build(&vs_tch, config.lr)
+        .unwrap();
+    for step in 0..20 {
+        let xs = Tensor::randn([16, 3, 8, 8], (Kind::Float, Device::Cpu));
+        let ys = Tensor::randint(10, [16], (Kind::Int64, Device::Cpu));
+        ours.zero_grad();
+        model_ours.forward(&xs).cross_entropy_for_logits(&ys).backward();
+        ours.step();
+        theirs.zero_grad();
+        model_tch.forward(&xs).cross_entropy_for_logits(&ys).backward();
+        theirs.step();
+        for (name, a) in vs_ours.variables() {
+            let b = &vs_tch.variables()[&name];
+            let diff = (&a - b).abs().max().double_value(&[]);
+            let moved = a.abs().max().double_value(&[]);
+            assert!(diff <= 1e-6 * moved.max(1.0), "step {step}, {name}: max difference {diff}");
+        }
+    }
+    assert_eq!(ours.steps(), 20);
+}
+
+#[test]
+fn a_parameter_without_gradient_is_left_alone() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let used = vs.root().randn("used", &[4], 0.0, 1.0);
+    let unused = vs.root().randn("unused", &[4], 0.0, 1.0);
+    let (unused_before, used_before) = (unused.copy(), used.copy());
+    let mut adam = Adam::for_var_store(&vs, AdamConfig::default());
+    (&used * &used).sum(Kind::Float).backward();
+    adam.step();
+    assert!(unused.equal(&unused_before));
+    // Adam's first step moves every coordinate by lr against the gradient (m/sqrt(v) = sign(g)).
+    let expected = &used_before - used_before.sign() * 1e-3;
+    assert!(used.allclose(&expected, 1e-6, 1e-7, false), "{used:?} vs {expected:?}");
+}

@@ -1,0 +1,142 @@
+//! Checkpoints and exact resumption: SIGKILL mid-epoch, Ctrl-C, mismatched and corrupt checkpoints.
+
+mod common;
+
+use common::{csp_tch, csp_tch_ok, s};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "run-all", "--models", "cspdarknet53-pad0,darknet53", "--data-dir", data, "--out", out, "--device", "cpu",
+        "--image-size", "32", "--epochs", "2", "--train-limit", "640", "--test-limit", "200", "--seed", "5",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+fn spawn(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_csp-tch")).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+fn wait_for(path: &Path) {
+    let started = Instant::now();
+    while !path.exists() {
+        assert!(started.elapsed() < Duration::from_secs(300), "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// CSV rows without the timing columns.
+fn metrics(out: &Path, model: &str) -> Vec<Vec<String>> {
+    let csv = std::fs::read_to_string(out.join(format!("{model}.csv"))).unwrap();
+    csv.lines()
+        .map(|l| l.split(',').enumerate().filter(|(i, _)| ![5, 6, 7, 8].contains(i)).map(|(_, c)| c.to_string()).collect())
+        .collect()
+}
+
+/// Every tensor of a checkpoint (weights, BN statistics, Adam moments) by name.
+fn tensors(file: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut all: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, v)| (n, v.data().to_vec())).collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+fn checkpoint(out: &Path, model: &str) -> PathBuf {
+    out.join("checkpoints").join(format!("{model}.safetensors"))
+}
+
+#[test]
+fn sigkill_mid_epoch_then_resume_ends_exactly_where_an_uninterrupted_run_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::synth(tmp.path());
+    let (straight, killed) = (tmp.path().join("straight"), tmp.path().join("killed"));
+    csp_tch_ok(&args(s(&data), s(&straight), &[]));
+
+    let mut child = spawn(&args(s(&data), s(&killed), &[]));
+    // Epoch 1 of the first model is checkpointed; kill during its epoch 2.
+    wait_for(&killed.join("cspdarknet53-pad0.csv"));
+    std::thread::sleep(Duration::from_millis(700));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(metrics(&killed, "cspdarknet53-pad0").len(), 2, "killed after one epoch (header + 1 row)");
+    assert!(!killed.join("darknet53.csv").exists());
+
+    let resumed = csp_tch_ok(&args(s(&data), s(&killed), &["--resume"]));
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("cspdarknet53-pad0: resuming after epoch 1"));
+    for model in ["cspdarknet53-pad0", "darknet53"] {
+        assert_eq!(metrics(&killed, model), metrics(&straight, model), "{model}: per-epoch metrics");
+        assert!(tensors(&checkpoint(&killed, model)) == tensors(&checkpoint(&straight, model)), "{model}: final state");
+    }
+
+    // Resuming a finished run trains nothing and keeps the results.
+    let again = csp_tch_ok(&args(s(&data), s(&killed), &["--resume"]));
+    let log = String::from_utf8_lossy(&again.stderr);
+    assert!(log.contains("resuming after epoch 2") && !log.contains("epoch 2/2:"), "{log}");
+    assert_eq!(metrics(&killed, "darknet53"), metrics(&straight, "darknet53"));
+}
+
+#[test]
+fn ctrl_c_keeps_the_checkpoint_and_prints_the_resume_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::synth(tmp.path());
+    let out = tmp.path().join("out");
+    let child = spawn(&args(s(&data), s(&out), &[]));
+    wait_for(&out.join("cspdarknet53-pad0.csv"));
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let done = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("resume with:") && stderr.contains("--resume"), "{stderr}");
+    assert!(checkpoint(&out, "cspdarknet53-pad0").exists());
+    let resumed = csp_tch_ok(&args(s(&data), s(&out), &["--resume"]));
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming after epoch"));
+    assert_eq!(metrics(&out, "darknet53").len(), 3);
+}
+
+#[test]
+fn mismatched_and_corrupt_checkpoints_are_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::synth(tmp.path());
+    let out = tmp.path().join("out");
+    let one = |extra: &[&str]| {
+        let mut a = vec!["train", "--model", "cspdarknet53-pad0", "--data-dir", s(&data), "--out", s(&out),
+            "--device", "cpu", "--image-size", "32", "--epochs", "1", "--train-limit", "200", "--test-limit", "100"];
+        a.extend_from_slice(extra);
+        csp_tch(&a)
+    };
+    assert!(one(&[]).status.success());
+
+    let out_err = one(&["--resume", "--seed", "9", "--batch-size", "32"]);
+    let err = String::from_utf8_lossy(&out_err.stderr);
+    assert!(!out_err.status.success());
+    assert!(err.contains("another configuration") && err.contains("seed: checkpoint 0, this run 9"), "{err}");
+    assert!(err.contains("batch_size: checkpoint 64, this run 32"), "{err}");
+
+    // Another model's checkpoint under this model's name.
+    let file = checkpoint(&out, "cspdarknet53-pad0");
+    let mut a = vec!["train", "--model", "darknet53", "--data-dir", s(&data), "--out", s(&out), "--device", "cpu",
+        "--image-size", "32", "--epochs", "1", "--train-limit", "200", "--test-limit", "100", "--resume"];
+    std::fs::copy(&file, checkpoint(&out, "darknet53")).unwrap();
+    let wrong = csp_tch(&a);
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success() && err.contains("model: checkpoint \"cspdarknet53-pad0\", this run \"darknet53\""), "{err}");
+
+    // Truncated, then garbage.
+    let bytes = std::fs::read(&file).unwrap();
+    for broken in [bytes[..bytes.len() / 2].to_vec(), b"definitely not safetensors".to_vec()] {
+        std::fs::write(&file, &broken).unwrap();
+        let out_err = one(&["--resume"]);
+        let err = String::from_utf8_lossy(&out_err.stderr);
+        assert!(!out_err.status.success());
+        assert!(err.contains("not a readable csp-tch checkpoint") && err.contains("cspdarknet53-pad0.safetensors"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    a.pop();
+    assert!(csp_tch(&a).status.success(), "without --resume a fresh run replaces the broken files");
+}
