@@ -12,7 +12,9 @@ use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::models::Backbone;
 
 use crate::run::RunConfig;
 use crate::train::{EpochMetrics, Trainer};
@@ -151,33 +153,51 @@ pub fn read_meta(file: &Path) -> Result<Meta> {
     read(file).map(|(_, meta)| meta)
 }
 
+/// One tensor of a checkpoint, checked against the shape the model wants, on `like`'s device.
+fn load_tensor(tensors: &safetensors::SafeTensors, file: &Path, key: &str, like: &Tensor) -> Result<Tensor> {
+    let view = tensors.tensor(key).with_context(|| format!("{}: no tensor {key}", corrupt(file)))?;
+    let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+    ensure!(
+        view.dtype() == safetensors::Dtype::F32 && shape == like.size(),
+        "{}: {key} has shape {shape:?}, the model wants {:?}",
+        file.display(),
+        like.size()
+    );
+    Ok(Tensor::from_data_size(view.data(), &shape, Kind::Float).to_device(like.device()))
+}
+
+/// Copies the checkpoint's `model/...` tensors into every variable of `vs`.
+fn load_variables(tensors: &safetensors::SafeTensors, file: &Path, vs: &nn::VarStore) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    for (name, mut var) in vs.variables() {
+        var.copy_(&load_tensor(tensors, file, &format!("model/{name}"), &var)?);
+    }
+    Ok(())
+}
+
 /// Loads a checkpoint into `trainer` (model variables and Adam state); returns its metadata.
 pub fn restore(file: &Path, trainer: &mut Trainer) -> Result<Meta> {
     let (bytes, meta) = read(file)?;
     ensure!(meta.model == trainer.name, "{} holds {}, not {}", file.display(), meta.model, trainer.name);
     let tensors = safetensors::SafeTensors::deserialize(&bytes).with_context(|| corrupt(file))?;
-    let device = trainer.vs.device();
-    let load = |key: &str, like: &Tensor| -> Result<Tensor> {
-        let view = tensors.tensor(key).with_context(|| format!("{}: no tensor {key}", corrupt(file)))?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        ensure!(
-            view.dtype() == safetensors::Dtype::F32 && shape == like.size(),
-            "{}: {key} has shape {shape:?}, the model wants {:?}",
-            file.display(),
-            like.size()
-        );
-        Ok(Tensor::from_data_size(view.data(), &shape, Kind::Float).to_device(device))
-    };
-    let _guard = tch::no_grad_guard();
-    for (name, mut var) in trainer.vs.variables() {
-        var.copy_(&load(&format!("model/{name}"), &var)?);
-    }
+    load_variables(&tensors, file, &trainer.vs)?;
     let (names, exp_avg, exp_avg_sq) = trainer.adam.state();
     let mut moments = Vec::with_capacity(names.len());
     for ((name, m), v) in names.iter().zip(exp_avg).zip(exp_avg_sq) {
-        moments.push((load(&format!("adam.exp_avg/{name}"), m)?, load(&format!("adam.exp_avg_sq/{name}"), v)?));
+        let key = |moment: &str| format!("adam.{moment}/{name}");
+        moments.push((load_tensor(&tensors, file, &key("exp_avg"), m)?, load_tensor(&tensors, file, &key("exp_avg_sq"), v)?));
     }
     trainer.adam.set_state(moments, meta.adam_steps);
     trainer.history = meta.history.clone();
     Ok(meta)
+}
+
+/// The checkpoint's model, built on `device` with the checkpoint's weights and BN statistics.
+pub fn load_model(file: &Path, device: Device) -> Result<(Meta, nn::VarStore, Backbone)> {
+    let (bytes, meta) = read(file)?;
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).with_context(|| corrupt(file))?;
+    let vs = nn::VarStore::new(device);
+    let model = crate::models::build(&vs.root(), crate::models::model_info(&meta.model)?, meta.config.classes);
+    load_variables(&tensors, file, &vs)?;
+    Ok((meta, vs, model))
 }

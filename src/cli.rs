@@ -32,6 +32,13 @@ enum Command {
     RunAll(RunAllArgs),
     /// Train and evaluate one backbone into the same layout as run-all.
     Train(TrainArgs),
+    /// Evaluate a checkpoint on the test split: loss, accuracy, per-class accuracy, confusion matrix.
+    Eval(EvalArgs),
+    /// Rebuild comparison.json, comparison.md and curves.svg from the CSVs in --out.
+    Report {
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
     /// Fetch, check or synthesise CIFAR-10 in its binary layout.
     #[command(subcommand)]
     Data(DataCommand),
@@ -166,6 +173,24 @@ impl RecipeArgs {
 }
 
 #[derive(Args, Debug)]
+struct EvalArgs {
+    /// A checkpoint written by run-all or train (`<out>/checkpoints/<model>.safetensors`).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// CIFAR-10 folder [the checkpoint's].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Test images: a seeded class-balanced subset of N, or `all` [the checkpoint's].
+    #[arg(long, value_parser = parse_limit)]
+    test_limit: Option<Limit>,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
 struct RunAllArgs {
     /// Comma-separated backbones to run [all].
     #[arg(long, value_delimiter = ',', value_parser = model_name_parser())]
@@ -234,6 +259,12 @@ fn run(cli: Cli) -> Result<()> {
             let config = args.recipe.resolve(vec![args.model])?;
             run::run(&config, &args.recipe.source.source(), args.recipe.resume)
         }
+        Command::Eval(args) => eval(args),
+        Command::Report { out } => {
+            let models = crate::report::rebuild(&out)?;
+            eprintln!("rebuilt the report of {} in {}", models.join(", "), out.display());
+            Ok(())
+        }
         Command::Data(DataCommand::Download(args)) => data::download(&args.data_dir, &args.source()),
         Command::Data(DataCommand::Check { data_dir }) => data_check(&data_dir),
         Command::Data(DataCommand::Synth { out, train, test, seed }) => {
@@ -300,6 +331,69 @@ fn data_check(dir: &std::path::Path) -> Result<()> {
     println!("{:<12} {:>8} {:>8}", "class", "train", "test");
     for (c, name) in cifar.class_names.iter().enumerate() {
         println!("{name:<12} {:>8} {:>8}", train[c], test[c]);
+    }
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let (meta, _vs, model) = crate::checkpoint::load_model(&args.checkpoint, device)?;
+    let data_dir = args.data_dir.unwrap_or_else(|| meta.config.data_dir.clone());
+    let test_limit = args.test_limit.map_or(meta.config.test_limit, |l| l.0);
+    let cifar = data::load(&data_dir)?.limit(None, test_limit, meta.config.recipe.seed)?.to_device(device);
+    let e = crate::train::evaluate(&model, &cifar.test_images, &cifar.test_labels, &meta.config.recipe, device)?;
+    let per_class: Vec<serde_json::Value> = e
+        .confusion
+        .iter()
+        .enumerate()
+        .map(|(c, row)| {
+            let images: i64 = row.iter().sum();
+            let accuracy = if images > 0 { row[c] as f64 / images as f64 } else { f64::NAN };
+            serde_json::json!({ "class": c, "name": cifar.class_names[c], "images": images, "accuracy": accuracy })
+        })
+        .collect();
+    if args.json {
+        let report = serde_json::json!({
+            "checkpoint": args.checkpoint,
+            "model": meta.model,
+            "epochs_done": meta.epochs_done,
+            "data_dir": data_dir,
+            "test_images": cifar.test_len(),
+            "device": device_label(device),
+            "loss": e.loss,
+            "accuracy": e.accuracy,
+            "per_class": per_class,
+            "confusion": e.confusion,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} after {} epoch(s), on {} test images from {} ({})",
+        meta.model,
+        meta.epochs_done,
+        cifar.test_len(),
+        data_dir.display(),
+        device_label(device)
+    );
+    println!("test loss {:.4}, top-1 accuracy {:.4}\n", e.loss, e.accuracy);
+    println!("{:<14} {:>7} {:>9}", "class", "images", "accuracy");
+    for c in &per_class {
+        let name = format!("{} {}", c["class"], c["name"].as_str().unwrap_or("?"));
+        println!("{name:<14} {:>7} {:>9.4}", c["images"].as_i64().unwrap_or(0), c["accuracy"].as_f64().unwrap_or(f64::NAN));
+    }
+    println!("\nconfusion matrix (rows: true class, columns: predicted class)");
+    print!("{:<14}", "");
+    for c in 0..e.confusion.len() {
+        print!(" {c:>6}");
+    }
+    println!();
+    for (c, row) in e.confusion.iter().enumerate() {
+        print!("{:<14}", format!("{c} {}", cifar.class_names[c]));
+        for count in row {
+            print!(" {count:>6}");
+        }
+        println!();
     }
     Ok(())
 }

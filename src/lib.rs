@@ -8,6 +8,7 @@
 //! - [`checkpoint`]: model and optimizer state after every epoch, for exact resumption;
 //! - [`run`]: `run-all` and `train`, from configuration to output files;
 //! - [`report`]: metric CSVs, comparison.json / comparison.md, number formatting;
+//! - [`plot`]: curves.svg;
 //! - [`environment`]: device choice and version facts;
 //! - [`cli`]: the command line.
 
@@ -17,6 +18,7 @@ pub mod data;
 pub mod environment;
 pub mod models;
 pub mod optim;
+pub mod plot;
 pub mod report;
 pub mod run;
 pub mod train;

@@ -60,7 +60,7 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
 }
 
 /// Files a run writes beside the per-model CSVs.
-pub const REPORT_FILES: [&str; 2] = ["comparison.json", "comparison.md"];
+pub const REPORT_FILES: [&str; 3] = ["comparison.json", "comparison.md", "curves.svg"];
 /// The baseline every other model is compared with.
 pub const BASELINE: &str = "darknet53";
 
@@ -270,7 +270,7 @@ fn tutorial_section(config: &RunConfig, reports: &[(String, ModelReport)]) -> Va
 }
 
 /// The whole of comparison.json.
-pub fn comparison_json(config: &RunConfig, environment: &RunEnvironment, reports: &[(String, ModelReport)]) -> Value {
+pub fn comparison_json(config: &RunConfig, environment: &Value, reports: &[(String, ModelReport)]) -> Value {
     let models: serde_json::Map<String, Value> =
         reports.iter().map(|(n, r)| (n.clone(), serde_json::to_value(r).expect("serialisable"))).collect();
     json!({
@@ -389,14 +389,65 @@ pub fn comparison_markdown(report: &Value) -> String {
     md
 }
 
-/// Writes comparison.json and comparison.md into `out`.
+/// Writes comparison.json, comparison.md and curves.svg into `out`.
 pub fn write_comparison(
     out: &Path,
     config: &RunConfig,
-    environment: &RunEnvironment,
+    environment: &Value,
     reports: &[(String, ModelReport)],
 ) -> Result<()> {
     let report = comparison_json(config, environment, reports);
     write_atomic(&out.join(REPORT_FILES[0]), serde_json::to_string_pretty(&report)?.as_bytes())?;
-    write_atomic(&out.join(REPORT_FILES[1]), comparison_markdown(&report).as_bytes())
+    write_atomic(&out.join(REPORT_FILES[1]), comparison_markdown(&report).as_bytes())?;
+    crate::plot::write(out, reports)
+}
+
+/// Rebuilds comparison.json, comparison.md and curves.svg in `out` from the per-model CSVs there.
+/// The run's configuration and environment come from the models' checkpoint metadata, or else
+/// from the comparison.json already there.
+pub fn rebuild(out: &Path) -> Result<Vec<String>> {
+    let mut reports = Vec::new();
+    let mut source: Option<(RunConfig, Value)> = None;
+    for name in models::model_names() {
+        let csv = out.join(format!("{name}.csv"));
+        if !csv.exists() {
+            continue;
+        }
+        let epochs = read_csv(&csv)?;
+        let checkpoint = crate::checkpoint::path(out, name);
+        if source.is_none() && checkpoint.exists() {
+            let meta = crate::checkpoint::read_meta(&checkpoint)?;
+            source = Some((meta.config, meta.environment));
+        }
+        reports.push((name.to_string(), epochs));
+    }
+    anyhow::ensure!(
+        !reports.is_empty(),
+        "{} holds no model CSV (darknet53.csv, ...); point --out at a run's output folder",
+        out.display()
+    );
+    let previous = out.join(REPORT_FILES[0]);
+    let (config, environment) = match source {
+        Some(found) => found,
+        None => {
+            let text = std::fs::read_to_string(&previous).with_context(|| {
+                format!(
+                    "cannot tell the run's configuration: no checkpoint in {} and no {}",
+                    out.join("checkpoints").display(),
+                    previous.display()
+                )
+            })?;
+            let json: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", previous.display()))?;
+            let config = serde_json::from_value(json["config"].clone())
+                .with_context(|| format!("{} has no readable config", previous.display()))?;
+            (config, json["environment"].clone())
+        }
+    };
+    let names: Vec<String> = reports.iter().map(|(n, _)| n.clone()).collect();
+    let reports = reports
+        .into_iter()
+        .map(|(name, epochs)| Ok((name.clone(), ModelReport::new(&name, &config, epochs, None)?)))
+        .collect::<Result<Vec<_>>>()?;
+    write_comparison(out, &config, &environment, &reports)?;
+    Ok(names)
 }

@@ -97,11 +97,11 @@ pub fn run(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
         models::model_info(name)?.check_image_size(config.recipe.image_size)?;
     }
     let data = load_data(config, source, device)?;
-    let environment = report::RunEnvironment {
+    let environment = serde_json::to_value(report::RunEnvironment {
         device: device_label(device),
         device_name: device_name(device),
         versions: Environment::detect(),
-    };
+    })?;
     if resume {
         // Refuse a mismatched checkpoint before any training.
         for name in &config.models {
@@ -144,7 +144,7 @@ pub fn run(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
 }
 
 /// The checkpoint metadata of `name` in this run, with `trainer`'s progress filled in by the caller.
-fn run_meta(config: &RunConfig, name: &str, data: &Cifar, environment: &report::RunEnvironment) -> checkpoint::Meta {
+fn run_meta(config: &RunConfig, name: &str, data: &Cifar, environment: &serde_json::Value) -> checkpoint::Meta {
     checkpoint::Meta {
         format: checkpoint::FORMAT,
         model: name.to_string(),
@@ -154,7 +154,7 @@ fn run_meta(config: &RunConfig, name: &str, data: &Cifar, environment: &report::
         epochs_done: 0,
         adam_steps: 0,
         history: Vec::new(),
-        environment: serde_json::to_value(environment).expect("serialisable"),
+        environment: environment.clone(),
     }
 }
 
@@ -167,7 +167,7 @@ fn train_model(
     progress: Progress,
     first_model: bool,
     resume: bool,
-    environment: &report::RunEnvironment,
+    environment: &serde_json::Value,
 ) -> Result<()> {
     let name = trainer.name.clone();
     let file = checkpoint::path(&config.out, &name);

@@ -1,0 +1,77 @@
+//! `eval` on a checkpoint, `report` from CSVs, and curves.svg.
+
+mod common;
+
+use common::{csp_tch, csp_tch_ok, s};
+use serde_json::Value;
+use std::path::Path;
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn eval_report_and_curves_agree_with_the_training_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::synth(tmp.path());
+    let out = tmp.path().join("out");
+    csp_tch_ok(&[
+        "run-all", "--models", "darknet53,cspdarknet53-pad0", "--data-dir", s(&data), "--out", s(&out),
+        "--device", "cpu", "--image-size", "32", "--epochs", "2", "--train-limit", "640", "--test-limit", "200",
+        "--normalize", "unit",
+    ]);
+    let original = read_json(&out.join("comparison.json"));
+
+    // eval reproduces the run's final eval accuracy and loss on the same test subset.
+    let ckpt = out.join("checkpoints/cspdarknet53-pad0.safetensors");
+    let eval: Value = serde_json::from_slice(&csp_tch_ok(&["eval", "--checkpoint", s(&ckpt), "--json"]).stdout).unwrap();
+    let trained = &original["models"]["cspdarknet53-pad0"];
+    assert_eq!(eval["test_images"], 200);
+    assert_eq!(eval["accuracy"], trained["final_eval_acc"]);
+    let loss_gap = eval["loss"].as_f64().unwrap() - trained["epochs"][1]["eval_loss"].as_f64().unwrap();
+    assert!(loss_gap.abs() < 1e-9, "{loss_gap}");
+    let confusion: Vec<Vec<i64>> = serde_json::from_value(eval["confusion"].clone()).unwrap();
+    assert_eq!(confusion.iter().flatten().sum::<i64>(), 200);
+    let per_class = eval["per_class"].as_array().unwrap();
+    assert_eq!(per_class.len(), 10);
+    assert_eq!(per_class[4]["name"], "pattern4");
+    assert_eq!(per_class[4]["images"], 20);
+    let table = String::from_utf8_lossy(&csp_tch_ok(&["eval", "--checkpoint", s(&ckpt), "--test-limit", "100"]).stdout).into_owned();
+    assert!(table.contains("on 100 test images") && table.contains("confusion matrix") && table.contains("9 pattern9"), "{table}");
+
+    // report rebuilds the same models section from the CSVs and checkpoint metadata alone.
+    for file in ["comparison.json", "comparison.md", "curves.svg"] {
+        std::fs::remove_file(out.join(file)).unwrap();
+    }
+    csp_tch_ok(&["report", "--out", s(&out)]);
+    let rebuilt = read_json(&out.join("comparison.json"));
+    assert_eq!(rebuilt["models"], original["models"]);
+    assert_eq!(rebuilt["config"], original["config"]);
+    assert!(out.join("comparison.md").exists());
+
+    // Without checkpoints, the configuration comes from the comparison.json already there.
+    std::fs::remove_dir_all(out.join("checkpoints")).unwrap();
+    csp_tch_ok(&["report", "--out", s(&out)]);
+    assert_eq!(read_json(&out.join("comparison.json"))["models"], original["models"]);
+
+    // curves.svg is SVG with one series per model in each panel.
+    let svg = std::fs::read_to_string(out.join("curves.svg")).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("curves.svg parses as XML");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    for (model, stroke) in [("darknet53", "#1F77B4"), ("cspdarknet53-pad0", "#D62728")] {
+        let legends = doc.descendants().filter(|n| n.has_tag_name("text") && n.text().map(str::trim) == Some(model)).count();
+        assert_eq!(legends, 3, "{model}: one legend entry per panel");
+        let lines = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("polyline") && n.attribute("stroke").is_some_and(|c| c.eq_ignore_ascii_case(stroke)))
+            .count();
+        assert!(lines >= 2, "{model}: eval curves in the accuracy and loss panels");
+    }
+
+    // A folder without CSVs is a clear error.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let failed = csp_tch(&["report", "--out", s(&empty)]);
+    assert!(!failed.status.success());
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("holds no model CSV"));
+}
