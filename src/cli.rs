@@ -39,6 +39,8 @@ enum Command {
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
+    /// Median ms/step, images/s and GFLOP/s of a train or eval step.
+    Bench(BenchArgs),
     /// Fetch, check or synthesise CIFAR-10 in its binary layout.
     #[command(subcommand)]
     Data(DataCommand),
@@ -191,6 +193,29 @@ struct EvalArgs {
 }
 
 #[derive(Args, Debug)]
+struct BenchArgs {
+    #[arg(long, value_parser = model_name_parser())]
+    model: String,
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(i64).range(1..=4096))]
+    image_size: i64,
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(2..))]
+    batch_size: u32,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    steps: u32,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
+    warmup: u32,
+    #[arg(long, value_enum, default_value_t = crate::bench::Mode::Train)]
+    mode: crate::bench::Mode,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
 struct RunAllArgs {
     /// Comma-separated backbones to run [all].
     #[arg(long, value_delimiter = ',', value_parser = model_name_parser())]
@@ -260,6 +285,7 @@ fn run(cli: Cli) -> Result<()> {
             run::run(&config, &args.recipe.source.source(), args.recipe.resume)
         }
         Command::Eval(args) => eval(args),
+        Command::Bench(args) => bench(args),
         Command::Report { out } => {
             let models = crate::report::rebuild(&out)?;
             eprintln!("rebuilt the report of {} in {}", models.join(", "), out.display());
@@ -394,6 +420,35 @@ fn eval(args: EvalArgs) -> Result<()> {
             print!(" {count:>6}");
         }
         println!();
+    }
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    models::model_info(&args.model)?.check_image_size(args.image_size)?;
+    let config = crate::bench::BenchConfig {
+        model: args.model,
+        recipe: Recipe {
+            epochs: 1,
+            batch_size: args.batch_size as usize,
+            adam: AdamConfig::default(),
+            image_size: args.image_size,
+            normalize: Normalize::Tutorial,
+            seed: 0,
+        },
+        steps: args.steps as usize,
+        warmup: args.warmup as usize,
+        mode: args.mode,
+        device: parse_device(&args.device)?,
+    };
+    let r = crate::bench::run(&config)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} {:?} {} px, batch {}, {} ({} threads): {:.1} ms/step, {:.1} images/s, {:.1} GFLOP/s (median of {} steps after {} warm-up)",
+            r.model, r.mode, r.image_size, r.batch_size, r.device, r.threads, r.ms_per_step, r.images_per_s, r.gflops, r.steps, r.warmup
+        );
     }
     Ok(())
 }

@@ -7,11 +7,13 @@
 //! - [`train`]: one model's epochs and evaluation;
 //! - [`checkpoint`]: model and optimizer state after every epoch, for exact resumption;
 //! - [`run`]: `run-all` and `train`, from configuration to output files;
+//! - [`bench`]: timing of train and eval steps;
 //! - [`report`]: metric CSVs, comparison.json / comparison.md, number formatting;
 //! - [`plot`]: curves.svg;
 //! - [`environment`]: device choice and version facts;
 //! - [`cli`]: the command line.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;

@@ -153,6 +153,18 @@ impl Trainer {
         Ok(Trainer { name: name.to_string(), vs, model, adam, history: Vec::new() })
     }
 
+    /// One optimisation step on the images at `index` (transform, forward, backward, Adam).
+    /// Returns the loss, the logits and the labels of the batch.
+    pub fn train_step(&mut self, images: &Tensor, labels: &Tensor, index: &Tensor, recipe: &Recipe) -> (Tensor, Tensor, Tensor) {
+        let xs = transform::batch(images, index, recipe.image_size, recipe.normalize);
+        let ys = labels.index_select(0, index);
+        let logits = self.model.forward_t(&xs, true);
+        let loss = logits.cross_entropy_for_logits(&ys);
+        let grads = self.adam.gradients(&loss);
+        self.adam.step(&grads);
+        (loss.detach(), logits.detach(), ys)
+    }
+
     /// Trains one epoch (number `history.len() + 1`) and evaluates on the test split.
     /// `first_steps` is called once, with the mean ms/step of the epoch's first few steps.
     pub fn run_epoch(
@@ -186,18 +198,12 @@ impl Trainer {
                 timed_from = Instant::now();
             }
             let index = order.narrow(0, start, len);
-            let xs = transform::batch(&data.train_images, &index, recipe.image_size, recipe.normalize);
-            let ys = data.train_labels.index_select(0, &index);
-            let logits = self.model.forward_t(&xs, true);
-            let loss = logits.cross_entropy_for_logits(&ys);
-            self.adam.zero_grad();
-            loss.backward();
-            self.adam.step();
+            let (loss, logits, ys) = self.train_step(&data.train_images, &data.train_labels, &index, recipe);
             tch::no_grad(|| {
                 loss_sum += loss.to_kind(Kind::Double) * len as f64;
                 correct += logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Double);
             });
-            last_loss = loss.detach();
+            last_loss = loss;
             seen += len;
             if step == TIMED_STEPS && epoch == 1 {
                 last_loss.double_value(&[]); // waits for the device
@@ -272,6 +278,11 @@ impl Trainer {
     }
 }
 
+/// Logits of the images at `index` with BatchNorm in eval mode (call under `no_grad`).
+pub fn eval_logits(model: &impl ModuleT, images: &Tensor, index: &Tensor, recipe: &Recipe) -> Tensor {
+    model.forward_t(&transform::batch(images, index, recipe.image_size, recipe.normalize), false)
+}
+
 /// Test loss, accuracy and confusion matrix over all of `images` (BatchNorm in eval mode).
 pub fn evaluate(
     model: &impl ModuleT,
@@ -290,9 +301,8 @@ pub fn evaluate(
     let mut last_loss = Tensor::zeros([], (Kind::Float, device));
     for &(start, len) in &bounds {
         let index = Tensor::arange_start(start, start + len, (Kind::Int64, device));
-        let xs = transform::batch(images, &index, recipe.image_size, recipe.normalize);
         let ys = labels.index_select(0, &index);
-        let logits = model.forward_t(&xs, false);
+        let logits = eval_logits(model, images, &index, recipe);
         last_loss = logits.cross_entropy_for_logits(&ys);
         loss_sum += last_loss.to_kind(Kind::Double) * len as f64;
         let cells = &ys * classes + logits.argmax(-1, false);

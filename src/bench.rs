@@ -1,0 +1,107 @@
+//! `csp-tch bench`: the median time of a full train step (transform, forward, backward, Adam) or
+//! an eval step (transform, forward) on a synthetic uint8 dataset held on the device, exactly as
+//! `run-all` runs them.
+
+use anyhow::Result;
+use serde::Serialize;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+use crate::environment::device_label;
+use crate::train::{Recipe, Trainer};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Transform, forward, backward and Adam step, BatchNorm in train mode.
+    Train,
+    /// Transform and forward under no_grad, BatchNorm in eval mode.
+    Eval,
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub model: String,
+    pub recipe: Recipe,
+    pub steps: usize,
+    pub warmup: usize,
+    pub mode: Mode,
+    pub device: Device,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    pub implementation: &'static str,
+    pub model: String,
+    pub image_size: i64,
+    pub batch_size: usize,
+    pub mode: Mode,
+    pub device: String,
+    pub threads: i32,
+    pub steps: usize,
+    pub warmup: usize,
+    /// Median over the timed steps.
+    pub ms_per_step: f64,
+    pub images_per_s: f64,
+    /// Achieved GFLOP/s: 2 FLOPs per MAC, a train step counted as 3 forward passes.
+    pub gflops: f64,
+    pub step_ms: Vec<f64>,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 { sorted[mid] } else { (sorted[mid - 1] + sorted[mid]) / 2.0 }
+}
+
+/// Waits for the device, so that wall time covers the step's work.
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+pub fn run(config: &BenchConfig) -> Result<BenchResult> {
+    let recipe = &config.recipe;
+    let bs = recipe.batch_size as i64;
+    let mut trainer = Trainer::new(&config.model, crate::data::CLASSES, recipe, config.device)?;
+    // A few batches' worth of CIFAR-sized uint8 images on the device, as run-all holds them.
+    let pool = 4 * bs;
+    let images = Tensor::randint(256, [pool, 3, 32, 32], (Kind::Uint8, config.device));
+    let labels = Tensor::randint(crate::data::CLASSES, [pool], (Kind::Int64, config.device));
+    let mut step_ms = Vec::with_capacity(config.steps);
+    for step in 0..config.warmup + config.steps {
+        let index = Tensor::arange_start((step as i64 % 4) * bs, (step as i64 % 4 + 1) * bs, (Kind::Int64, config.device));
+        let started = Instant::now();
+        match config.mode {
+            Mode::Train => drop(trainer.train_step(&images, &labels, &index, recipe)),
+            Mode::Eval => tch::no_grad(|| drop(crate::train::eval_logits(&trainer.model, &images, &index, recipe))),
+        }
+        sync(config.device);
+        if step >= config.warmup {
+            step_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let ms_per_step = median(&step_ms);
+    let macs = trainer.model.describe(recipe.image_size).macs as f64;
+    let passes = match config.mode {
+        Mode::Train => 3.0,
+        Mode::Eval => 1.0,
+    };
+    Ok(BenchResult {
+        implementation: "csp-tch",
+        model: config.model.clone(),
+        image_size: recipe.image_size,
+        batch_size: recipe.batch_size,
+        mode: config.mode,
+        device: device_label(config.device),
+        threads: tch::get_num_threads(),
+        steps: config.steps,
+        warmup: config.warmup,
+        ms_per_step,
+        images_per_s: bs as f64 / ms_per_step * 1e3,
+        gflops: 2.0 * macs * passes * bs as f64 / ms_per_step / 1e6,
+        step_ms,
+    })
+}
