@@ -7,8 +7,8 @@ use serde::Serialize;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-use crate::environment::device_label;
-use crate::train::{Recipe, Trainer};
+use crate::environment::{device_label, synchronize};
+use crate::train::{PhaseTimes, Recipe, Trainer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -27,6 +27,8 @@ pub struct BenchConfig {
     pub warmup: usize,
     pub mode: Mode,
     pub device: Device,
+    /// Time the phases of train steps too (waits for the device between phases).
+    pub breakdown: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -46,6 +48,8 @@ pub struct BenchResult {
     /// Achieved GFLOP/s: 2 FLOPs per MAC, a train step counted as 3 forward passes.
     pub gflops: f64,
     pub step_ms: Vec<f64>,
+    /// Mean ms per train step in each phase, with `--breakdown`.
+    pub phases_ms: Option<PhaseTimes>,
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -53,13 +57,6 @@ fn median(values: &[f64]) -> f64 {
     sorted.sort_by(f64::total_cmp);
     let mid = sorted.len() / 2;
     if sorted.len() % 2 == 1 { sorted[mid] } else { (sorted[mid - 1] + sorted[mid]) / 2.0 }
-}
-
-/// Waits for the device, so that wall time covers the step's work.
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
 }
 
 pub fn run(config: &BenchConfig) -> Result<BenchResult> {
@@ -70,19 +67,32 @@ pub fn run(config: &BenchConfig) -> Result<BenchResult> {
     let pool = 4 * bs;
     let images = Tensor::randint(256, [pool, 3, 32, 32], (Kind::Uint8, config.device));
     let labels = Tensor::randint(crate::data::CLASSES, [pool], (Kind::Int64, config.device));
-    let mut step_ms = Vec::with_capacity(config.steps);
-    for step in 0..config.warmup + config.steps {
-        let index = Tensor::arange_start((step as i64 % 4) * bs, (step as i64 % 4 + 1) * bs, (Kind::Int64, config.device));
-        let started = Instant::now();
-        match config.mode {
-            Mode::Train => drop(trainer.train_step(&images, &labels, &index, recipe)),
-            Mode::Eval => tch::no_grad(|| drop(crate::train::eval_logits(&trainer.model, &images, &index, recipe))),
+    let timed = |step: &mut dyn FnMut(&Tensor, bool)| {
+        let mut step_ms = Vec::with_capacity(config.steps);
+        for i in 0..(config.warmup + config.steps) as i64 {
+            let index = Tensor::arange_start((i % 4) * bs, (i % 4 + 1) * bs, (Kind::Int64, config.device));
+            let started = Instant::now();
+            step(&index, i >= config.warmup as i64);
+            synchronize(config.device);
+            if i >= config.warmup as i64 {
+                step_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            }
         }
-        sync(config.device);
-        if step >= config.warmup {
-            step_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        step_ms
+    };
+    let mut phases = PhaseTimes::default();
+    let step_ms = match config.mode {
+        Mode::Train => timed(&mut |index, measured| {
+            let phases = (config.breakdown && measured).then_some(&mut phases);
+            drop(trainer.train_step(&images, &labels, index, recipe, phases))
+        }),
+        Mode::Eval => {
+            // Evaluation runs with BatchNorm folded, as `evaluate` does.
+            let _folded = trainer.model.fold_batch_norm();
+            let model = &trainer.model;
+            timed(&mut |index, _| tch::no_grad(|| drop(crate::train::eval_logits(model, &images, index, recipe))))
         }
-    }
+    };
     let ms_per_step = median(&step_ms);
     let macs = trainer.model.describe(recipe.image_size).macs as f64;
     let passes = match config.mode {
@@ -103,5 +113,14 @@ pub fn run(config: &BenchConfig) -> Result<BenchResult> {
         images_per_s: bs as f64 / ms_per_step * 1e3,
         gflops: 2.0 * macs * passes * bs as f64 / ms_per_step / 1e6,
         step_ms,
+        phases_ms: (config.breakdown && config.mode == Mode::Train).then(|| {
+            let n = config.steps as f64;
+            PhaseTimes {
+                transform_ms: phases.transform_ms / n,
+                forward_ms: phases.forward_ms / n,
+                backward_ms: phases.backward_ms / n,
+                optimizer_ms: phases.optimizer_ms / n,
+            }
+        }),
     })
 }

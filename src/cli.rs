@@ -210,6 +210,9 @@ struct BenchArgs {
     mode: crate::bench::Mode,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Also time each phase of a train step: transform, forward, backward, optimizer.
+    #[arg(long)]
+    breakdown: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -440,6 +443,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         warmup: args.warmup as usize,
         mode: args.mode,
         device: parse_device(&args.device)?,
+        breakdown: args.breakdown,
     };
     let r = crate::bench::run(&config)?;
     if args.json {
@@ -449,6 +453,12 @@ fn bench(args: BenchArgs) -> Result<()> {
             "{} {:?} {} px, batch {}, {} ({} threads): {:.1} ms/step, {:.1} images/s, {:.1} GFLOP/s (median of {} steps after {} warm-up)",
             r.model, r.mode, r.image_size, r.batch_size, r.device, r.threads, r.ms_per_step, r.images_per_s, r.gflops, r.steps, r.warmup
         );
+        if let Some(p) = &r.phases_ms {
+            let total = p.transform_ms + p.forward_ms + p.backward_ms + p.optimizer_ms;
+            for (phase, ms) in [("transform", p.transform_ms), ("forward", p.forward_ms), ("backward", p.backward_ms), ("optimizer", p.optimizer_ms)] {
+                println!("  {phase:<10} {ms:>9.1} ms  {:>5.1}%", 100.0 * ms / total);
+            }
+        }
     }
     Ok(())
 }

@@ -27,6 +27,13 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     Ok(device)
 }
 
+/// Waits until `device` has finished its queued work (a no-op on the CPU).
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        Cuda::synchronize(i as i64);
+    }
+}
+
 /// `cpu` or `cuda:N`.
 pub fn device_label(device: Device) -> String {
     match device {

@@ -13,6 +13,7 @@
 
 use anyhow::{bail, Result};
 use serde::Serialize;
+use std::cell::RefCell;
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
@@ -136,6 +137,9 @@ impl ConvSpec {
     }
 }
 
+/// BatchNorm's epsilon (PaddleClas and PyTorch default).
+const BN_EPS: f64 = 1e-5;
+
 /// The tutorial's ConvBNLayer: Conv2d (no bias) -> BatchNorm -> ReLU, PaddleClas initialisation.
 #[derive(Debug)]
 pub struct ConvBnLayer {
@@ -143,6 +147,9 @@ pub struct ConvBnLayer {
     spec: ConvSpec,
     conv: nn::Conv2D,
     bn: nn::BatchNorm,
+    /// While a [`FoldedBatchNorm`] guard lives: the convolution with the BatchNorm's eval-mode
+    /// affine map folded in (weight, bias), so inference skips the BatchNorm pass.
+    folded: RefCell<Option<(Tensor, Tensor)>>,
 }
 
 fn conv_bn(p: nn::Path, spec: ConvSpec) -> ConvBnLayer {
@@ -156,6 +163,7 @@ fn conv_bn(p: nn::Path, spec: ConvSpec) -> ConvBnLayer {
     };
     // eps 1e-5, momentum 0.1 in PyTorch's sense (Paddle's 0.9); weight 1, bias 0.
     let bn_config = nn::BatchNormConfig {
+        eps: BN_EPS,
         ws_init: nn::Init::Const(1.),
         bs_init: nn::Init::Const(0.),
         ..Default::default()
@@ -165,11 +173,18 @@ fn conv_bn(p: nn::Path, spec: ConvSpec) -> ConvBnLayer {
         spec,
         conv: nn::conv2d(&p / "conv", spec.cin, spec.cout, spec.k, conv_config),
         bn: nn::batch_norm2d(&p / "bn", spec.cout, bn_config),
+        folded: RefCell::new(None),
     }
 }
 
 impl ModuleT for ConvBnLayer {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        if !train {
+            if let Some((weight, bias)) = &*self.folded.borrow() {
+                let s = self.spec;
+                return xs.conv2d(weight, Some(bias), [s.stride], [s.pad], [1], 1).relu();
+            }
+        }
         xs.apply(&self.conv).apply_t(&self.bn, train).relu()
     }
 }
@@ -182,6 +197,23 @@ impl ConvBnLayer {
     /// The convolution and batch norm, for code that rewrites the layer (BN folding, export).
     pub fn parts(&self) -> (&nn::Conv2D, &nn::BatchNorm) {
         (&self.conv, &self.bn)
+    }
+
+    /// Folds the eval-mode BatchNorm into the convolution:
+    /// `w' = w * gamma / sqrt(var + eps)`, `b' = beta - mean * gamma / sqrt(var + eps)`.
+    fn fold(&self) {
+        let bn = &self.bn;
+        let (gamma, beta) = (bn.ws.as_ref().expect("affine"), bn.bs.as_ref().expect("affine"));
+        let folded = tch::no_grad(|| {
+            let scale = gamma / (&bn.running_var + BN_EPS).sqrt();
+            let weight = &self.conv.ws * scale.view([-1, 1, 1, 1]);
+            (weight, beta - &bn.running_mean * scale)
+        });
+        *self.folded.borrow_mut() = Some(folded);
+    }
+
+    fn unfold(&self) {
+        *self.folded.borrow_mut() = None;
     }
 
     fn describe(&self, input: Shape, rows: &mut Vec<LayerRow>) -> Shape {
@@ -394,6 +426,18 @@ impl Backbone {
         std::iter::once(&self.stem).chain(self.stages.iter().flat_map(|s| s.layers())).collect()
     }
 
+    /// Folds every BatchNorm into its convolution for inference until the guard is dropped.
+    /// Eval-mode forwards then run one biased convolution per layer instead of convolution and
+    /// BatchNorm; train-mode forwards are unaffected. The fold is a snapshot of the current
+    /// weights and statistics: drop the guard before training again.
+    pub fn fold_batch_norm(&self) -> FoldedBatchNorm<'_> {
+        let layers = self.layers();
+        for layer in &layers {
+            layer.fold();
+        }
+        FoldedBatchNorm { layers }
+    }
+
     /// Output shape, parameters and MACs of every layer for a square `image_size` input.
     pub fn describe(&self, image_size: i64) -> Summary {
         let mut rows = Vec::new();
@@ -424,6 +468,19 @@ impl Backbone {
             macs: rows.iter().map(|r| r.macs).sum(),
             stage_outputs,
             layers: rows,
+        }
+    }
+}
+
+/// Keeps a backbone's BatchNorms folded into its convolutions while it lives.
+pub struct FoldedBatchNorm<'a> {
+    layers: Vec<&'a ConvBnLayer>,
+}
+
+impl Drop for FoldedBatchNorm<'_> {
+    fn drop(&mut self) {
+        for layer in &self.layers {
+            layer.unfold();
         }
     }
 }

@@ -132,6 +132,36 @@ impl Progress {
     }
 }
 
+/// Time spent in each phase of train steps (summed over the steps measured).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PhaseTimes {
+    /// Gather, resize and normalise the batch.
+    pub transform_ms: f64,
+    /// Forward pass and loss.
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    /// Adam update.
+    pub optimizer_ms: f64,
+}
+
+/// Adds the time since the previous lap to one field of `times`, when there is one.
+struct PhaseClock<'a> {
+    times: Option<&'a mut PhaseTimes>,
+    device: Device,
+    last: Instant,
+}
+
+impl PhaseClock<'_> {
+    fn lap(&mut self, field: fn(&mut PhaseTimes) -> &mut f64) {
+        if let Some(times) = self.times.as_deref_mut() {
+            crate::environment::synchronize(self.device);
+            let now = Instant::now();
+            *field(times) += (now - self.last).as_secs_f64() * 1e3;
+            self.last = now;
+        }
+    }
+}
+
 /// A model, its optimizer and the metrics so far: what a checkpoint holds.
 pub struct Trainer {
     pub name: String,
@@ -154,14 +184,27 @@ impl Trainer {
     }
 
     /// One optimisation step on the images at `index` (transform, forward, backward, Adam).
-    /// Returns the loss, the logits and the labels of the batch.
-    pub fn train_step(&mut self, images: &Tensor, labels: &Tensor, index: &Tensor, recipe: &Recipe) -> (Tensor, Tensor, Tensor) {
+    /// Returns the loss, the logits and the labels of the batch. With `phases`, the time of each
+    /// phase is added to it (waiting for the device after each, so only for measurements).
+    pub fn train_step(
+        &mut self,
+        images: &Tensor,
+        labels: &Tensor,
+        index: &Tensor,
+        recipe: &Recipe,
+        phases: Option<&mut PhaseTimes>,
+    ) -> (Tensor, Tensor, Tensor) {
+        let mut clock = PhaseClock { times: phases, device: images.device(), last: Instant::now() };
         let xs = transform::batch(images, index, recipe.image_size, recipe.normalize);
         let ys = labels.index_select(0, index);
+        clock.lap(|t| &mut t.transform_ms);
         let logits = self.model.forward_t(&xs, true);
         let loss = logits.cross_entropy_for_logits(&ys);
+        clock.lap(|t| &mut t.forward_ms);
         let grads = self.adam.gradients(&loss);
+        clock.lap(|t| &mut t.backward_ms);
         self.adam.step(&grads);
+        clock.lap(|t| &mut t.optimizer_ms);
         (loss.detach(), logits.detach(), ys)
     }
 
@@ -198,7 +241,7 @@ impl Trainer {
                 timed_from = Instant::now();
             }
             let index = order.narrow(0, start, len);
-            let (loss, logits, ys) = self.train_step(&data.train_images, &data.train_labels, &index, recipe);
+            let (loss, logits, ys) = self.train_step(&data.train_images, &data.train_labels, &index, recipe, None);
             tch::no_grad(|| {
                 loss_sum += loss.to_kind(Kind::Double) * len as f64;
                 correct += logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Double);
@@ -278,20 +321,22 @@ impl Trainer {
     }
 }
 
-/// Logits of the images at `index` with BatchNorm in eval mode (call under `no_grad`).
-pub fn eval_logits(model: &impl ModuleT, images: &Tensor, index: &Tensor, recipe: &Recipe) -> Tensor {
+/// Logits of the images at `index` with BatchNorm in eval mode (call under `no_grad`, and with
+/// the model's BatchNorms folded for speed).
+pub fn eval_logits(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &Recipe) -> Tensor {
     model.forward_t(&transform::batch(images, index, recipe.image_size, recipe.normalize), false)
 }
 
 /// Test loss, accuracy and confusion matrix over all of `images` (BatchNorm in eval mode).
 pub fn evaluate(
-    model: &impl ModuleT,
+    model: &Backbone,
     images: &Tensor,
     labels: &Tensor,
     recipe: &Recipe,
     device: Device,
 ) -> Result<Evaluation> {
     let _guard = tch::no_grad_guard();
+    let _folded = model.fold_batch_norm();
     let n = labels.size()[0] as usize;
     let classes = data::CLASSES;
     let started = Instant::now();

@@ -173,3 +173,33 @@ fn min_image_size_is_the_total_stride() {
         assert!(model.info.check_image_size(31).is_err() && model.info.check_image_size(32).is_ok());
     }
 }
+
+#[test]
+fn folded_batch_norm_matches_batch_norm_in_eval_mode() {
+    tch::manual_seed(4);
+    for name in models::model_names() {
+        let (vs, model) = build(name, 10);
+        // Non-trivial statistics and affine parameters.
+        tch::no_grad(|| {
+            for (var, mut t) in vs.variables() {
+                if var.ends_with("running_mean") || var.ends_with("bn.bias") {
+                    t.copy_(&(Tensor::randn_like(&t) * 0.1));
+                } else if var.ends_with("running_var") || var.ends_with("bn.weight") {
+                    t.copy_(&(Tensor::rand_like(&t) + 0.5));
+                }
+            }
+        });
+        let xs = Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let plain = tch::no_grad(|| xs.apply_t(&model, false));
+        let folded = {
+            let _guard = model.fold_batch_norm();
+            tch::no_grad(|| xs.apply_t(&model, false))
+        };
+        let scale = plain.abs().max().double_value(&[]);
+        let diff = (&plain - &folded).abs().max().double_value(&[]);
+        assert!(scale > 0.0 && diff <= 1e-5 * scale, "{name}: folded differs by {diff} (logits up to {scale})");
+        assert!(!plain.equal(&folded), "{name}: the folded path was not taken");
+        // The guard is gone: eval mode is the plain path again, bit for bit.
+        assert!(tch::no_grad(|| xs.apply_t(&model, false)).equal(&plain), "{name}");
+    }
+}

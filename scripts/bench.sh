@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# csp-tch against PyTorch eager (the torch that scripts/setup.sh installed), side by side on this machine:
+# for each model and mode, rounds that alternate which of the two runs first; prints the median ms/step of
+# each and the ratio csp-tch / PyTorch in images/s (above 1: csp-tch is faster).
+#   scripts/bench.sh [--models a,b,c] [--modes train,eval] [--image-size 32] [--batch-size 64]
+#                    [--steps 10] [--warmup 3] [--rounds 3] [--device cpu] [--out FILE.jsonl]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+models=darknet53,cspdarknet53,cspdarknet53-pad0 modes=train,eval image_size=32 batch_size=64
+steps=10 warmup=3 rounds=3 device=cpu out=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --models) models=$2 ;; --modes) modes=$2 ;; --image-size) image_size=$2 ;; --batch-size) batch_size=$2 ;;
+    --steps) steps=$2 ;; --warmup) warmup=$2 ;; --rounds) rounds=$2 ;; --device) device=$2 ;; --out) out=$2 ;;
+    *) echo "bench.sh: unknown flag $1 (see the header of $0)" >&2; exit 2 ;;
+  esac
+  shift 2
+done
+scripts/setup.sh >/dev/null
+cargo build --release --quiet
+py=$(sed -n 's/^CSP_TCH_PYTHON = "\(.*\)"$/\1/p' .cargo/config.toml 2>/dev/null || true)
+py=${py:-python3}
+"$py" -c 'import torch' 2>/dev/null || { echo "bench.sh: $py has no torch; run scripts/setup.sh" >&2; exit 1; }
+lines=$(mktemp); trap 'rm -f "$lines"' EXIT
+common=(--image-size "$image_size" --batch-size "$batch_size" --steps "$steps" --warmup "$warmup" --device "$device" --json)
+for model in ${models//,/ }; do
+  for mode in ${modes//,/ }; do
+    for round in $(seq "$rounds"); do
+      ours=(target/release/csp-tch bench --model "$model" --mode "$mode" "${common[@]}")
+      theirs=("$py" scripts/bench_pytorch.py bench --model "$model" --mode "$mode" "${common[@]}")
+      if [ $((round % 2)) -eq 1 ]; then order=(ours theirs); else order=(theirs ours); fi
+      for who in "${order[@]}"; do
+        if [ "$who" = ours ]; then "${ours[@]}"; else "${theirs[@]}" 2>/dev/null; fi >> "$lines"
+      done
+      echo "bench: $model $mode round $round/$rounds done" >&2
+    done
+  done
+done
+[ -z "$out" ] || cp "$lines" "$out"
+"$py" - "$lines" <<'PY'
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+first = runs[0]
+print(f"{first['image_size']} px, batch {first['batch_size']}, {first['device']}, {first['threads']} threads, "
+      f"median ms/step over {first['steps']} steps after {first['warmup']} warm-up, median of rounds")
+print()
+print("| model | mode | csp-tch ms/step | PyTorch ms/step | csp-tch images/s | PyTorch images/s | ratio csp-tch / PyTorch |")
+print("|---|---|---:|---:|---:|---:|---:|")
+keys = sorted({(r["model"], r["mode"]) for r in runs}, key=lambda k: (["darknet53", "cspdarknet53", "cspdarknet53-pad0"].index(k[0]) if k[0] in ["darknet53", "cspdarknet53", "cspdarknet53-pad0"] else 9, k[1] != "train"))
+for model, mode in keys:
+    ms = {impl: statistics.median(r["ms_per_step"] for r in runs if (r["model"], r["mode"], r["implementation"]) == (model, mode, impl))
+          for impl in ("csp-tch", "pytorch")}
+    bs = first["batch_size"]
+    print(f"| {model} | {mode} | {ms['csp-tch']:.1f} | {ms['pytorch']:.1f} | {bs / ms['csp-tch'] * 1e3:.1f} | "
+          f"{bs / ms['pytorch'] * 1e3:.1f} | {ms['pytorch'] / ms['csp-tch']:.2f}x |")
+PY

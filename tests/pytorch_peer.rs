@@ -1,0 +1,51 @@
+//! The PyTorch peer (scripts/bench_pytorch.py) builds the same networks: a csp-tch checkpoint loaded
+//! there gives the same logits (eval mode, fp32, max abs difference under 1e-4). Runs when the Python
+//! that scripts/setup.sh installed (CSP_TCH_PYTHON) has torch; says so and skips otherwise.
+
+mod common;
+
+use common::{csp_tch_ok, s};
+use std::process::Command;
+use tch::{Device, Kind, Tensor};
+
+fn python_with_torch() -> Option<String> {
+    let python = std::env::var("CSP_TCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python).args(["-c", "import torch"]).output().map(|o| o.status.success()).unwrap_or(false);
+    ok.then_some(python)
+}
+
+#[test]
+fn a_checkpoint_gives_the_same_logits_in_pytorch() {
+    let Some(python) = python_with_torch() else {
+        eprintln!("SKIPPED a_checkpoint_gives_the_same_logits_in_pytorch: no Python with torch (run scripts/setup.sh)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::synth(tmp.path());
+    let out = tmp.path().join("out");
+    // One short epoch, so that the BatchNorm statistics are no longer their initial values.
+    csp_tch_ok(&[
+        "run-all", "--data-dir", s(&data), "--out", s(&out), "--device", "cpu", "--image-size", "32",
+        "--epochs", "1", "--train-limit", "128", "--test-limit", "100",
+    ]);
+    for model in csp_tch::models::model_names() {
+        let ckpt = out.join(format!("checkpoints/{model}.safetensors"));
+        let (_meta, _vs, net) = csp_tch::checkpoint::load_model(&ckpt, Device::Cpu).unwrap();
+        tch::manual_seed(1);
+        let input = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0;
+        let logits = tch::no_grad(|| tch::nn::ModuleT::forward_t(&net, &input, false));
+        let io = tmp.path().join(format!("{model}-io.safetensors"));
+        Tensor::write_safetensors(&[("input", &input), ("logits", &logits)], &io).unwrap();
+        let run = Command::new(&python)
+            .args(["scripts/bench_pytorch.py", "equiv", "--checkpoint", s(&ckpt), "--io", s(&io)])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
+            .unwrap_or_else(|_| panic!("{model}: {stdout}\n{}", String::from_utf8_lossy(&run.stderr)));
+        let diff = result["max_abs_diff"].as_f64().unwrap();
+        eprintln!("{model}: max |logits(csp-tch) - logits(PyTorch)| = {diff:.2e}, max |logits| {:.1}", logits.abs().max().double_value(&[]));
+        assert!(run.status.success() && diff < 1e-4, "{model}: {result}");
+        assert!(logits.abs().max().double_value(&[]) > 1e-3, "{model}: trivial logits");
+    }
+}
