@@ -106,6 +106,17 @@ fn parse_limit(s: &str) -> Result<Limit, String> {
 #[derive(Clone, Copy, Debug)]
 struct Limit(Option<usize>);
 
+/// Execution options that leave the recipe as it is.
+#[derive(Args, Debug)]
+struct AccelerationArgs {
+    /// Mixed precision on CUDA (fp16 autocast, dynamic loss scaling, fp32 master weights); no effect on the CPU.
+    #[arg(long)]
+    amp: bool,
+    /// Channels-last (NHWC) layout for weights and inputs.
+    #[arg(long)]
+    channels_last: bool,
+}
+
 #[derive(Args, Debug)]
 struct RecipeArgs {
     /// Defaults for the flags below: `tutorial` (full data, 224 px, 5 epochs; for a GPU) or
@@ -134,6 +145,8 @@ struct RecipeArgs {
     /// Seeds initialisation, subsets and the per-epoch shuffles.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    acceleration: AccelerationArgs,
     /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -163,6 +176,8 @@ impl RecipeArgs {
                 image_size: self.image_size.unwrap_or(defaults.image_size),
                 normalize: self.normalize,
                 seed: self.seed,
+                amp: self.acceleration.amp,
+                channels_last: self.acceleration.channels_last,
             },
             classes: data::CLASSES,
             data_dir: self.source.data_dir.clone(),
@@ -210,6 +225,8 @@ struct BenchArgs {
     mode: crate::bench::Mode,
     #[arg(long, default_value = "auto")]
     device: String,
+    #[command(flatten)]
+    acceleration: AccelerationArgs,
     /// Also time each phase of a train step: transform, forward, backward, optimizer.
     #[arg(long)]
     breakdown: bool,
@@ -438,6 +455,8 @@ fn bench(args: BenchArgs) -> Result<()> {
             image_size: args.image_size,
             normalize: Normalize::Tutorial,
             seed: 0,
+            amp: args.acceleration.amp,
+            channels_last: args.acceleration.channels_last,
         },
         steps: args.steps as usize,
         warmup: args.warmup as usize,

@@ -132,6 +132,61 @@ impl Adam {
     }
 }
 
+/// Dynamic loss scaling for fp16 training, as PyTorch's `GradScaler`: the loss is multiplied by
+/// the scale before backward; gradients are divided by it before the step; a step with any
+/// non-finite gradient is skipped and the scale halved; after 2000 clean steps it doubles.
+#[derive(Clone, Debug)]
+pub struct LossScaler {
+    scale: f64,
+    clean_steps: u32,
+}
+
+impl LossScaler {
+    const INITIAL: f64 = 65536.0;
+    const GROWTH_INTERVAL: u32 = 2000;
+
+    pub fn new() -> LossScaler {
+        LossScaler { scale: Self::INITIAL, clean_steps: 0 }
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// Divides `grads` by the scale in place; returns whether all are finite (the step may be
+    /// taken), and updates the scale. Reads one value from the device, as GradScaler does.
+    pub fn unscale(&mut self, grads: &[Tensor]) -> bool {
+        let _guard = tch::no_grad_guard();
+        let mut non_finite: Option<Tensor> = None;
+        for grad in grads.iter().filter(|g| g.defined()) {
+            let _ = grad.shallow_clone().g_mul_scalar_(1.0 / self.scale);
+            let bad = grad.isfinite().logical_not().any();
+            non_finite = Some(match non_finite {
+                Some(acc) => acc.logical_or(&bad),
+                None => bad,
+            });
+        }
+        let finite = non_finite.is_none_or(|t| t.to_kind(Kind::Int64).int64_value(&[]) == 0);
+        if finite {
+            self.clean_steps += 1;
+            if self.clean_steps == Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.clean_steps = 0;
+            }
+        } else {
+            self.scale /= 2.0;
+            self.clean_steps = 0;
+        }
+        finite
+    }
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        LossScaler::new()
+    }
+}
+
 /// Raw views of one parameter's four buffers.
 #[derive(Clone, Copy)]
 struct Buffers {

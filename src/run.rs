@@ -67,6 +67,9 @@ impl RunConfig {
             image_size: 224,
             normalize: crate::transform::Normalize::Tutorial,
             seed: self.recipe.seed,
+            // Execution details, not part of the recipe.
+            amp: self.recipe.amp,
+            channels_last: self.recipe.channels_last,
         };
         self.recipe == tutorial && self.train_limit.is_none() && self.test_limit.is_none()
     }

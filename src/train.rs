@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{self, Cifar};
 use crate::models::Backbone;
-use crate::optim::{Adam, AdamConfig};
+use crate::optim::{Adam, AdamConfig, LossScaler};
 use crate::transform::{self, Normalize};
 
 /// Set by the Ctrl-C handler; training stops before the next step.
@@ -53,6 +53,25 @@ pub struct Recipe {
     pub image_size: i64,
     pub normalize: Normalize,
     pub seed: u64,
+    /// Mixed precision on CUDA: fp16 autocast with dynamic loss scaling (no effect on the CPU).
+    #[serde(default)]
+    pub amp: bool,
+    /// Channels-last (NHWC) memory layout for weights and inputs.
+    #[serde(default)]
+    pub channels_last: bool,
+}
+
+impl Recipe {
+    /// The model input for the images at `index`: the tutorial's transform, laid out as asked.
+    fn input(&self, images: &Tensor, index: &Tensor) -> Tensor {
+        let xs = transform::batch(images, index, self.image_size, self.normalize);
+        if self.channels_last { transform::to_channels_last(&xs) } else { xs }
+    }
+
+    /// Whether forwards run under fp16 autocast on `device`.
+    fn autocast(&self, device: Device) -> bool {
+        self.amp && device.is_cuda()
+    }
 }
 
 /// One row of `<model>.csv`.
@@ -168,6 +187,8 @@ pub struct Trainer {
     pub vs: nn::VarStore,
     pub model: Backbone,
     pub adam: Adam,
+    /// Present when training in fp16 (`--amp` on CUDA).
+    scaler: Option<LossScaler>,
     pub history: Vec<EpochMetrics>,
 }
 
@@ -179,8 +200,22 @@ impl Trainer {
         info.check_image_size(recipe.image_size)?;
         let vs = nn::VarStore::new(device);
         let model = crate::models::build(&vs.root(), info, classes);
+        if recipe.channels_last {
+            tch::no_grad(|| {
+                for (_, mut var) in vs.variables() {
+                    if var.dim() == 4 {
+                        var.set_data(&transform::to_channels_last(&var));
+                    }
+                }
+            });
+        }
+        if device.is_cuda() {
+            // Input shapes are fixed: let cuDNN pick the fastest algorithms once.
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
         let adam = Adam::for_var_store(&vs, recipe.adam);
-        Ok(Trainer { name: name.to_string(), vs, model, adam, history: Vec::new() })
+        let scaler = recipe.autocast(device).then(LossScaler::new);
+        Ok(Trainer { name: name.to_string(), vs, model, adam, scaler, history: Vec::new() })
     }
 
     /// One optimisation step on the images at `index` (transform, forward, backward, Adam).
@@ -194,18 +229,28 @@ impl Trainer {
         recipe: &Recipe,
         phases: Option<&mut PhaseTimes>,
     ) -> (Tensor, Tensor, Tensor) {
-        let mut clock = PhaseClock { times: phases, device: images.device(), last: Instant::now() };
-        let xs = transform::batch(images, index, recipe.image_size, recipe.normalize);
+        let device = images.device();
+        let mut clock = PhaseClock { times: phases, device, last: Instant::now() };
+        let xs = recipe.input(images, index);
         let ys = labels.index_select(0, index);
         clock.lap(|t| &mut t.transform_ms);
-        let logits = self.model.forward_t(&xs, true);
-        let loss = logits.cross_entropy_for_logits(&ys);
+        let (logits, loss) = tch::autocast(recipe.autocast(device), || {
+            let logits = self.model.forward_t(&xs, true);
+            let loss = logits.cross_entropy_for_logits(&ys);
+            (logits, loss)
+        });
         clock.lap(|t| &mut t.forward_ms);
-        let grads = self.adam.gradients(&loss);
+        let grads = match &self.scaler {
+            Some(scaler) => self.adam.gradients(&(&loss * scaler.scale())),
+            None => self.adam.gradients(&loss),
+        };
         clock.lap(|t| &mut t.backward_ms);
-        self.adam.step(&grads);
+        // In fp16, a step whose gradients overflowed is skipped (and the loss scale lowered).
+        if self.scaler.as_mut().is_none_or(|scaler| scaler.unscale(&grads)) {
+            self.adam.step(&grads);
+        }
         clock.lap(|t| &mut t.optimizer_ms);
-        (loss.detach(), logits.detach(), ys)
+        (loss.detach(), logits.detach().to_kind(Kind::Float), ys)
     }
 
     /// Trains one epoch (number `history.len() + 1`) and evaluates on the test split.
@@ -324,7 +369,8 @@ impl Trainer {
 /// Logits of the images at `index` with BatchNorm in eval mode (call under `no_grad`, and with
 /// the model's BatchNorms folded for speed).
 pub fn eval_logits(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &Recipe) -> Tensor {
-    model.forward_t(&transform::batch(images, index, recipe.image_size, recipe.normalize), false)
+    let xs = recipe.input(images, index);
+    tch::autocast(recipe.autocast(images.device()), || model.forward_t(&xs, false)).to_kind(Kind::Float)
 }
 
 /// Test loss, accuracy and confusion matrix over all of `images` (BatchNorm in eval mode).

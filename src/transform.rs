@@ -38,6 +38,12 @@ pub fn normalize(pixels: &Tensor, how: Normalize) -> Tensor {
     }
 }
 
+/// The same NCHW tensor with channels-last (NHWC) strides, the layout libtorch's convolutions
+/// recognise as channels-last.
+pub fn to_channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
 /// The model input for the images at `index` of a uint8 `[N, 3, 32, 32]` tensor held on the device.
 pub fn batch(images: &Tensor, index: &Tensor, size: i64, how: Normalize) -> Tensor {
     let pixels = images.index_select(0, index).to_kind(Kind::Float);

@@ -66,3 +66,27 @@ fn a_parameter_without_gradient_is_left_alone() {
     let expected = &used_before - used_before.sign() * 1e-3;
     assert!(used.allclose(&expected, 1e-6, 1e-7, false), "{used:?} vs {expected:?}");
 }
+
+#[test]
+fn loss_scaler_unscales_skips_overflows_and_adapts_the_scale() {
+    use csp_tch::optim::LossScaler;
+    let mut scaler = LossScaler::new();
+    let initial = scaler.scale();
+    let grad = Tensor::from_slice(&[2.0f32, -4.0]) * initial;
+    assert!(scaler.unscale(&[grad.shallow_clone(), Tensor::new()]), "finite (an undefined gradient is skipped)");
+    assert_eq!(Vec::<f32>::try_from(&grad).unwrap(), vec![2.0, -4.0], "divided by the scale in place");
+    assert_eq!(scaler.scale(), initial);
+
+    let overflow = Tensor::from_slice(&[1.0f32, f32::INFINITY]);
+    assert!(!scaler.unscale(&[grad.shallow_clone(), overflow]), "an inf gradient means: skip the step");
+    assert_eq!(scaler.scale(), initial / 2.0);
+    assert!(!scaler.unscale(&[Tensor::from_slice(&[f32::NAN])]));
+    assert_eq!(scaler.scale(), initial / 4.0);
+
+    for _ in 0..1999 {
+        assert!(scaler.unscale(&[Tensor::from_slice(&[1.0f32])]));
+    }
+    assert_eq!(scaler.scale(), initial / 4.0);
+    assert!(scaler.unscale(&[Tensor::from_slice(&[1.0f32])]));
+    assert_eq!(scaler.scale(), initial / 2.0, "doubles after 2000 clean steps");
+}
