@@ -9,7 +9,8 @@ use std::path::Path;
 use crate::report::{ModelReport, BASELINE, TUTORIAL_EPOCHS};
 
 const WIDTH: u32 = 1200;
-const HEIGHT: u32 = 900;
+const HEIGHT: u32 = 940;
+const LEGEND_HEIGHT: u32 = 40;
 const PALETTE: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
@@ -23,6 +24,29 @@ fn color(i: usize) -> RGBColor {
     PALETTE[i % PALETTE.len()]
 }
 
+fn plot_error(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("cannot draw curves.svg: {e}")
+}
+
+/// A strip above the panels: one colour per model, and what the line styles mean. Kept out of
+/// the panels so that it can never cover data.
+fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, names: &[&str]) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let font = ("sans-serif", 14).into_font();
+    let mut x = 70;
+    for (i, name) in names.iter().enumerate() {
+        let c = color(i);
+        area.draw(&PathElement::new(vec![(x, 22), (x + 24, 22)], c.stroke_width(3))).map_err(plot_error)?;
+        area.draw(&Text::new(name.to_string(), (x + 30, 15), font.clone())).map_err(plot_error)?;
+        x += 60 + 8 * name.len() as i32;
+    }
+    let styles = "solid line: eval   dashed: train   triangles: the tutorial's logged values";
+    area.draw(&Text::new(styles, (x + 20, 15), font.color(&BLACK.mix(0.7)))).map_err(plot_error)?;
+    Ok(())
+}
+
 /// One quantity per epoch: (label, value of an epoch, tutorial value of an epoch).
 struct Metric {
     title: &'static str,
@@ -34,7 +58,7 @@ struct Metric {
 }
 
 const ACCURACY: Metric = Metric {
-    title: "Accuracy (solid: eval, dashed: train, triangles: the tutorial)",
+    title: "Top-1 accuracy per epoch",
     y_label: "top-1 accuracy",
     train: |e| e.train_acc,
     eval: |e| e.eval_acc,
@@ -43,7 +67,7 @@ const ACCURACY: Metric = Metric {
 };
 
 const LOSS: Metric = Metric {
-    title: "Loss (solid: eval, dashed: train, triangles: the tutorial's)",
+    title: "Loss per epoch (the tutorial's: last batch)",
     y_label: "mean cross-entropy (axis clipped at the 95th percentile)",
     train: |e| e.train_loss,
     eval: |e| e.eval_loss,
@@ -75,7 +99,7 @@ where
         .x_label_area_size(36)
         .y_label_area_size(52)
         .build_cartesian_2d(0.5f64..max_epoch + 0.5, 0f64..top)
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(plot_error)?;
     chart
         .configure_mesh()
         .x_desc("epoch")
@@ -83,7 +107,7 @@ where
         .x_labels(max_epoch as usize + 1)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(plot_error)?;
     let clip = |v: f64| v.min(top);
     for (i, (name, report)) in reports.iter().enumerate() {
         let c = color(i);
@@ -91,13 +115,11 @@ where
         let train: Vec<(f64, f64)> = report.epochs.iter().map(|e| (e.epoch as f64, clip((metric.train)(e)))).collect();
         chart
             .draw_series(LineSeries::new(eval.clone(), c.stroke_width(2)))
-            .map_err(|e| anyhow!("{e}"))?
-            .label(name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
-        chart.draw_series(eval.iter().map(|&p| Circle::new(p, 3, c.filled()))).map_err(|e| anyhow!("{e}"))?;
+            .map_err(plot_error)?;
+        chart.draw_series(eval.iter().map(|&p| Circle::new(p, 3, c.filled()))).map_err(plot_error)?;
         chart
             .draw_series(DashedLineSeries::new(train, 6, 4, c.stroke_width(1)))
-            .map_err(|e| anyhow!("{e}"))?;
+            .map_err(plot_error)?;
         let tutorial = TUTORIAL_EPOCHS.iter().filter(|t| t.model == name);
         let marks: Vec<(f64, f64)> = tutorial
             .flat_map(|t| [(metric.tutorial_train)(t), (metric.tutorial_eval)(t)].map(|v| v.map(|v| (t.epoch as f64, clip(v)))))
@@ -105,16 +127,8 @@ where
             .collect();
         chart
             .draw_series(marks.into_iter().map(|p| TriangleMarker::new(p, 6, c.stroke_width(2))))
-            .map_err(|e| anyhow!("{e}"))?;
+            .map_err(plot_error)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.4))
-        .label_font(("sans-serif", 13))
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
 
@@ -144,7 +158,7 @@ where
         .x_label_area_size(36)
         .y_label_area_size(52)
         .build_cartesian_2d(0f64..groups.len() as f64, 0f64..top)
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(plot_error)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -155,9 +169,9 @@ where
         })
         .y_desc("ratio")
         .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(plot_error)?;
     let width = 0.8 / reports.len() as f64;
-    for (i, ((name, _), row)) in reports.iter().zip(&ratios).enumerate() {
+    for (i, row) in ratios.iter().enumerate() {
         let c = color(i);
         let bars = row.iter().enumerate().filter_map(|(g, v)| {
             let x0 = g as f64 + 0.1 + i as f64 * width;
@@ -165,23 +179,13 @@ where
         });
         chart
             .draw_series(bars)
-            .map_err(|e| anyhow!("{e}"))?
-            .label(name.as_str())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+            .map_err(plot_error)?;
         let labels = row.iter().enumerate().filter_map(|(g, v)| {
             let x0 = g as f64 + 0.1 + i as f64 * width;
-            v.map(|v| Text::new(format!("{v:.2}"), (x0, v + top * 0.02), ("sans-serif", 11)))
+            v.map(|v| Text::new(format!("{v:.2}"), (x0, v + top * 0.05), ("sans-serif", 11)))
         });
-        chart.draw_series(labels).map_err(|e| anyhow!("{e}"))?;
+        chart.draw_series(labels).map_err(plot_error)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.4))
-        .label_font(("sans-serif", 13))
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
 
@@ -190,15 +194,18 @@ pub fn render(reports: &[(String, ModelReport)]) -> Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-        let (top, bottom) = root.split_vertically(HEIGHT / 2);
+        root.fill(&WHITE).map_err(plot_error)?;
+        let (legend, panels) = root.split_vertically(LEGEND_HEIGHT);
+        let names: Vec<&str> = reports.iter().map(|(n, _)| n.as_str()).collect();
+        draw_legend(&legend, &names)?;
+        let (top, bottom) = panels.split_vertically((HEIGHT - LEGEND_HEIGHT) / 2);
         let (left, right) = top.split_horizontally(WIDTH / 2);
         draw_metric(&left, &ACCURACY, reports)?;
         draw_metric(&right, &LOSS, reports)?;
         if !reports.is_empty() {
             draw_costs(&bottom, reports)?;
         }
-        root.present().map_err(|e| anyhow!("{e}"))?;
+        root.present().map_err(plot_error)?;
     }
     Ok(svg)
 }

@@ -261,9 +261,9 @@ fn tutorial_section(config: &RunConfig, reports: &[(String, ModelReport)]) -> Va
     json!({
         "comparable": comparable,
         "note": if comparable {
-            "same recipe and data as the tutorial; its timings come from one Baidu AI Studio GPU under Paddle 2.0"
+            "Same recipe and data as the tutorial; its timings come from one Baidu AI Studio GPU under Paddle 2.0"
         } else {
-            "this run does not use the tutorial preset (full data, 224 px, 5 epochs, batch 64): the tutorial's figures are shown for reference only"
+            "This run does not follow the tutorial's recipe (full data, 224 px, 5 epochs, batch 64): the tutorial's figures are shown for reference only"
         },
         "models": models,
     })
@@ -377,14 +377,12 @@ pub fn comparison_markdown(report: &Value) -> String {
                 opt(ours["train_ms_per_step"].as_f64(), 0),
             );
         }
+    }
+    md += "\n| model | Paddle-style params, 1000 classes (tutorial / ours) |\n|---|---:|\n";
+    for (name, t) in tutorial["models"].as_object().into_iter().flatten() {
         let p = &t["paddle_style_params_1000_classes"];
-        if !p["tutorial"].is_null() {
-            md += &format!(
-                "| {name} | params (Paddle-style, 1000 classes) | | {} / {} | |\n",
-                thousands(p["tutorial"].as_i64().unwrap_or(0)),
-                thousands(p["ours"].as_i64().unwrap_or(0))
-            );
-        }
+        let stated = p["tutorial"].as_i64().map_or_else(|| "—".into(), thousands);
+        md += &format!("| {name} | {stated} / {} |\n", thousands(p["ours"].as_i64().unwrap_or(0)));
     }
     md
 }
