@@ -181,11 +181,7 @@ fn train_model(
         report::write_csv(&csv, &trainer.history)?;
     }
     let announce = first_model && trainer.vs.device() == Device::Cpu && config.preset == Preset::Tutorial;
-    let mut first_steps = |ms_per_step: f64| {
-        if announce {
-            announce_cpu_estimate(config, data, ms_per_step);
-        }
-    };
+    let mut first_steps = |ms_per_step: f64| announce.then(|| cpu_estimate(config, data, ms_per_step));
     let mut meta = run_meta(config, &name, data, environment);
     while trainer.history.len() < config.recipe.epochs {
         trainer.run_epoch(data, &config.recipe, progress, &mut first_steps)?;
@@ -216,7 +212,7 @@ fn resume_hint(config: &RunConfig, name: &str, epochs_done: usize) -> String {
 }
 
 /// On a CPU with the tutorial preset: how long the whole run will take, from the first steps.
-fn announce_cpu_estimate(config: &RunConfig, data: &Cifar, ms_per_step: f64) {
+fn cpu_estimate(config: &RunConfig, data: &Cifar, ms_per_step: f64) -> String {
     // Step time scales with a model's MACs; evaluation costs about a third of a training step.
     let macs = |name: &str| {
         let vs = tch::nn::VarStore::new(Device::Cpu);
@@ -228,15 +224,23 @@ fn announce_cpu_estimate(config: &RunConfig, data: &Cifar, ms_per_step: f64) {
     let bs = config.recipe.batch_size as f64;
     let steps = (data.train_len() as f64 / bs).ceil() + (data.test_len() as f64 / bs).ceil() / 3.0;
     let minutes = ms_per_step * steps * config.recipe.epochs as f64 * relative / 6e4;
-    let duration =
-        if minutes < 90.0 { format!("{minutes:.0} minutes") } else { format!("{:.1} hours", minutes / 60.0) };
-    eprintln!(
-        "note: {} trains at {ms_per_step:.0} ms/step on this CPU; the tutorial preset on CPU will take \
-         about {duration} for {} model(s). For a CPU-sized run use --preset quick (a few minutes); \
-         the tutorial preset is meant for a GPU.",
+    let duration = match minutes {
+        m if m < 1.5 => "a minute or less".to_string(),
+        m if m < 90.0 => format!("about {m:.0} minutes"),
+        m => format!("about {:.1} hours", m / 60.0),
+    };
+    let hint = if minutes > 15.0 {
+        " The tutorial preset is meant for a GPU; for a CPU-sized run use --preset quick (about 5 minutes)."
+    } else {
+        ""
+    };
+    format!(
+        "note: {} trains at {ms_per_step:.0} ms/step on this CPU; this run ({} model(s), {} epoch(s)) \
+         should take {duration}.{hint}",
         config.models[0],
-        config.models.len()
-    );
+        config.models.len(),
+        config.recipe.epochs
+    )
 }
 
 /// Removes what an earlier run left in `out` (every model's CSV and checkpoint, the report files),

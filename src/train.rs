@@ -254,13 +254,14 @@ impl Trainer {
     }
 
     /// Trains one epoch (number `history.len() + 1`) and evaluates on the test split.
-    /// `first_steps` is called once, with the mean ms/step of the epoch's first few steps.
+    /// `first_steps` is called once, with the mean ms/step of the first epoch's first few steps;
+    /// a line it returns is shown above the progress bar.
     pub fn run_epoch(
         &mut self,
         data: &Cifar,
         recipe: &Recipe,
         progress: Progress,
-        first_steps: &mut dyn FnMut(f64),
+        first_steps: &mut dyn FnMut(f64) -> Option<String>,
     ) -> Result<EpochMetrics> {
         let epoch = self.history.len() + 1;
         let device = self.vs.device();
@@ -295,7 +296,9 @@ impl Trainer {
             seen += len;
             if step == TIMED_STEPS && epoch == 1 {
                 last_loss.double_value(&[]); // waits for the device
-                first_steps(timed_from.elapsed().as_secs_f64() * 1e3 / TIMED_STEPS as f64);
+                if let Some(line) = first_steps(timed_from.elapsed().as_secs_f64() * 1e3 / TIMED_STEPS as f64) {
+                    progress.line(&bar, line);
+                }
             }
             let last = step + 1 == bounds.len();
             // Reading the loss waits for the device: at most twice a second on a terminal, and every
