@@ -9,7 +9,7 @@
 //! - [`run`]: `run-all` and `train`, from configuration to output files;
 //! - [`bench`]: timing of train and eval steps;
 //! - [`report`]: metric CSVs, comparison.json / comparison.md, number formatting;
-//! - [`plot`]: curves.svg;
+//! - [`plot`]: the curves.svg figure;
 //! - [`environment`]: device choice and version facts;
 //! - [`cli`]: the command line.
 

@@ -273,6 +273,8 @@ fn forward_blocks(blocks: &[BasicBlock], xs: Tensor, train: bool) -> Tensor {
 }
 
 /// What follows a stage's stride-2 entry convolution.
+// Five stages per model: the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Body {
     Residual(Vec<BasicBlock>),

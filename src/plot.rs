@@ -141,7 +141,8 @@ where
     DB::ErrorType: 'static,
 {
     let base = reports.iter().find(|(n, _)| n == BASELINE).map(|(_, r)| r).unwrap_or(&reports[0].1);
-    let groups: [(&str, fn(&ModelReport) -> Option<f64>); 3] = [
+    type Measure = fn(&ModelReport) -> Option<f64>;
+    let groups: [(&str, Measure); 3] = [
         ("trainable params", |r| Some(r.trainable_params as f64)),
         ("MACs per image", |r| Some(r.macs as f64)),
         ("train ms/step", |r| r.mean_train_ms_per_step),

@@ -1,7 +1,7 @@
 //! The backbones against TUTORIAL.md, to the unit.
 
 use csp_tch::models::{self, Backbone, Shape};
-use tch::nn::{self, ModuleT};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 fn build(name: &str, classes: i64) -> (nn::VarStore, Backbone) {

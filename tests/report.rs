@@ -2,13 +2,8 @@
 
 mod common;
 
-use common::{csp_tch, csp_tch_ok, s};
+use common::{csp_tch, csp_tch_ok, read_json, s};
 use serde_json::Value;
-use std::path::Path;
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
 
 #[test]
 fn eval_report_and_curves_agree_with_the_training_run() {

@@ -2,9 +2,7 @@
 
 mod common;
 
-use common::{csp_tch, csp_tch_ok, s};
-use serde_json::Value;
-use std::path::Path;
+use common::{csp_tch, csp_tch_ok, read_json, s};
 
 const CSV_HEADER: &str = "epoch,train_loss,train_acc,eval_loss,eval_acc,train_ms_per_step,eval_ms_per_step,\
 epoch_seconds,train_images_per_s,last_train_loss,last_eval_loss";
@@ -14,10 +12,6 @@ fn small_run<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
         "--data-dir", data, "--out", out, "--device", "cpu", "--image-size", "32", "--epochs", "2",
         "--train-limit", "640", "--test-limit", "200", "--normalize", "unit", "--seed", "3",
     ]
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 #[test]
