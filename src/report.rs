@@ -286,30 +286,9 @@ fn opt(value: Option<f64>, digits: usize) -> String {
     value.map_or_else(|| "—".into(), |v| format!("{v:.digits$}"))
 }
 
-/// comparison.json as readable Markdown tables.
-pub fn comparison_markdown(report: &Value) -> String {
+/// The models table, failures and the comparison with the baseline, as Markdown.
+pub fn models_markdown(report: &Value) -> String {
     let mut md = String::new();
-    let config = &report["config"];
-    let env = &report["environment"];
-    md += "# csp-tch comparison\n\n";
-    md += &format!(
-        "Preset `{}`, {} px, {} epoch(s), batch {}, lr {}, normalize `{}`, seed {}; data `{}` \
-         (train limit {}, test limit {}); device {} ({}), libtorch {}, csp-tch {}.\n\n",
-        config["preset"].as_str().unwrap_or("?"),
-        config["image_size"],
-        config["epochs"],
-        config["batch_size"],
-        config["adam"]["lr"],
-        config["normalize"].as_str().unwrap_or("?"),
-        config["seed"],
-        config["data_dir"].as_str().unwrap_or("?"),
-        if config["train_limit"].is_null() { "none".into() } else { config["train_limit"].to_string() },
-        if config["test_limit"].is_null() { "none".into() } else { config["test_limit"].to_string() },
-        env["device"].as_str().unwrap_or("?"),
-        env["device_name"].as_str().unwrap_or("?"),
-        env["libtorch"].as_str().unwrap_or("?"),
-        env["csp_tch"].as_str().unwrap_or("?"),
-    );
     md += "## Models\n\n| model | status | trainable params | Paddle-style params | MACs/image | final eval acc | best eval acc | train ms/step | eval ms/step | total s |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     let models = report["models"].as_object().cloned().unwrap_or_default();
     for (name, m) in &models {
@@ -341,6 +320,35 @@ pub fn comparison_markdown(report: &Value) -> String {
             );
         }
     }
+    md
+}
+
+/// comparison.json as readable Markdown tables.
+pub fn comparison_markdown(report: &Value) -> String {
+    let mut md = String::new();
+    let config = &report["config"];
+    let env = &report["environment"];
+    md += "# csp-tch comparison\n\n";
+    md += &format!(
+        "Preset `{}`, {} px, {} epoch(s), batch {}, lr {}, normalize `{}`, seed {}; data `{}` \
+         (train limit {}, test limit {}); device {} ({}), libtorch {}, csp-tch {}.\n\n",
+        config["preset"].as_str().unwrap_or("?"),
+        config["image_size"],
+        config["epochs"],
+        config["batch_size"],
+        config["adam"]["lr"],
+        config["normalize"].as_str().unwrap_or("?"),
+        config["seed"],
+        config["data_dir"].as_str().unwrap_or("?"),
+        if config["train_limit"].is_null() { "none".into() } else { config["train_limit"].to_string() },
+        if config["test_limit"].is_null() { "none".into() } else { config["test_limit"].to_string() },
+        env["device"].as_str().unwrap_or("?"),
+        env["device_name"].as_str().unwrap_or("?"),
+        env["libtorch"].as_str().unwrap_or("?"),
+        env["csp_tch"].as_str().unwrap_or("?"),
+    );
+    md += &models_markdown(report);
+    let models = report["models"].as_object().cloned().unwrap_or_default();
     md += "\n## Per epoch\n\n| model | epoch | train loss | train acc | eval loss | eval acc | train ms/step | eval ms/step | images/s | epoch s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for (name, m) in &models {
         for e in m["epochs"].as_array().into_iter().flatten() {
@@ -387,17 +395,18 @@ pub fn comparison_markdown(report: &Value) -> String {
     md
 }
 
-/// Writes comparison.json, comparison.md and curves.svg into `out`.
+/// Writes comparison.json, comparison.md and curves.svg into `out`; returns the report.
 pub fn write_comparison(
     out: &Path,
     config: &RunConfig,
     environment: &Value,
     reports: &[(String, ModelReport)],
-) -> Result<()> {
+) -> Result<Value> {
     let report = comparison_json(config, environment, reports);
     write_atomic(&out.join(REPORT_FILES[0]), serde_json::to_string_pretty(&report)?.as_bytes())?;
     write_atomic(&out.join(REPORT_FILES[1]), comparison_markdown(&report).as_bytes())?;
-    crate::plot::write(out, reports)
+    crate::plot::write(out, reports)?;
+    Ok(report)
 }
 
 /// Rebuilds comparison.json, comparison.md and curves.svg in `out` from the per-model CSVs there.

@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tch::Device;
 
@@ -119,6 +120,7 @@ pub fn run(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
     train::stop_on_ctrl_c();
     let progress = Progress::detect();
     let mut reports: Vec<(String, ModelReport)> = Vec::new();
+    let mut summary = Value::Null;
     for name in &config.models {
         let mut trainer = Trainer::new(name, config.classes, &config.recipe, device)?;
         let result = train_model(config, &mut trainer, &data, progress, reports.is_empty(), resume, &environment);
@@ -130,8 +132,9 @@ pub fn run(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
             eprintln!("error: {name} failed: {err:#}");
         }
         reports.push((name.clone(), ModelReport::new(name, config, trainer.history, result.err())?));
-        report::write_comparison(&config.out, config, &environment, &reports)?;
+        summary = report::write_comparison(&config.out, config, &environment, &reports)?;
     }
+    println!("{}", report::models_markdown(&summary));
     eprintln!("results in {}", config.out.display());
     let failed: Vec<&str> = reports.iter().filter(|(_, r)| r.error.is_some()).map(|(n, _)| n.as_str()).collect();
     if !failed.is_empty() {

@@ -24,6 +24,8 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
     let run = csp_tch_ok(&args);
     let log = String::from_utf8_lossy(&run.stderr);
     assert!(log.contains("darknet53 epoch 2/2: train loss"), "one plain line per epoch when piped:\n{log}");
+    let summary = String::from_utf8_lossy(&run.stdout);
+    assert!(summary.contains("| cspdarknet53-pad0 | ok | 18,061,546 |") && summary.contains("## Against darknet53"), "{summary}");
 
     let names = ["darknet53", "cspdarknet53", "cspdarknet53-pad0"];
     for name in names {
