@@ -34,6 +34,13 @@ pub fn synchronize(device: Device) {
     }
 }
 
+/// This process's peak resident memory so far in MB (Linux's VmHWM), when the system tells it.
+pub fn peak_resident_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 /// `cpu` or `cuda:N`.
 pub fn device_label(device: Device) -> String {
     match device {

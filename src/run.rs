@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use tch::Device;
 
 use crate::data::{self, Cifar, Source};
-use crate::environment::{device_label, device_name, parse_device, Environment};
+use crate::environment::{device_label, device_name, parse_device, peak_resident_mb, Environment};
 use crate::models;
 use crate::checkpoint;
 use crate::report::{self, ModelReport};
@@ -101,7 +101,7 @@ pub fn run(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
         models::model_info(name)?.check_image_size(config.recipe.image_size)?;
     }
     let data = load_data(config, source, device)?;
-    let environment = serde_json::to_value(report::RunEnvironment {
+    let mut environment = serde_json::to_value(report::RunEnvironment {
         device: device_label(device),
         device_name: device_name(device),
         versions: Environment::detect(),
@@ -132,6 +132,8 @@ pub fn run(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
             eprintln!("error: {name} failed: {err:#}");
         }
         reports.push((name.clone(), ModelReport::new(name, config, trainer.history, result.err())?));
+        // Host memory only: libtorch's CUDA allocator is not visible through tch.
+        environment["peak_resident_mb"] = serde_json::json!(peak_resident_mb());
         summary = report::write_comparison(&config.out, config, &environment, &reports)?;
     }
     println!("{}", report::models_markdown(&summary));

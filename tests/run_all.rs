@@ -56,6 +56,8 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
     for key in ["csp_tch", "tch", "libtorch", "device", "device_name", "cpu_threads"] {
         assert!(report["environment"].get(key).is_some(), "environment.{key}");
     }
+    let peak = report["environment"]["peak_resident_mb"].as_f64().unwrap();
+    assert!(peak > 100.0 && peak < 24_000.0, "peak resident memory {peak} MB");
     let mut best = 0.0f64;
     for name in names {
         let m = &report["models"][name];
