@@ -102,7 +102,7 @@ fn check_labels(dir: &Path, labels: &Tensor, files: &[&str]) -> Result<()> {
 }
 
 /// Class names from batches.meta.txt when present, else CIFAR-10's.
-pub fn read_class_names(dir: &Path) -> Vec<String> {
+fn read_class_names(dir: &Path) -> Vec<String> {
     let from_file: Vec<String> = std::fs::read_to_string(dir.join(META_FILE))
         .map(|s| s.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
         .unwrap_or_default();

@@ -194,11 +194,6 @@ impl ConvBnLayer {
         self.spec
     }
 
-    /// The convolution and batch norm, for code that rewrites the layer (BN folding, export).
-    pub fn parts(&self) -> (&nn::Conv2D, &nn::BatchNorm) {
-        (&self.conv, &self.bn)
-    }
-
     /// Folds the eval-mode BatchNorm into the convolution:
     /// `w' = w * gamma / sqrt(var + eps)`, `b' = beta - mean * gamma / sqrt(var + eps)`.
     fn fold(&self) {
@@ -417,10 +412,6 @@ impl Backbone {
 
     pub fn stem(&self) -> &ConvBnLayer {
         &self.stem
-    }
-
-    pub fn head(&self) -> &nn::Linear {
-        &self.head
     }
 
     /// Every ConvBNLayer in forward order.

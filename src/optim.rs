@@ -63,11 +63,6 @@ impl Adam {
         Adam::new(named, config)
     }
 
-    /// The parameters, in the order `step` wants their gradients.
-    pub fn params(&self) -> &[Tensor] {
-        &self.params
-    }
-
     /// Gradients of `loss` for every parameter, as fresh tensors: nothing accumulates in `.grad()`,
     /// so no zeroing pass is needed (PyTorch's `zero_grad(set_to_none=True)`).
     pub fn gradients(&self, loss: &Tensor) -> Vec<Tensor> {

@@ -77,7 +77,7 @@ impl RunConfig {
 }
 
 /// Loads the data for a run: fetched when the folder is missing, checked, subset, moved to the device.
-pub fn load_data(config: &RunConfig, source: &Source, device: Device) -> Result<Cifar> {
+fn load_data(config: &RunConfig, source: &Source, device: Device) -> Result<Cifar> {
     data::ensure(&config.data_dir, source)?;
     let started = std::time::Instant::now();
     let cifar = data::load(&config.data_dir)?.limit(config.train_limit, config.test_limit, config.recipe.seed)?;
