@@ -1,0 +1,37 @@
+//! `cargo bench`: csp-tch's train and eval steps for every backbone (32 px, batch 64), through the
+//! same code as `csp-tch bench`. For the side-by-side comparison with PyTorch use `scripts/bench.sh`.
+
+use csp_tch::bench::{self, BenchConfig, Mode};
+use csp_tch::train::Recipe;
+use csp_tch::transform::Normalize;
+
+fn main() {
+    let device = tch::Device::cuda_if_available();
+    for model in csp_tch::models::model_names() {
+        for mode in [Mode::Train, Mode::Eval] {
+            let config = BenchConfig {
+                model: model.to_string(),
+                recipe: Recipe {
+                    epochs: 1,
+                    batch_size: 64,
+                    adam: Default::default(),
+                    image_size: 32,
+                    normalize: Normalize::Tutorial,
+                    seed: 0,
+                    amp: false,
+                    channels_last: false,
+                },
+                steps: 5,
+                warmup: 2,
+                mode,
+                device,
+                breakdown: false,
+            };
+            let r = bench::run(&config).expect("benchmark");
+            println!(
+                "{model:<18} {mode:<5?} {:>9.1} ms/step {:>8.1} images/s {:>7.1} GFLOP/s ({})",
+                r.ms_per_step, r.images_per_s, r.gflops, r.device
+            );
+        }
+    }
+}
