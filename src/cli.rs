@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use tch::{nn, Device};
+use tch::Device;
 
 use std::path::PathBuf;
 
@@ -324,16 +324,14 @@ fn run(cli: Cli) -> Result<()> {
 fn summary(args: SummaryArgs) -> Result<()> {
     let info = models::model_info(&args.model)?;
     info.check_image_size(args.image_size)?;
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = models::build(&vs.root(), info, args.classes);
-    let summary = model.describe(args.image_size);
+    let summary = models::summary(info, args.classes, args.image_size);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
     println!(
         "{} ({}), input 3x{}x{}, {} classes",
-        summary.model, model.info.about, args.image_size, args.image_size, args.classes
+        summary.model, info.about, args.image_size, args.image_size, args.classes
     );
     println!("{:<28} {:>18} {:>12} {:>14}", "layer", "output shape", "params", "MACs");
     for row in &summary.layers {

@@ -379,6 +379,15 @@ pub struct Backbone {
     head: nn::Linear,
 }
 
+/// The layer table and totals of a registered model at `image_size`, from a throwaway CPU build.
+pub fn summary(info: &'static ModelInfo, classes: i64, image_size: i64) -> Summary {
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    build(&vs.root(), info, classes).describe(image_size)
+}
+
+/// Channels into the linear head (the last stage's width).
+pub const HEAD_FEATURES: i64 = STAGES[STAGES.len() - 1].0;
+
 /// Builds a registered model under `p` with a `classes`-way head.
 pub fn build(p: &nn::Path, info: &'static ModelInfo, classes: i64) -> Backbone {
     let stem = conv_bn(p / "yolo_input", ConvSpec::new(3, STEM_CHANNELS, 3, 1, 1));

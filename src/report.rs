@@ -6,7 +6,6 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tch::Device;
 
 use crate::environment::Environment;
 use crate::models;
@@ -125,9 +124,7 @@ impl ModelReport {
         error: Option<anyhow::Error>,
     ) -> Result<ModelReport> {
         let error = error.map(|e| format!("{e:#}"));
-        let vs = tch::nn::VarStore::new(Device::Cpu);
-        let summary = models::build(&vs.root(), models::model_info(name)?, config.classes)
-            .describe(config.recipe.image_size);
+        let summary = models::summary(models::model_info(name)?, config.classes, config.recipe.image_size);
         Ok(ModelReport {
             trainable_params: summary.trainable_params,
             paddle_style_params: summary.paddle_style_params,
@@ -145,8 +142,7 @@ impl ModelReport {
 
     /// Paddle-style parameters with a `classes`-way head (the tutorial's figures use 1000).
     fn paddle_style_params_with(&self, classes: i64, own_classes: i64) -> i64 {
-        let head_in = 1024;
-        self.paddle_style_params + (classes - own_classes) * (head_in + 1)
+        self.paddle_style_params + (classes - own_classes) * (models::HEAD_FEATURES + 1)
     }
 }
 

@@ -220,9 +220,8 @@ fn resume_hint(config: &RunConfig, name: &str, epochs_done: usize) -> String {
 fn cpu_estimate(config: &RunConfig, data: &Cifar, ms_per_step: f64) -> String {
     // Step time scales with a model's MACs; evaluation costs about a third of a training step.
     let macs = |name: &str| {
-        let vs = tch::nn::VarStore::new(Device::Cpu);
         let info = models::model_info(name).expect("checked");
-        models::build(&vs.root(), info, config.classes).describe(config.recipe.image_size).macs as f64
+        models::summary(info, config.classes, config.recipe.image_size).macs as f64
     };
     let first = macs(&config.models[0]);
     let relative: f64 = config.models.iter().map(|m| macs(m) / first).sum();
