@@ -144,7 +144,12 @@ fn read(file: &Path) -> Result<(Vec<u8>, Meta)> {
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| corrupt(file))?;
     let json = header.metadata().as_ref().and_then(|m| m.get(META_KEY)).with_context(|| corrupt(file))?;
     let meta: Meta = serde_json::from_str(json).with_context(|| corrupt(file))?;
-    ensure!(meta.format == FORMAT, "{} has checkpoint format {}, this csp-tch reads {FORMAT}", file.display(), meta.format);
+    ensure!(
+        meta.format == FORMAT,
+        "{} has checkpoint format {}, this csp-tch reads {FORMAT}",
+        file.display(),
+        meta.format
+    );
     Ok((bytes, meta))
 }
 
@@ -185,7 +190,10 @@ pub fn restore(file: &Path, trainer: &mut Trainer) -> Result<Meta> {
     let mut moments = Vec::with_capacity(names.len());
     for ((name, m), v) in names.iter().zip(exp_avg).zip(exp_avg_sq) {
         let key = |moment: &str| format!("adam.{moment}/{name}");
-        moments.push((load_tensor(&tensors, file, &key("exp_avg"), m)?, load_tensor(&tensors, file, &key("exp_avg_sq"), v)?));
+        moments.push((
+            load_tensor(&tensors, file, &key("exp_avg"), m)?,
+            load_tensor(&tensors, file, &key("exp_avg_sq"), v)?,
+        ));
     }
     trainer.adam.set_state(moments, meta.adam_steps);
     trainer.history = meta.history.clone();

@@ -315,7 +315,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Check { data_dir }) => data_check(&data_dir),
         Command::Data(DataCommand::Synth { out, train, test, seed }) => {
             data::write_synthetic(&out, train, test, seed)?;
-            eprintln!("wrote a synthetic CIFAR-10 layout ({train} train / {test} test distinct images) to {}", out.display());
+            eprintln!(
+                "wrote a synthetic CIFAR-10 layout ({train} train / {test} test distinct images) to {}",
+                out.display()
+            );
             Ok(())
         }
     }
@@ -352,7 +355,11 @@ fn env() -> Result<()> {
     println!("csp-tch   {}", e.csp_tch);
     println!("tch       {}", e.tch);
     println!("libtorch  {}", e.libtorch);
-    println!("CUDA      {} ({} device(s))", if e.cuda_available { "available" } else { "not available" }, e.cuda_devices);
+    println!(
+        "CUDA      {} ({} device(s))",
+        if e.cuda_available { "available" } else { "not available" },
+        e.cuda_devices
+    );
     for i in 0..e.cuda_devices.max(0) as usize {
         println!("  {}  {}", device_label(Device::Cuda(i)), device_name(Device::Cuda(i)));
     }
@@ -424,7 +431,11 @@ fn eval(args: EvalArgs) -> Result<()> {
     println!("{:<14} {:>7} {:>9}", "class", "images", "accuracy");
     for c in &per_class {
         let name = format!("{} {}", c["class"], c["name"].as_str().unwrap_or("?"));
-        println!("{name:<14} {:>7} {:>9.4}", c["images"].as_i64().unwrap_or(0), c["accuracy"].as_f64().unwrap_or(f64::NAN));
+        println!(
+            "{name:<14} {:>7} {:>9.4}",
+            c["images"].as_i64().unwrap_or(0),
+            c["accuracy"].as_f64().unwrap_or(f64::NAN)
+        );
     }
     println!("\nconfusion matrix (rows: true class, columns: predicted class)");
     print!("{:<14}", "");
@@ -472,7 +483,12 @@ fn bench(args: BenchArgs) -> Result<()> {
         );
         if let Some(p) = &r.phases_ms {
             let total = p.transform_ms + p.forward_ms + p.backward_ms + p.optimizer_ms;
-            for (phase, ms) in [("transform", p.transform_ms), ("forward", p.forward_ms), ("backward", p.backward_ms), ("optimizer", p.optimizer_ms)] {
+            for (phase, ms) in [
+                ("transform", p.transform_ms),
+                ("forward", p.forward_ms),
+                ("backward", p.backward_ms),
+                ("optimizer", p.optimizer_ms),
+            ] {
                 println!("  {phase:<10} {ms:>9.1} ms  {:>5.1}%", 100.0 * ms / total);
             }
         }

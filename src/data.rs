@@ -71,8 +71,8 @@ pub struct Cifar {
 /// Labels outside 0..9 are an error naming the file and record.
 pub fn load(dir: &Path) -> Result<Cifar> {
     check_layout(dir)?;
-    let ds = tch::vision::cifar::load_dir(dir)
-        .with_context(|| format!("cannot read CIFAR-10 from {}", dir.display()))?;
+    let ds =
+        tch::vision::cifar::load_dir(dir).with_context(|| format!("cannot read CIFAR-10 from {}", dir.display()))?;
     check_labels(dir, &ds.train_labels, &TRAIN_FILES)?;
     check_labels(dir, &ds.test_labels, &[TEST_FILE])?;
     // tch hands out float pixels scaled to [0, 1]; k/255 * 255 rounds back to k exactly.
@@ -127,10 +127,8 @@ impl Cifar {
             let index = Tensor::from_slice(&balanced_subset(&all, limit, seed ^ salt)?);
             Ok((images.index_select(0, &index), labels.index_select(0, &index)))
         };
-        let (train_images, train_labels) =
-            pick(self.train_images, self.train_labels, train, "--train-limit", 0x7472)?;
-        let (test_images, test_labels) =
-            pick(self.test_images, self.test_labels, test, "--test-limit", 0x7465)?;
+        let (train_images, train_labels) = pick(self.train_images, self.train_labels, train, "--train-limit", 0x7472)?;
+        let (test_images, test_labels) = pick(self.test_images, self.test_labels, test, "--test-limit", 0x7465)?;
         Ok(Cifar { train_images, train_labels, test_images, test_labels, class_names: self.class_names })
     }
 
@@ -387,9 +385,8 @@ pub fn download(dir: &Path, source: &Source) -> Result<()> {
     tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(&archive)?))
         .unpack(&extracted)
         .with_context(|| format!("cannot extract {}: not a .tar.gz archive", source.url))?;
-    let root = find_layout_root(&extracted).with_context(|| {
-        format!("{} holds no data_batch_1.bin: not the CIFAR-10 binary version", source.url)
-    })?;
+    let root = find_layout_root(&extracted)
+        .with_context(|| format!("{} holds no data_batch_1.bin: not the CIFAR-10 binary version", source.url))?;
     check_layout(&root).with_context(|| format!("the archive from {} is incomplete", source.url))?;
     std::fs::rename(&root, dir).with_context(|| format!("cannot move the data into {}", dir.display()))?;
     eprintln!("CIFAR-10 is in {}", dir.display());

@@ -300,11 +300,8 @@ fn stage(root: &nn::Path, layout: Layout, k: usize, cin: i64, c: i64, n: usize) 
     match layout {
         Layout::DarkNet => {
             // PaddleClas names the stride-2 convolution after the stage it leaves.
-            let entry_path = if k == 0 {
-                root / "yolo_input" / "downsample"
-            } else {
-                root / "stage" / (k - 1) / "downsample"
-            };
+            let entry_path =
+                if k == 0 { root / "yolo_input" / "downsample" } else { root / "stage" / (k - 1) / "downsample" };
             Stage { entry: conv_bn(entry_path, entry_spec), body: Body::Residual(blocks(&p, c, n)) }
         }
         Layout::Csp { pad_1x1 } => {
@@ -330,8 +327,7 @@ impl ModuleT for Stage {
         match &self.body {
             Body::Residual(blocks) => forward_blocks(blocks, x, train),
             Body::Csp { part, blocks, transition, shortcut, fusion } => {
-                let part_out =
-                    forward_blocks(blocks, x.apply_t(part, train), train).apply_t(transition, train);
+                let part_out = forward_blocks(blocks, x.apply_t(part, train), train).apply_t(transition, train);
                 let shortcut_out = x.apply_t(shortcut, train);
                 Tensor::cat(&[part_out, shortcut_out], 1).apply_t(fusion, train)
             }

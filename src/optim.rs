@@ -57,8 +57,7 @@ impl Adam {
 
     /// The trainable variables of `vs`, sorted by name.
     pub fn for_var_store(vs: &tch::nn::VarStore, config: AdamConfig) -> Adam {
-        let mut named: Vec<(String, Tensor)> =
-            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         Adam::new(named, config)
     }

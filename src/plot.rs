@@ -113,16 +113,14 @@ where
         let c = color(i);
         let eval: Vec<(f64, f64)> = report.epochs.iter().map(|e| (e.epoch as f64, clip((metric.eval)(e)))).collect();
         let train: Vec<(f64, f64)> = report.epochs.iter().map(|e| (e.epoch as f64, clip((metric.train)(e)))).collect();
-        chart
-            .draw_series(LineSeries::new(eval.clone(), c.stroke_width(2)))
-            .map_err(plot_error)?;
+        chart.draw_series(LineSeries::new(eval.clone(), c.stroke_width(2))).map_err(plot_error)?;
         chart.draw_series(eval.iter().map(|&p| Circle::new(p, 3, c.filled()))).map_err(plot_error)?;
-        chart
-            .draw_series(DashedLineSeries::new(train, 6, 4, c.stroke_width(1)))
-            .map_err(plot_error)?;
+        chart.draw_series(DashedLineSeries::new(train, 6, 4, c.stroke_width(1))).map_err(plot_error)?;
         let tutorial = TUTORIAL_EPOCHS.iter().filter(|t| t.model == name);
         let marks: Vec<(f64, f64)> = tutorial
-            .flat_map(|t| [(metric.tutorial_train)(t), (metric.tutorial_eval)(t)].map(|v| v.map(|v| (t.epoch as f64, clip(v)))))
+            .flat_map(|t| {
+                [(metric.tutorial_train)(t), (metric.tutorial_eval)(t)].map(|v| v.map(|v| (t.epoch as f64, clip(v))))
+            })
             .flatten()
             .collect();
         chart
@@ -147,10 +145,8 @@ where
         ("MACs per image", |r| Some(r.macs as f64)),
         ("train ms/step", |r| r.mean_train_ms_per_step),
     ];
-    let ratios: Vec<Vec<Option<f64>>> = reports
-        .iter()
-        .map(|(_, r)| groups.iter().map(|(_, f)| Some(f(r)? / f(base)?)).collect())
-        .collect();
+    let ratios: Vec<Vec<Option<f64>>> =
+        reports.iter().map(|(_, r)| groups.iter().map(|(_, f)| Some(f(r)? / f(base)?)).collect()).collect();
     let top = ratios.iter().flatten().flatten().fold(1.0f64, |a, &b| a.max(b)) * 1.15;
     let base_name = reports.iter().find(|(n, _)| n == BASELINE).map_or(reports[0].0.as_str(), |(n, _)| n);
     let mut chart = ChartBuilder::on(area)
@@ -166,7 +162,11 @@ where
         .x_labels(groups.len() * 2 + 1)
         .x_label_formatter(&|x| {
             let i = (x - 0.5).round();
-            if (x - 0.5 - i).abs() < 1e-6 && i >= 0.0 { groups.get(i as usize).map_or(String::new(), |g| g.0.to_string()) } else { String::new() }
+            if (x - 0.5 - i).abs() < 1e-6 && i >= 0.0 {
+                groups.get(i as usize).map_or(String::new(), |g| g.0.to_string())
+            } else {
+                String::new()
+            }
         })
         .y_desc("ratio")
         .draw()
@@ -178,9 +178,7 @@ where
             let x0 = g as f64 + 0.1 + i as f64 * width;
             v.map(|v| Rectangle::new([(x0, 0.0), (x0 + width * 0.9, v)], c.filled()))
         });
-        chart
-            .draw_series(bars)
-            .map_err(plot_error)?;
+        chart.draw_series(bars).map_err(plot_error)?;
         let labels = row.iter().enumerate().filter_map(|(g, v)| {
             let x0 = g as f64 + 0.1 + i as f64 * width;
             v.map(|v| Text::new(format!("{v:.2}"), (x0, v + top * 0.05), ("sans-serif", 11)))

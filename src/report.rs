@@ -165,7 +165,16 @@ const fn tutorial_epoch(
     (train_ms_per_step, eval_ms_per_step): (f64, Option<f64>),
     (last_train_loss, last_eval_loss): (f64, Option<f64>),
 ) -> TutorialEpoch {
-    TutorialEpoch { model, epoch, train_acc, eval_acc, train_ms_per_step, eval_ms_per_step, last_train_loss, last_eval_loss }
+    TutorialEpoch {
+        model,
+        epoch,
+        train_acc,
+        eval_acc,
+        train_ms_per_step,
+        eval_ms_per_step,
+        last_train_loss,
+        last_eval_loss,
+    }
 }
 
 /// The tutorial's logged epochs (one GPU on Baidu AI Studio, Paddle 2.0, 224 px, batch 64).
@@ -440,7 +449,8 @@ pub fn rebuild(out: &Path) -> Result<Vec<String>> {
                     previous.display()
                 )
             })?;
-            let json: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", previous.display()))?;
+            let json: Value =
+                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", previous.display()))?;
             let config = serde_json::from_value(json["config"].clone())
                 .with_context(|| format!("{} has no readable config", previous.display()))?;
             (config, json["environment"].clone())

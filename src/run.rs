@@ -6,10 +6,10 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tch::Device;
 
+use crate::checkpoint;
 use crate::data::{self, Cifar, Source};
 use crate::environment::{device_label, device_name, parse_device, peak_resident_mb, Environment};
 use crate::models;
-use crate::checkpoint;
 use crate::report::{self, ModelReport};
 use crate::train::{self, Interrupted, Progress, Recipe, Trainer};
 
@@ -207,7 +207,13 @@ fn resume_hint(config: &RunConfig, name: &str, epochs_done: usize) -> String {
     }
     let quoted: Vec<String> = args
         .iter()
-        .map(|a| if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,".contains(c)) { a.clone() } else { format!("'{a}'") })
+        .map(|a| {
+            if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,".contains(c)) {
+                a.clone()
+            } else {
+                format!("'{a}'")
+            }
+        })
         .collect();
     format!(
         "stopped: {name} keeps its checkpoint after epoch {epochs_done} in {}; resume with:\n  {}",

@@ -65,7 +65,11 @@ impl Recipe {
     /// The model input for the images at `index`: the tutorial's transform, laid out as asked.
     fn input(&self, images: &Tensor, index: &Tensor) -> Tensor {
         let xs = transform::batch(images, index, self.image_size, self.normalize);
-        if self.channels_last { transform::to_channels_last(&xs) } else { xs }
+        if self.channels_last {
+            transform::to_channels_last(&xs)
+        } else {
+            xs
+        }
     }
 
     /// Whether forwards run under fp16 autocast on `device`.

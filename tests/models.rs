@@ -37,11 +37,8 @@ fn parameter_counts_match_the_tutorial() {
 #[test]
 fn macs_match_the_tutorial() {
     // TUTORIAL.md's figures in GMAC, as it prints them (three decimals), at 10 classes.
-    let expected = [
-        ("darknet53", "0.145", "7.108"),
-        ("cspdarknet53", "0.902", "6.113"),
-        ("cspdarknet53-pad0", "0.073", "3.589"),
-    ];
+    let expected =
+        [("darknet53", "0.145", "7.108"), ("cspdarknet53", "0.902", "6.113"), ("cspdarknet53-pad0", "0.073", "3.589")];
     for (name, at32, at224) in expected {
         let (_vs, model) = build(name, 10);
         let giga = |size| format!("{:.3}", model.describe(size).macs as f64 / 1e9);

@@ -25,8 +25,21 @@ fn a_checkpoint_gives_the_same_logits_in_pytorch() {
     let out = tmp.path().join("out");
     // One short epoch, so that the BatchNorm statistics are no longer their initial values.
     csp_tch_ok(&[
-        "run-all", "--data-dir", s(&data), "--out", s(&out), "--device", "cpu", "--image-size", "32",
-        "--epochs", "1", "--train-limit", "128", "--test-limit", "100",
+        "run-all",
+        "--data-dir",
+        s(&data),
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--train-limit",
+        "128",
+        "--test-limit",
+        "100",
     ]);
     for model in csp_tch::models::model_names() {
         let ckpt = out.join(format!("checkpoints/{model}.safetensors"));
@@ -44,7 +57,10 @@ fn a_checkpoint_gives_the_same_logits_in_pytorch() {
         let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
             .unwrap_or_else(|_| panic!("{model}: {stdout}\n{}", String::from_utf8_lossy(&run.stderr)));
         let diff = result["max_abs_diff"].as_f64().unwrap();
-        eprintln!("{model}: max |logits(csp-tch) - logits(PyTorch)| = {diff:.2e}, max |logits| {:.1}", logits.abs().max().double_value(&[]));
+        eprintln!(
+            "{model}: max |logits(csp-tch) - logits(PyTorch)| = {diff:.2e}, max |logits| {:.1}",
+            logits.abs().max().double_value(&[])
+        );
         assert!(run.status.success() && diff < 1e-4, "{model}: {result}");
         assert!(logits.abs().max().double_value(&[]) > 1e-3, "{model}: trivial logits");
     }

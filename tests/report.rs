@@ -11,15 +11,32 @@ fn eval_report_and_curves_agree_with_the_training_run() {
     let data = common::synth(tmp.path());
     let out = tmp.path().join("out");
     csp_tch_ok(&[
-        "run-all", "--models", "darknet53,cspdarknet53-pad0", "--data-dir", s(&data), "--out", s(&out),
-        "--device", "cpu", "--image-size", "32", "--epochs", "2", "--train-limit", "640", "--test-limit", "200",
-        "--normalize", "unit",
+        "run-all",
+        "--models",
+        "darknet53,cspdarknet53-pad0",
+        "--data-dir",
+        s(&data),
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--train-limit",
+        "640",
+        "--test-limit",
+        "200",
+        "--normalize",
+        "unit",
     ]);
     let original = read_json(&out.join("comparison.json"));
 
     // eval reproduces the run's final eval accuracy and loss on the same test subset.
     let ckpt = out.join("checkpoints/cspdarknet53-pad0.safetensors");
-    let eval: Value = serde_json::from_slice(&csp_tch_ok(&["eval", "--checkpoint", s(&ckpt), "--json"]).stdout).unwrap();
+    let eval: Value =
+        serde_json::from_slice(&csp_tch_ok(&["eval", "--checkpoint", s(&ckpt), "--json"]).stdout).unwrap();
     let trained = &original["models"]["cspdarknet53-pad0"];
     assert_eq!(eval["test_images"], 200);
     assert_eq!(eval["accuracy"], trained["final_eval_acc"]);
@@ -31,8 +48,12 @@ fn eval_report_and_curves_agree_with_the_training_run() {
     assert_eq!(per_class.len(), 10);
     assert_eq!(per_class[4]["name"], "pattern4");
     assert_eq!(per_class[4]["images"], 20);
-    let table = String::from_utf8_lossy(&csp_tch_ok(&["eval", "--checkpoint", s(&ckpt), "--test-limit", "100"]).stdout).into_owned();
-    assert!(table.contains("on 100 test images") && table.contains("confusion matrix") && table.contains("9 pattern9"), "{table}");
+    let table = String::from_utf8_lossy(&csp_tch_ok(&["eval", "--checkpoint", s(&ckpt), "--test-limit", "100"]).stdout)
+        .into_owned();
+    assert!(
+        table.contains("on 100 test images") && table.contains("confusion matrix") && table.contains("9 pattern9"),
+        "{table}"
+    );
 
     // report rebuilds the same models section from the CSVs and checkpoint metadata alone.
     for file in ["comparison.json", "comparison.md", "curves.svg"] {
@@ -54,11 +75,14 @@ fn eval_report_and_curves_agree_with_the_training_run() {
     let doc = roxmltree::Document::parse(&svg).expect("curves.svg parses as XML");
     assert_eq!(doc.root_element().tag_name().name(), "svg");
     for (model, stroke) in [("darknet53", "#1F77B4"), ("cspdarknet53-pad0", "#D62728")] {
-        let legends = doc.descendants().filter(|n| n.has_tag_name("text") && n.text().map(str::trim) == Some(model)).count();
+        let legends =
+            doc.descendants().filter(|n| n.has_tag_name("text") && n.text().map(str::trim) == Some(model)).count();
         assert_eq!(legends, 1, "{model}: one legend entry");
         let lines = doc
             .descendants()
-            .filter(|n| n.has_tag_name("polyline") && n.attribute("stroke").is_some_and(|c| c.eq_ignore_ascii_case(stroke)))
+            .filter(|n| {
+                n.has_tag_name("polyline") && n.attribute("stroke").is_some_and(|c| c.eq_ignore_ascii_case(stroke))
+            })
             .count();
         assert!(lines >= 2, "{model}: eval curves in the accuracy and loss panels");
     }

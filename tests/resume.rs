@@ -9,8 +9,25 @@ use std::time::{Duration, Instant};
 
 fn args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec![
-        "run-all", "--models", "cspdarknet53-pad0,darknet53", "--data-dir", data, "--out", out, "--device", "cpu",
-        "--image-size", "32", "--epochs", "2", "--train-limit", "640", "--test-limit", "200", "--seed", "5",
+        "run-all",
+        "--models",
+        "cspdarknet53-pad0,darknet53",
+        "--data-dir",
+        data,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--train-limit",
+        "640",
+        "--test-limit",
+        "200",
+        "--seed",
+        "5",
     ];
     a.extend_from_slice(extra);
     a
@@ -32,7 +49,9 @@ fn wait_for(path: &Path) {
 fn metrics(out: &Path, model: &str) -> Vec<Vec<String>> {
     let csv = std::fs::read_to_string(out.join(format!("{model}.csv"))).unwrap();
     csv.lines()
-        .map(|l| l.split(',').enumerate().filter(|(i, _)| ![5, 6, 7, 8].contains(i)).map(|(_, c)| c.to_string()).collect())
+        .map(|l| {
+            l.split(',').enumerate().filter(|(i, _)| ![5, 6, 7, 8].contains(i)).map(|(_, c)| c.to_string()).collect()
+        })
         .collect()
 }
 
@@ -105,8 +124,25 @@ fn mismatched_and_corrupt_checkpoints_are_refused_clearly() {
     let data = common::synth(tmp.path());
     let out = tmp.path().join("out");
     let one = |extra: &[&str]| {
-        let mut a = vec!["train", "--model", "cspdarknet53-pad0", "--data-dir", s(&data), "--out", s(&out),
-            "--device", "cpu", "--image-size", "32", "--epochs", "1", "--train-limit", "200", "--test-limit", "100"];
+        let mut a = vec![
+            "train",
+            "--model",
+            "cspdarknet53-pad0",
+            "--data-dir",
+            s(&data),
+            "--out",
+            s(&out),
+            "--device",
+            "cpu",
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--train-limit",
+            "200",
+            "--test-limit",
+            "100",
+        ];
         a.extend_from_slice(extra);
         csp_tch(&a)
     };
@@ -120,12 +156,33 @@ fn mismatched_and_corrupt_checkpoints_are_refused_clearly() {
 
     // Another model's checkpoint under this model's name.
     let file = checkpoint(&out, "cspdarknet53-pad0");
-    let mut a = vec!["train", "--model", "darknet53", "--data-dir", s(&data), "--out", s(&out), "--device", "cpu",
-        "--image-size", "32", "--epochs", "1", "--train-limit", "200", "--test-limit", "100", "--resume"];
+    let mut a = vec![
+        "train",
+        "--model",
+        "darknet53",
+        "--data-dir",
+        s(&data),
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--train-limit",
+        "200",
+        "--test-limit",
+        "100",
+        "--resume",
+    ];
     std::fs::copy(&file, checkpoint(&out, "darknet53")).unwrap();
     let wrong = csp_tch(&a);
     let err = String::from_utf8_lossy(&wrong.stderr);
-    assert!(!wrong.status.success() && err.contains("model: checkpoint \"cspdarknet53-pad0\", this run \"darknet53\""), "{err}");
+    assert!(
+        !wrong.status.success() && err.contains("model: checkpoint \"cspdarknet53-pad0\", this run \"darknet53\""),
+        "{err}"
+    );
 
     // Truncated, then garbage.
     let bytes = std::fs::read(&file).unwrap();
@@ -134,7 +191,10 @@ fn mismatched_and_corrupt_checkpoints_are_refused_clearly() {
         let out_err = one(&["--resume"]);
         let err = String::from_utf8_lossy(&out_err.stderr);
         assert!(!out_err.status.success());
-        assert!(err.contains("not a readable csp-tch checkpoint") && err.contains("cspdarknet53-pad0.safetensors"), "{err}");
+        assert!(
+            err.contains("not a readable csp-tch checkpoint") && err.contains("cspdarknet53-pad0.safetensors"),
+            "{err}"
+        );
         assert!(!err.contains("panicked"), "{err}");
     }
     a.pop();

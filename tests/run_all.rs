@@ -9,8 +9,24 @@ epoch_seconds,train_images_per_s,last_train_loss,last_eval_loss";
 
 fn small_run<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
-        "--data-dir", data, "--out", out, "--device", "cpu", "--image-size", "32", "--epochs", "2",
-        "--train-limit", "640", "--test-limit", "200", "--normalize", "unit", "--seed", "3",
+        "--data-dir",
+        data,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--train-limit",
+        "640",
+        "--test-limit",
+        "200",
+        "--normalize",
+        "unit",
+        "--seed",
+        "3",
     ]
 }
 
@@ -25,7 +41,10 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
     let log = String::from_utf8_lossy(&run.stderr);
     assert!(log.contains("darknet53 epoch 2/2: train loss"), "one plain line per epoch when piped:\n{log}");
     let summary = String::from_utf8_lossy(&run.stdout);
-    assert!(summary.contains("| cspdarknet53-pad0 | ok | 18,061,546 |") && summary.contains("## Against darknet53"), "{summary}");
+    assert!(
+        summary.contains("| cspdarknet53-pad0 | ok | 18,061,546 |") && summary.contains("## Against darknet53"),
+        "{summary}"
+    );
 
     let names = ["darknet53", "cspdarknet53", "cspdarknet53-pad0"];
     for name in names {
@@ -47,8 +66,22 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
         assert!(report.get(key).is_some(), "missing {key}");
     }
     let config = &report["config"];
-    for key in ["preset", "models", "epochs", "batch_size", "adam", "image_size", "normalize", "seed",
-        "classes", "data_dir", "train_limit", "test_limit", "device", "out"] {
+    for key in [
+        "preset",
+        "models",
+        "epochs",
+        "batch_size",
+        "adam",
+        "image_size",
+        "normalize",
+        "seed",
+        "classes",
+        "data_dir",
+        "train_limit",
+        "test_limit",
+        "device",
+        "out",
+    ] {
         assert!(config.get(key).is_some(), "config.{key}");
     }
     assert_eq!(config["train_limit"], 640);
@@ -61,8 +94,18 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
     let mut best = 0.0f64;
     for name in names {
         let m = &report["models"][name];
-        for key in ["trainable_params", "paddle_style_params", "macs", "epochs", "final_eval_acc",
-            "best_eval_acc", "total_train_seconds", "mean_train_ms_per_step", "mean_eval_ms_per_step", "status"] {
+        for key in [
+            "trainable_params",
+            "paddle_style_params",
+            "macs",
+            "epochs",
+            "final_eval_acc",
+            "best_eval_acc",
+            "total_train_seconds",
+            "mean_train_ms_per_step",
+            "mean_eval_ms_per_step",
+            "status",
+        ] {
             assert!(m.get(key).is_some(), "models.{name}.{key}");
         }
         assert_eq!(m["status"], "ok");
@@ -90,7 +133,10 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
     assert_eq!(dark["epochs"][4]["tutorial"]["eval_acc"], 0.8045);
     assert!(dark["epochs"][0]["ours"]["eval_acc"].is_number());
     assert!(dark["epochs"][4]["ours"].is_null(), "we ran 2 epochs");
-    assert_eq!(tutorial["models"]["cspdarknet53"]["paddle_style_params_1000_classes"]["difference"], 19_106_376 - 19_047_240);
+    assert_eq!(
+        tutorial["models"]["cspdarknet53"]["paddle_style_params_1000_classes"]["difference"],
+        19_106_376 - 19_047_240
+    );
 
     let md = std::fs::read_to_string(out.join("comparison.md")).unwrap();
     assert!(md.contains("| cspdarknet53-pad0 | ok | 18,061,546 |"), "{md}");
@@ -103,8 +149,11 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
     assert!(!out.join("darknet53.csv").exists() && out.join("cspdarknet53-pad0.csv").exists());
     let report = read_json(&out.join("comparison.json"));
     assert_eq!(report["models"].as_object().unwrap().len(), 1);
-    let leftovers: Vec<_> = std::fs::read_dir(&out).unwrap().flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains("tmp")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 

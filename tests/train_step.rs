@@ -29,9 +29,8 @@ fn losses(recipe: &Recipe) -> (Vec<f64>, Trainer) {
     let images = Tensor::randint(256, [8, 3, 32, 32], (Kind::Uint8, Device::Cpu));
     let labels = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
     let index = Tensor::arange(8, (Kind::Int64, Device::Cpu));
-    let losses = (0..3)
-        .map(|_| trainer.train_step(&images, &labels, &index, recipe, None).0.double_value(&[]))
-        .collect();
+    let losses =
+        (0..3).map(|_| trainer.train_step(&images, &labels, &index, recipe, None).0.double_value(&[])).collect();
     (losses, trainer)
 }
 

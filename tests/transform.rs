@@ -70,6 +70,9 @@ fn batch_gathers_resizes_and_normalises() {
     let out = transform::batch(&images, &index, 64, Normalize::Tutorial);
     assert_eq!(out.size(), [2, 3, 64, 64]);
     assert_eq!(out.kind(), Kind::Float);
-    let direct = transform::normalize(&transform::resize(&images.get(4).unsqueeze(0).to_kind(Kind::Float), 64), Normalize::Tutorial);
+    let direct = transform::normalize(
+        &transform::resize(&images.get(4).unsqueeze(0).to_kind(Kind::Float), 64),
+        Normalize::Tutorial,
+    );
     assert!(out.get(0).unsqueeze(0).equal(&direct));
 }
