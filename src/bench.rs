@@ -45,7 +45,8 @@ pub struct BenchResult {
     /// Median over the timed steps.
     pub ms_per_step: f64,
     pub images_per_s: f64,
-    /// Achieved GFLOP/s: 2 FLOPs per MAC, a train step counted as 3 forward passes.
+    /// Achieved GFLOP/s of the tutorial's MACs (`csp-tch summary`): 2 FLOPs per MAC, a train step
+    /// counted as 3 forward passes. Taps csp-tch skips because they see padding alone count as done.
     pub gflops: f64,
     pub step_ms: Vec<f64>,
     /// Mean ms per train step in each phase, with `--breakdown`.

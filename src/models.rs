@@ -133,7 +133,53 @@ impl ConvSpec {
     }
 
     pub fn out_size(&self, size: i64) -> i64 {
-        (size + 2 * self.pad - self.k) / self.stride + 1
+        // Floor division, as libtorch's: a kernel larger than the padded map leaves no output.
+        (size + 2 * self.pad - self.k).div_euclid(self.stride) + 1
+    }
+
+    /// On an `h x w` map, the kernel taps that touch a real pixel at some output position, as an
+    /// equivalent smaller convolution; `None` when that is the whole kernel. A 3x3 convolution
+    /// padded by 1 on a 1x1 map (DarkNet53's last stage at 32 px) multiplies 8 of its 9 taps by
+    /// padding zeros only: it is the 1x1 convolution with its centre tap.
+    pub fn live_taps(&self, h: i64, w: i64) -> Option<LiveTaps> {
+        let (rows, pad_h) = self.live_range(h);
+        let (cols, pad_w) = self.live_range(w);
+        (rows.1 < self.k || cols.1 < self.k).then_some(LiveTaps { rows, cols, padding: [pad_h, pad_w] })
+    }
+
+    /// Along one axis of `size` pixels: `((first tap, taps), padding)` of the live taps, or the
+    /// whole kernel when cutting it would change the outputs.
+    fn live_range(&self, size: i64) -> ((i64, i64), i64) {
+        let out = self.out_size(size);
+        let live = |tap: &i64| (0..out).any(|o| (0..size).contains(&(o * self.stride - self.pad + tap)));
+        let whole = ((0, self.k), self.pad);
+        let (Some(first), Some(last)) = ((0..self.k).find(live), (0..self.k).rev().find(live)) else {
+            return whole;
+        };
+        let (taps, pad) = (last - first + 1, self.pad - first);
+        let same_outputs = pad >= 0 && ConvSpec { k: taps, pad, ..*self }.out_size(size) == out;
+        if same_outputs {
+            ((first, taps), pad)
+        } else {
+            whole
+        }
+    }
+}
+
+/// The part of a kernel that can reach real pixels, from [`ConvSpec::live_taps`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveTaps {
+    /// `(first, count)` of the kernel rows and columns kept.
+    pub rows: (i64, i64),
+    pub cols: (i64, i64),
+    /// Padding of the cut convolution, `[rows, columns]`.
+    pub padding: [i64; 2],
+}
+
+impl LiveTaps {
+    /// `weight` (`[cout, cin, k, k]`) restricted to the live taps; a view, so gradients reach it.
+    pub fn cut(&self, weight: &Tensor) -> Tensor {
+        weight.narrow(2, self.rows.0, self.rows.1).narrow(3, self.cols.0, self.cols.1)
     }
 }
 
@@ -148,8 +194,18 @@ pub struct ConvBnLayer {
     conv: nn::Conv2D,
     bn: nn::BatchNorm,
     /// While a [`FoldedBatchNorm`] guard lives: the convolution with the BatchNorm's eval-mode
-    /// affine map folded in (weight, bias), so inference skips the BatchNorm pass.
-    folded: RefCell<Option<(Tensor, Tensor)>>,
+    /// affine map folded in, so inference skips the BatchNorm pass.
+    folded: RefCell<Option<Folded>>,
+}
+
+/// A convolution with its BatchNorm folded in.
+#[derive(Debug)]
+struct Folded {
+    weight: Tensor,
+    bias: Tensor,
+    /// `weight` cut to the live taps of the last input size, so that evaluating batch after batch
+    /// does not copy the cut every time.
+    cut: Option<(LiveTaps, Tensor)>,
 }
 
 fn conv_bn(p: nn::Path, spec: ConvSpec) -> ConvBnLayer {
@@ -179,13 +235,26 @@ fn conv_bn(p: nn::Path, spec: ConvSpec) -> ConvBnLayer {
 
 impl ModuleT for ConvBnLayer {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let s = self.spec;
+        let live = s.live_taps(xs.size()[2], xs.size()[3]);
         if !train {
-            if let Some((weight, bias)) = &*self.folded.borrow() {
-                let s = self.spec;
-                return xs.conv2d(weight, Some(bias), [s.stride], [s.pad], [1], 1).relu();
+            if let Some(folded) = self.folded.borrow_mut().as_mut() {
+                let Some(live) = live else {
+                    return xs.conv2d(&folded.weight, Some(&folded.bias), [s.stride], [s.pad], [1], 1).relu();
+                };
+                if folded.cut.as_ref().is_none_or(|(taps, _)| *taps != live) {
+                    // A dense copy in the weight's own layout (NCHW or channels-last).
+                    folded.cut = Some((live, live.cut(&folded.weight).copy()));
+                }
+                let weight = &folded.cut.as_ref().expect("just cut").1;
+                return xs.conv2d(weight, Some(&folded.bias), [s.stride], live.padding, [1], 1).relu();
             }
         }
-        xs.apply(&self.conv).apply_t(&self.bn, train).relu()
+        let conv = match live {
+            Some(live) => xs.conv2d::<Tensor>(&live.cut(&self.conv.ws), None, [s.stride], live.padding, [1], 1),
+            None => xs.apply(&self.conv),
+        };
+        conv.apply_t(&self.bn, train).relu()
     }
 }
 
@@ -202,7 +271,7 @@ impl ConvBnLayer {
         let folded = tch::no_grad(|| {
             let scale = gamma / (&bn.running_var + BN_EPS).sqrt();
             let weight = &self.conv.ws * scale.view([-1, 1, 1, 1]);
-            (weight, beta - &bn.running_mean * scale)
+            Folded { weight, bias: beta - &bn.running_mean * scale, cut: None }
         });
         *self.folded.borrow_mut() = Some(folded);
     }

@@ -200,3 +200,64 @@ fn folded_batch_norm_matches_batch_norm_in_eval_mode() {
         assert!(tch::no_grad(|| xs.apply_t(&model, false)).equal(&plain), "{name}");
     }
 }
+
+#[test]
+fn live_taps_cut_only_kernel_taps_that_see_padding_alone() {
+    use models::ConvSpec;
+    let centre = ConvSpec::new(4, 4, 3, 1, 1).live_taps(1, 1).expect("3x3 on 1x1 keeps its centre");
+    assert_eq!((centre.rows, centre.cols, centre.padding), ((1, 1), (1, 1), [0, 0]));
+    let entry = ConvSpec::new(4, 4, 3, 2, 1).live_taps(2, 2).expect("stride 2 on 2x2 keeps 2x2 taps");
+    assert_eq!((entry.rows, entry.cols, entry.padding), ((1, 2), (1, 2), [0, 0]));
+    let strip = ConvSpec::new(4, 4, 3, 1, 1).live_taps(5, 1).expect("a one-pixel-wide map keeps a column");
+    assert_eq!((strip.rows, strip.cols, strip.padding), ((0, 3), (1, 1), [1, 0]));
+    assert!(ConvSpec::new(4, 4, 3, 1, 1).live_taps(2, 2).is_none(), "every tap of 3x3 on 2x2 sees a pixel");
+    assert!(ConvSpec::new(4, 4, 1, 1, 1).live_taps(1, 1).is_none(), "a 1x1 kernel has nothing to cut");
+}
+
+#[test]
+fn cut_convolutions_compute_the_full_ones() {
+    tch::manual_seed(5);
+    let mut cut = 0;
+    for (k, stride, pad) in [(3, 1, 1), (3, 2, 1), (3, 1, 0), (3, 2, 0), (1, 1, 1), (5, 1, 2), (5, 2, 2)] {
+        for (h, w) in [(1, 1), (2, 2), (3, 3), (1, 4), (4, 2), (5, 5)] {
+            let spec = models::ConvSpec::new(3, 5, k, stride, pad);
+            if spec.out_size(h) < 1 || spec.out_size(w) < 1 {
+                continue;
+            }
+            let Some(live) = spec.live_taps(h, w) else {
+                continue;
+            };
+            cut += 1;
+            let xs = Tensor::randn([2, 3, h, w], (Kind::Float, Device::Cpu));
+            let weight = Tensor::randn([5, 3, k, k], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let full = xs.conv2d::<Tensor>(&weight, None, [stride], [pad], [1], 1);
+            let full_grad = Tensor::run_backward(&[full.sum(Kind::Float)], &[&weight], false, false).remove(0);
+            let part = xs.conv2d::<Tensor>(&live.cut(&weight), None, [stride], live.padding, [1], 1);
+            let part_grad = Tensor::run_backward(&[part.sum(Kind::Float)], &[&weight], false, false).remove(0);
+            let case = format!("k{k} s{stride} p{pad} on {h}x{w}");
+            assert_eq!(full.size(), part.size(), "{case}");
+            assert!(full.allclose(&part, 1e-5, 1e-5, false), "{case}: outputs differ");
+            assert!(full_grad.allclose(&part_grad, 1e-5, 1e-5, false), "{case}: weight gradients differ");
+        }
+    }
+    assert!(cut >= 8, "only {cut} cases had taps to cut");
+}
+
+#[test]
+fn folded_evaluation_follows_the_input_size() {
+    // The folded path keeps the kernel cut for the last input size: another size must not reuse it.
+    tch::manual_seed(6);
+    let (_vs, model) = build("darknet53", 10);
+    // Stage 4 maps of 1x1, 1x2 and 1x1: a kernel cut to its centre, then its centre row.
+    let inputs: Vec<Tensor> = [(32, 32), (32, 64), (32, 32)]
+        .iter()
+        .map(|&(h, w)| Tensor::randn([2, 3, h, w], (Kind::Float, Device::Cpu)))
+        .collect();
+    let plain: Vec<Tensor> = inputs.iter().map(|xs| tch::no_grad(|| xs.apply_t(&model, false))).collect();
+    let _guard = model.fold_batch_norm();
+    for (xs, plain) in inputs.iter().zip(&plain) {
+        let folded = tch::no_grad(|| xs.apply_t(&model, false));
+        let diff = (plain - &folded).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5 * plain.abs().max().double_value(&[]), "{:?}: folded differs by {diff}", xs.size());
+    }
+}
