@@ -39,6 +39,8 @@ pub struct BenchResult {
     pub batch_size: usize,
     pub mode: Mode,
     pub device: String,
+    /// What forward passes ran in (`--amp`).
+    pub precision: crate::amp::Precision,
     pub threads: i32,
     pub steps: usize,
     pub warmup: usize,
@@ -111,6 +113,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchResult> {
         batch_size: recipe.batch_size,
         mode: config.mode,
         device: device_label(config.device),
+        precision: trainer.precision(),
         threads: tch::get_num_threads(),
         steps: config.steps,
         warmup: config.warmup,

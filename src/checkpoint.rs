@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::models::Backbone;
+use crate::optim::LossScaler;
 
 use crate::run::RunConfig;
 use crate::train::{EpochMetrics, Trainer};
@@ -38,6 +39,9 @@ pub struct Meta {
     pub test_size: usize,
     pub epochs_done: usize,
     pub adam_steps: i64,
+    /// The fp16 loss scaler's state, when the run trains in fp16.
+    #[serde(default)]
+    pub loss_scaler: Option<LossScaler>,
     pub history: Vec<EpochMetrics>,
     /// Where the last epoch ran (`report::RunEnvironment`).
     pub environment: Value,
@@ -196,6 +200,10 @@ pub fn restore(file: &Path, trainer: &mut Trainer) -> Result<Meta> {
         ));
     }
     trainer.adam.set_state(moments, meta.adam_steps);
+    // A run that trains in fp16 continues the checkpoint's loss scale, when it has one.
+    if let (Some(scaler), Some(saved)) = (trainer.scaler.as_mut(), &meta.loss_scaler) {
+        *scaler = saved.clone();
+    }
     trainer.history = meta.history.clone();
     Ok(meta)
 }

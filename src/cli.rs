@@ -109,7 +109,8 @@ struct Limit(Option<usize>);
 /// Execution options that leave the recipe as it is.
 #[derive(Args, Debug)]
 struct AccelerationArgs {
-    /// Mixed precision on CUDA (fp16 autocast, dynamic loss scaling, fp32 master weights); no effect on the CPU.
+    /// Mixed precision on CUDA: bf16 autocast where the GPU supports it (compute capability 8.0+), else fp16
+    /// with dynamic loss scaling; fp32 weights and optimizer state. No effect on the CPU.
     #[arg(long)]
     amp: bool,
     /// Channels-last (NHWC) layout for weights and inputs.

@@ -4,6 +4,7 @@
 //! - [`data`]: CIFAR-10's binary layout: check, download, load, subsets, synthetic sets;
 //! - [`transform`]: the per-batch resize and normalisation, on the training device;
 //! - [`optim`]: Adam with checkpointable state;
+//! - [`amp`]: `--amp`'s bf16 or fp16 autocast;
 //! - [`train`]: one model's epochs and evaluation;
 //! - [`checkpoint`]: model and optimizer state after every epoch, for exact resumption;
 //! - [`run`]: `run-all` and `train`, from configuration to output files;
@@ -13,6 +14,7 @@
 //! - [`environment`]: device choice and version facts;
 //! - [`cli`]: the command line.
 
+pub mod amp;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;

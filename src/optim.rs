@@ -129,7 +129,8 @@ impl Adam {
 /// Dynamic loss scaling for fp16 training, as PyTorch's `GradScaler`: the loss is multiplied by
 /// the scale before backward; gradients are divided by it before the step; a step with any
 /// non-finite gradient is skipped and the scale halved; after 2000 clean steps it doubles.
-#[derive(Clone, Debug)]
+/// Checkpoints keep its state, so a resumed fp16 run continues with the scale it had reached.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LossScaler {
     scale: f64,
     clean_steps: u32,

@@ -86,6 +86,8 @@ pub fn read_csv(path: &Path) -> Result<Vec<EpochMetrics>> {
 pub struct RunEnvironment {
     pub device: String,
     pub device_name: String,
+    /// What forward passes ran in (`--amp`).
+    pub precision: crate::amp::Precision,
     #[serde(flatten)]
     pub versions: Environment,
 }
@@ -336,7 +338,7 @@ pub fn comparison_markdown(report: &Value) -> String {
     md += "# csp-tch comparison\n\n";
     md += &format!(
         "Preset `{}`, {} px, {} epoch(s), batch {}, lr {}, normalize `{}`, seed {}; data `{}` \
-         (train limit {}, test limit {}); device {} ({}), libtorch {}, csp-tch {}.\n\n",
+         (train limit {}, test limit {}); device {} ({}), {}, libtorch {}, csp-tch {}.\n\n",
         config["preset"].as_str().unwrap_or("?"),
         config["image_size"],
         config["epochs"],
@@ -349,6 +351,7 @@ pub fn comparison_markdown(report: &Value) -> String {
         if config["test_limit"].is_null() { "none".into() } else { config["test_limit"].to_string() },
         env["device"].as_str().unwrap_or("?"),
         env["device_name"].as_str().unwrap_or("?"),
+        env["precision"].as_str().unwrap_or("precision not recorded"),
         env["libtorch"].as_str().unwrap_or("?"),
         env["csp_tch"].as_str().unwrap_or("?"),
     );

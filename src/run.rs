@@ -104,6 +104,7 @@ pub fn run(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
     let mut environment = serde_json::to_value(report::RunEnvironment {
         device: device_label(device),
         device_name: device_name(device),
+        precision: config.recipe.precision(device),
         versions: Environment::detect(),
     })?;
     if resume {
@@ -161,6 +162,7 @@ fn run_meta(config: &RunConfig, name: &str, data: &Cifar, environment: &serde_js
         test_size: data.test_len(),
         epochs_done: 0,
         adam_steps: 0,
+        loss_scaler: None,
         history: Vec::new(),
         environment: environment.clone(),
     }
@@ -192,6 +194,7 @@ fn train_model(
         trainer.run_epoch(data, &config.recipe, progress, &mut first_steps)?;
         meta.epochs_done = trainer.history.len();
         meta.adam_steps = trainer.adam.steps();
+        meta.loss_scaler = trainer.scaler.clone();
         meta.history = trainer.history.clone();
         checkpoint::save(&file, trainer, &meta)?;
         report::write_csv(&csv, &trainer.history)?;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
+use crate::amp::{self, Precision};
 use crate::data::{self, Cifar};
 use crate::models::Backbone;
 use crate::optim::{Adam, AdamConfig, LossScaler};
@@ -53,7 +54,8 @@ pub struct Recipe {
     pub image_size: i64,
     pub normalize: Normalize,
     pub seed: u64,
-    /// Mixed precision on CUDA: fp16 autocast with dynamic loss scaling (no effect on the CPU).
+    /// Mixed precision on CUDA: bf16 autocast where supported, else fp16 with dynamic loss scaling
+    /// (no effect on the CPU); see [`crate::amp`].
     #[serde(default)]
     pub amp: bool,
     /// Channels-last (NHWC) memory layout for weights and inputs.
@@ -72,9 +74,9 @@ impl Recipe {
         }
     }
 
-    /// Whether forwards run under fp16 autocast on `device`.
-    fn autocast(&self, device: Device) -> bool {
-        self.amp && device.is_cuda()
+    /// The precision forward passes run in on `device`.
+    pub fn precision(&self, device: Device) -> Precision {
+        Precision::for_run(self.amp, device)
     }
 }
 
@@ -191,8 +193,10 @@ pub struct Trainer {
     pub vs: nn::VarStore,
     pub model: Backbone,
     pub adam: Adam,
-    /// Present when training in fp16 (`--amp` on CUDA).
-    scaler: Option<LossScaler>,
+    /// The precision of forward passes (`--amp`).
+    precision: Precision,
+    /// Present when training in fp16.
+    pub scaler: Option<LossScaler>,
     pub history: Vec<EpochMetrics>,
 }
 
@@ -218,8 +222,28 @@ impl Trainer {
             tch::Cuda::cudnn_set_benchmark(true);
         }
         let adam = Adam::for_var_store(&vs, recipe.adam);
-        let scaler = recipe.autocast(device).then(LossScaler::new);
-        Ok(Trainer { name: name.to_string(), vs, model, adam, scaler, history: Vec::new() })
+        let mut trainer = Trainer {
+            name: name.to_string(),
+            vs,
+            model,
+            adam,
+            precision: Precision::Fp32,
+            scaler: None,
+            history: Vec::new(),
+        };
+        trainer.set_precision(recipe.precision(device));
+        Ok(trainer)
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Trains in `precision` from the next step: [`Recipe::precision`] sets it; tests set bf16
+    /// or fp16 on the CPU to exercise mixed precision without a GPU. fp16 brings a fresh loss scaler.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+        self.scaler = precision.needs_loss_scaling().then(LossScaler::new);
     }
 
     /// One optimisation step on the images at `index` (transform, forward, backward, Adam).
@@ -238,7 +262,7 @@ impl Trainer {
         let xs = recipe.input(images, index);
         let ys = labels.index_select(0, index);
         clock.lap(|t| &mut t.transform_ms);
-        let (logits, loss) = tch::autocast(recipe.autocast(device), || {
+        let (logits, loss) = amp::autocast(device, self.precision, || {
             let logits = self.model.forward_t(&xs, true);
             let loss = logits.cross_entropy_for_logits(&ys);
             (logits, loss)
@@ -377,7 +401,8 @@ impl Trainer {
 /// the model's BatchNorms folded for speed).
 pub fn eval_logits(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &Recipe) -> Tensor {
     let xs = recipe.input(images, index);
-    tch::autocast(recipe.autocast(images.device()), || model.forward_t(&xs, false)).to_kind(Kind::Float)
+    let device = images.device();
+    amp::autocast(device, recipe.precision(device), || model.forward_t(&xs, false)).to_kind(Kind::Float)
 }
 
 /// Test loss, accuracy and confusion matrix over all of `images` (BatchNorm in eval mode).
