@@ -3,13 +3,16 @@
 # for each model and mode, rounds that alternate which of the two runs first; prints the median ms/step of
 # each and the ratio csp-tch / PyTorch in images/s (above 1: csp-tch is faster).
 #   scripts/bench.sh [--models a,b,c] [--modes train,eval] [--image-size 32] [--batch-size 64]
-#                    [--steps 10] [--warmup 3] [--rounds 3] [--device cpu] [--out FILE.jsonl]
+#                    [--steps 10] [--warmup 3] [--rounds 3] [--device cpu] [--amp] [--channels-last]
+#                    [--out FILE.jsonl]
+# --amp and --channels-last go to both sides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models=darknet53,cspdarknet53,cspdarknet53-pad0 modes=train,eval image_size=32 batch_size=64
-steps=10 warmup=3 rounds=3 device=cpu out=""
+steps=10 warmup=3 rounds=3 device=cpu out="" options=()
 while [ $# -gt 0 ]; do
   case "$1" in
+    --amp|--channels-last) options+=("$1"); shift; continue ;;
     --models) models=$2 ;; --modes) modes=$2 ;; --image-size) image_size=$2 ;; --batch-size) batch_size=$2 ;;
     --steps) steps=$2 ;; --warmup) warmup=$2 ;; --rounds) rounds=$2 ;; --device) device=$2 ;; --out) out=$2 ;;
     *) echo "bench.sh: unknown flag $1 (see the header of $0)" >&2; exit 2 ;;
@@ -22,7 +25,7 @@ py=$(sed -n 's/^CSP_TCH_PYTHON = "\(.*\)"$/\1/p' .cargo/config.toml 2>/dev/null 
 py=${py:-python3}
 "$py" -c 'import torch' 2>/dev/null || { echo "bench.sh: $py has no torch; run scripts/setup.sh" >&2; exit 1; }
 lines=$(mktemp); trap 'rm -f "$lines"' EXIT
-common=(--image-size "$image_size" --batch-size "$batch_size" --steps "$steps" --warmup "$warmup" --device "$device" --json)
+common=(--image-size "$image_size" --batch-size "$batch_size" --steps "$steps" --warmup "$warmup" --device "$device" ${options[@]+"${options[@]}"} --json)
 for model in ${models//,/ }; do
   for mode in ${modes//,/ }; do
     for round in $(seq "$rounds"); do
@@ -41,7 +44,9 @@ done
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 first = runs[0]
-print(f"{first['image_size']} px, batch {first['batch_size']}, {first['device']}, {first['threads']} threads, "
+layout = "channels-last" if first.get("channels_last") else "contiguous (NCHW)"
+print(f"{first['image_size']} px, batch {first['batch_size']}, {first['device']}, {first['precision']}, {layout}, "
+      f"{first['threads']} threads, "
       f"median ms/step over {first['steps']} steps after {first['warmup']} warm-up, median of rounds")
 print()
 print("| model | mode | csp-tch ms/step | PyTorch ms/step | csp-tch images/s | PyTorch images/s | ratio csp-tch / PyTorch |")

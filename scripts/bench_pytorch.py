@@ -4,7 +4,9 @@ PyTorch eager, timed the same way as `csp-tch bench` (median ms/step after warm-
 a csp-tch checkpoint gives the same logits here.
 
   bench_pytorch.py bench --model darknet53 [--image-size 32] [--batch-size 64] [--steps 10]
-                         [--warmup 3] [--mode train|eval] [--device cpu] [--json]
+                         [--warmup 3] [--mode train|eval] [--device cpu] [--amp] [--channels-last] [--json]
+      --amp and --channels-last mean what they mean to csp-tch: on CUDA, bf16 autocast where the GPU
+      supports it natively, else fp16 with GradScaler; NHWC weights and inputs.
   bench_pytorch.py equiv --checkpoint CKPT.safetensors --io IO.safetensors
       IO holds `input` (NCHW float) and `logits` computed by csp-tch (eval mode); exits 1 when the
       largest absolute difference of the logits is 1e-4 or more.
@@ -169,8 +171,14 @@ def macs(model, size):
 def bench(args):
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = Backbone(args.model).to(device)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = Backbone(args.model).to(device, memory_format=layout)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    amp_dtype = None
+    if args.amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     bs = args.batch_size
     images = torch.randint(0, 256, (4 * bs, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (4 * bs,), device=device)
@@ -179,14 +187,17 @@ def bench(args):
     for step in range(args.warmup + args.steps):
         index = torch.arange((step % 4) * bs, (step % 4 + 1) * bs, device=device)
         start = time.perf_counter()
+        xs = batch(images, index, args.image_size).contiguous(memory_format=layout)
         if args.mode == "train":
-            loss = F.cross_entropy(model(batch(images, index, args.image_size)), labels.index_select(0, index))
+            with autocast():
+                loss = F.cross_entropy(model(xs).float(), labels.index_select(0, index))
             opt.zero_grad()
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         else:
-            with torch.no_grad():
-                model(batch(images, index, args.image_size))
+            with torch.no_grad(), autocast():
+                model(xs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= args.warmup:
@@ -196,6 +207,8 @@ def bench(args):
     result = {
         "implementation": "pytorch", "torch": torch.__version__, "model": args.model,
         "image_size": args.image_size, "batch_size": bs, "mode": args.mode, "device": args.device,
+        "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32"),
+        "channels_last": args.channels_last,
         "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
         "ms_per_step": ms, "images_per_s": bs / ms * 1e3,
         "gflops": 2 * macs(model, args.image_size) * passes * bs / ms / 1e6, "step_ms": times,
@@ -235,6 +248,8 @@ def main():
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--mode", choices=["train", "eval"], default="train")
     b.add_argument("--device", default="cpu")
+    b.add_argument("--amp", action="store_true")
+    b.add_argument("--channels-last", action="store_true")
     b.add_argument("--json", action="store_true")
     e = sub.add_parser("equiv")
     e.add_argument("--checkpoint", required=True)

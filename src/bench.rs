@@ -41,6 +41,8 @@ pub struct BenchResult {
     pub device: String,
     /// What forward passes ran in (`--amp`).
     pub precision: crate::amp::Precision,
+    /// NHWC weights and inputs (`--channels-last`).
+    pub channels_last: bool,
     pub threads: i32,
     pub steps: usize,
     pub warmup: usize,
@@ -114,6 +116,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchResult> {
         mode: config.mode,
         device: device_label(config.device),
         precision: trainer.precision(),
+        channels_last: recipe.channels_last,
         threads: tch::get_num_threads(),
         steps: config.steps,
         warmup: config.warmup,
