@@ -1,5 +1,7 @@
 //! The PyTorch peer (scripts/bench_pytorch.py) builds the same networks: a csp-tch checkpoint loaded
-//! there gives the same logits (eval mode, fp32, max abs difference under 1e-4). Runs when the Python
+//! there gives the same logits (eval mode, fp32, max abs difference under 1e-4, or 1e-4 of the largest
+//! logit when that exceeds 1: csp-tch computes some layers as smaller, equal convolutions, so the two
+//! agree to fp32 rounding rather than to the bit). Runs when the Python
 //! that scripts/setup.sh installed (CSP_TCH_PYTHON) has torch; says so and skips otherwise.
 
 mod common;
@@ -61,7 +63,8 @@ fn a_checkpoint_gives_the_same_logits_in_pytorch() {
             "{model}: max |logits(csp-tch) - logits(PyTorch)| = {diff:.2e}, max |logits| {:.1}",
             logits.abs().max().double_value(&[])
         );
-        assert!(run.status.success() && diff < 1e-4, "{model}: {result}");
+        let bound = 1e-4 * logits.abs().max().double_value(&[]).max(1.0);
+        assert!(run.status.success() && result["ok"] == true && diff < bound, "{model}: {result}");
         assert!(logits.abs().max().double_value(&[]) > 1e-3, "{model}: trivial logits");
     }
 }
