@@ -194,10 +194,13 @@ pub fn restore(file: &Path, trainer: &mut Trainer) -> Result<Meta> {
     let mut moments = Vec::with_capacity(names.len());
     for ((name, m), v) in names.iter().zip(exp_avg).zip(exp_avg_sq) {
         let key = |moment: &str| format!("adam.{moment}/{name}");
-        moments.push((
-            load_tensor(&tensors, file, &key("exp_avg"), m)?,
-            load_tensor(&tensors, file, &key("exp_avg_sq"), v)?,
-        ));
+        // Copied into tensors laid out like the current ones (channels-last stays channels-last).
+        let load = |moment: &str, like: &Tensor| -> Result<Tensor> {
+            let mut t = like.zeros_like();
+            t.copy_(&load_tensor(&tensors, file, &key(moment), like)?);
+            Ok(t)
+        };
+        moments.push((load("exp_avg", m)?, load("exp_avg_sq", v)?));
     }
     trainer.adam.set_state(moments, meta.adam_steps);
     // A run that trains in fp16 continues the checkpoint's loss scale, when it has one.

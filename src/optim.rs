@@ -89,14 +89,38 @@ impl Adam {
             eps: eps as f32,
             step_size: (lr / (1.0 - beta1.powi(self.steps as i32))) as f32,
         };
-        let fusable = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous();
-        let all_fusable = self.params.iter().chain(&self.exp_avg).chain(&self.exp_avg_sq).all(fusable)
-            && grads.iter().filter(|g| g.defined()).all(fusable);
-        if self.fused_cpu && all_fusable {
-            fused_cpu_step(&self.params, grads, &self.exp_avg, &self.exp_avg_sq, c);
-        } else {
-            self.tensor_step(grads, c);
+        if !self.fused_cpu {
+            return self.tensor_step(grads, c);
         }
+        // The fused loop walks raw memory: a parameter's four buffers must be dense and share one
+        // layout (NCHW-contiguous or channels-last alike). A gradient laid out otherwise (that of a
+        // channels-last kernel cut to its live taps) is copied into the parameter's layout first;
+        // anything else (a GPU) takes the tensor path. An undefined gradient skips a path.
+        let fusable = |p: &Tensor, t: &Tensor| {
+            t.device() == Device::Cpu && t.kind() == Kind::Float && same_order(p, t) && is_dense(t)
+        };
+        let moments = self.exp_avg.iter().zip(&self.exp_avg_sq);
+        let (fused, rest): (Vec<Tensor>, Vec<Tensor>) = self
+            .params
+            .iter()
+            .zip(grads)
+            .zip(moments)
+            .map(|((p, g), (m, v))| {
+                if ![p, m, v].iter().all(|t| fusable(p, t)) || !g.defined() {
+                    (Tensor::new(), g.shallow_clone())
+                } else if fusable(p, g) {
+                    (g.shallow_clone(), Tensor::new())
+                } else if g.device() == Device::Cpu && g.kind() == Kind::Float {
+                    let mut relaid = p.empty_like();
+                    relaid.copy_(g);
+                    (relaid, Tensor::new())
+                } else {
+                    (Tensor::new(), g.shallow_clone())
+                }
+            })
+            .unzip();
+        fused_cpu_step(&self.params, &fused, &self.exp_avg, &self.exp_avg_sq, c);
+        self.tensor_step(&rest, c);
     }
 
     /// The update as tensor operations (any device), in libtorch's order.
@@ -180,6 +204,29 @@ impl Default for LossScaler {
     fn default() -> Self {
         LossScaler::new()
     }
+}
+
+/// Whether `t`'s elements fill its storage span exactly once (contiguous in some order of its
+/// dimensions, e.g. channels-last), so that it can be walked as a flat slice.
+fn is_dense(t: &Tensor) -> bool {
+    let (sizes, strides) = (t.size(), t.stride());
+    let mut dims: Vec<usize> = (0..sizes.len()).filter(|&d| sizes[d] != 1).collect();
+    dims.sort_by_key(|&d| strides[d]);
+    let mut expected = 1;
+    for d in dims {
+        if strides[d] != expected {
+            return false;
+        }
+        expected *= sizes[d];
+    }
+    true
+}
+
+/// Whether `a` and `b` have the same shape and put their elements in the same memory order (strides
+/// of size-1 dimensions do not matter).
+fn same_order(a: &Tensor, b: &Tensor) -> bool {
+    let (sizes, a_strides, b_strides) = (a.size(), a.stride(), b.stride());
+    sizes == b.size() && (0..sizes.len()).all(|d| sizes[d] == 1 || a_strides[d] == b_strides[d])
 }
 
 /// Raw views of one parameter's four buffers.

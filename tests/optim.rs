@@ -90,3 +90,35 @@ fn loss_scaler_unscales_skips_overflows_and_adapts_the_scale() {
     assert!(scaler.unscale(&[Tensor::from_slice(&[1.0f32])]));
     assert_eq!(scaler.scale(), initial / 2.0, "doubles after 2000 clean steps");
 }
+
+#[test]
+fn the_fused_step_handles_channels_last_and_gradients_in_another_layout() {
+    // Two copies of a channels-last parameter set: one updated by the fused loop, one by tensor ops.
+    let (vs_fused, vs_tensor) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    tch::manual_seed(12);
+    for vs in [&vs_fused, &vs_tensor] {
+        for (name, shape) in [("a", [8i64, 4, 3, 3]), ("b", [8, 4, 2, 2])] {
+            let mut var = vs.root().zeros(name, &shape);
+            tch::no_grad(|| {
+                var.set_data(&csp_tch::transform::to_channels_last(&Tensor::ones(shape, tch::kind::FLOAT_CPU)))
+            });
+        }
+    }
+    let mut fused = Adam::for_var_store(&vs_fused, AdamConfig::default());
+    let mut tensor = Adam::for_var_store(&vs_tensor, AdamConfig::default());
+    tensor.fused_cpu = false;
+    for _ in 0..5 {
+        // "a" gets a channels-last gradient (its own layout), "b" a contiguous one.
+        let a = csp_tch::transform::to_channels_last(&Tensor::randn([8, 4, 3, 3], tch::kind::FLOAT_CPU));
+        let b = Tensor::randn([8, 4, 2, 2], tch::kind::FLOAT_CPU);
+        fused.step(&[a.shallow_clone(), b.shallow_clone()]);
+        tensor.step(&[a, b]);
+    }
+    for (name, p) in vs_fused.variables() {
+        let q = &vs_tensor.variables()[&name];
+        assert!(p.allclose(q, 1e-6, 1e-7, false), "{name}: fused and tensor updates differ");
+        assert!(!p.equal(&Tensor::ones_like(&p)), "{name} was not updated");
+    }
+    let a = &vs_fused.variables()["a"];
+    assert_eq!(a.stride(), vec![36, 1, 12, 4], "still channels-last");
+}
