@@ -19,7 +19,7 @@ fn main() {
                     normalize: Normalize::Tutorial,
                     seed: 0,
                     amp: false,
-                    channels_last: false,
+                    memory_format: Default::default(),
                 },
                 steps: 5,
                 warmup: 2,

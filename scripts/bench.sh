@@ -5,7 +5,8 @@
 #   scripts/bench.sh [--models a,b,c] [--modes train,eval] [--image-size 32] [--batch-size 64]
 #                    [--steps 10] [--warmup 3] [--rounds 3] [--device cpu] [--amp] [--channels-last]
 #                    [--out FILE.jsonl]
-# --amp and --channels-last go to both sides.
+# --amp and --channels-last go to both sides. Without --channels-last, csp-tch runs its default layout
+# (--memory-format auto) and PyTorch its own (NCHW); the table says which each used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models=darknet53,cspdarknet53,cspdarknet53-pad0 modes=train,eval image_size=32 batch_size=64
@@ -44,18 +45,20 @@ done
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 first = runs[0]
-layout = "channels-last" if first.get("channels_last") else "contiguous (NCHW)"
-print(f"{first['image_size']} px, batch {first['batch_size']}, {first['device']}, {first['precision']}, {layout}, "
+print(f"{first['image_size']} px, batch {first['batch_size']}, {first['device']}, {first['precision']}, "
       f"{first['threads']} threads, "
       f"median ms/step over {first['steps']} steps after {first['warmup']} warm-up, median of rounds")
 print()
-print("| model | mode | csp-tch ms/step | PyTorch ms/step | csp-tch images/s | PyTorch images/s | ratio csp-tch / PyTorch |")
-print("|---|---|---:|---:|---:|---:|---:|")
+print("| model | mode | layout csp-tch / PyTorch | csp-tch ms/step | PyTorch ms/step | csp-tch images/s | PyTorch images/s | ratio csp-tch / PyTorch |")
+print("|---|---|---|---:|---:|---:|---:|---:|")
 keys = sorted({(r["model"], r["mode"]) for r in runs}, key=lambda k: (["darknet53", "cspdarknet53", "cspdarknet53-pad0"].index(k[0]) if k[0] in ["darknet53", "cspdarknet53", "cspdarknet53-pad0"] else 9, k[1] != "train"))
 for model, mode in keys:
     ms = {impl: statistics.median(r["ms_per_step"] for r in runs if (r["model"], r["mode"], r["implementation"]) == (model, mode, impl))
           for impl in ("csp-tch", "pytorch")}
+    layout = {impl: "/".join(sorted({"NHWC" if r["channels_last"] else "NCHW" for r in runs
+                                       if (r["model"], r["mode"], r["implementation"]) == (model, mode, impl)}))
+              for impl in ("csp-tch", "pytorch")}
     bs = first["batch_size"]
-    print(f"| {model} | {mode} | {ms['csp-tch']:.1f} | {ms['pytorch']:.1f} | {bs / ms['csp-tch'] * 1e3:.1f} | "
+    print(f"| {model} | {mode} | {layout['csp-tch']} / {layout['pytorch']} | {ms['csp-tch']:.1f} | {ms['pytorch']:.1f} | {bs / ms['csp-tch'] * 1e3:.1f} | "
           f"{bs / ms['pytorch'] * 1e3:.1f} | {ms['pytorch'] / ms['csp-tch']:.2f}x |")
 PY

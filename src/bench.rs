@@ -41,7 +41,7 @@ pub struct BenchResult {
     pub device: String,
     /// What forward passes ran in (`--amp`).
     pub precision: crate::amp::Precision,
-    /// NHWC weights and inputs (`--channels-last`).
+    /// NHWC weights and inputs (`--memory-format`, resolved).
     pub channels_last: bool,
     pub threads: i32,
     pub steps: usize,
@@ -116,7 +116,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchResult> {
         mode: config.mode,
         device: device_label(config.device),
         precision: trainer.precision(),
-        channels_last: recipe.channels_last,
+        channels_last: trainer.model.is_channels_last(),
         threads: tch::get_num_threads(),
         steps: config.steps,
         warmup: config.warmup,

@@ -12,7 +12,7 @@ use crate::models;
 use crate::optim::AdamConfig;
 use crate::report::{si, thousands};
 use crate::run::{self, Preset, RunConfig};
-use crate::train::Recipe;
+use crate::train::{MemoryFormat, Recipe};
 use crate::transform::Normalize;
 
 #[derive(Parser, Debug)]
@@ -113,9 +113,23 @@ struct AccelerationArgs {
     /// with dynamic loss scaling; fp32 weights and optimizer state. No effect on the CPU.
     #[arg(long)]
     amp: bool,
-    /// Channels-last (NHWC) layout for weights and inputs.
-    #[arg(long)]
+    /// Memory layout of weights and activations: `auto` is channels-last for a model whose feature maps
+    /// are all at least 4 px at this input size, contiguous (NCHW) otherwise.
+    #[arg(long, value_enum, default_value_t = MemoryFormat::Auto)]
+    memory_format: MemoryFormat,
+    /// Same as `--memory-format channels-last`.
+    #[arg(long, conflicts_with = "memory_format")]
     channels_last: bool,
+}
+
+impl AccelerationArgs {
+    fn memory_format(&self) -> MemoryFormat {
+        if self.channels_last {
+            MemoryFormat::ChannelsLast
+        } else {
+            self.memory_format
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -178,7 +192,7 @@ impl RecipeArgs {
                 normalize: self.normalize,
                 seed: self.seed,
                 amp: self.acceleration.amp,
-                channels_last: self.acceleration.channels_last,
+                memory_format: self.acceleration.memory_format(),
             },
             classes: data::CLASSES,
             data_dir: self.source.data_dir.clone(),
@@ -466,7 +480,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             normalize: Normalize::Tutorial,
             seed: 0,
             amp: args.acceleration.amp,
-            channels_last: args.acceleration.channels_last,
+            memory_format: args.acceleration.memory_format(),
         },
         steps: args.steps as usize,
         warmup: args.warmup as usize,

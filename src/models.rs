@@ -488,6 +488,12 @@ impl Backbone {
         &self.stem
     }
 
+    /// Whether the weights are laid out channels-last (NHWC); inputs are then converted to match.
+    pub fn is_channels_last(&self) -> bool {
+        // The stem's weight is [32, 3, 3, 3]: its channel stride is 1 exactly when NHWC.
+        self.stem.conv.ws.stride()[1] == 1
+    }
+
     /// Every ConvBNLayer in forward order.
     pub fn layers(&self) -> Vec<&ConvBnLayer> {
         std::iter::once(&self.stem).chain(self.stages.iter().flat_map(|s| s.layers())).collect()
@@ -524,6 +530,8 @@ impl Backbone {
             macs: x.c * self.classes,
         });
         let bn_channels: i64 = self.layers().iter().map(|l| l.spec.cout).sum();
+        let conv_rows = &rows[..rows.len() - 2];
+        let smallest_map = conv_rows.iter().flat_map(|r| [r.output_shape[1], r.output_shape[2]]).min().unwrap_or(0);
         let trainable_params = rows.iter().map(|r| r.params).sum::<i64>();
         Summary {
             model: self.info.name,
@@ -534,6 +542,7 @@ impl Backbone {
             paddle_style_params: trainable_params + 2 * bn_channels,
             macs: rows.iter().map(|r| r.macs).sum(),
             stage_outputs,
+            smallest_map,
             layers: rows,
         }
     }
@@ -563,5 +572,8 @@ pub struct Summary {
     pub macs: i64,
     #[serde(skip)]
     pub stage_outputs: Vec<Shape>,
+    /// Side of the smallest feature map any convolution writes (e.g. 1 for DarkNet53 at 32 px).
+    #[serde(skip)]
+    pub smallest_map: i64,
     pub layers: Vec<LayerRow>,
 }

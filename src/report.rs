@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::environment::Environment;
 use crate::models;
 use crate::run::RunConfig;
-use crate::train::EpochMetrics;
+use crate::train::{EpochMetrics, MemoryFormat};
 
 /// `40595178` -> `40,595,178`.
 pub fn thousands(n: i64) -> String {
@@ -99,6 +99,9 @@ pub struct ModelReport {
     pub paddle_style_params: i64,
     /// MACs per image at the run's image size (convolutions and head).
     pub macs: i64,
+    /// The layout it trained in: "contiguous" or "channels-last" (`--memory-format`, resolved).
+    #[serde(default)]
+    pub memory_format: String,
     pub epochs: Vec<EpochMetrics>,
     pub final_eval_acc: Option<f64>,
     pub best_eval_acc: Option<f64>,
@@ -131,6 +134,10 @@ impl ModelReport {
             trainable_params: summary.trainable_params,
             paddle_style_params: summary.paddle_style_params,
             macs: summary.macs,
+            memory_format: MemoryFormat::label(
+                config.recipe.memory_format.channels_last(name, config.recipe.image_size)?,
+            )
+            .into(),
             final_eval_acc: epochs.last().map(|e| e.eval_acc),
             best_eval_acc: epochs.iter().map(|e| e.eval_acc).reduce(f64::max),
             total_train_seconds: epochs.iter().map(|e| e.epoch_seconds).sum(),
@@ -296,15 +303,16 @@ fn opt(value: Option<f64>, digits: usize) -> String {
 /// The models table, failures and the comparison with the baseline, as Markdown.
 pub fn models_markdown(report: &Value) -> String {
     let mut md = String::new();
-    md += "## Models\n\n| model | status | trainable params | Paddle-style params | MACs/image | final eval acc | best eval acc | train ms/step | eval ms/step | total s |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    md += "## Models\n\n| model | status | trainable params | Paddle-style params | MACs/image | layout | final eval acc | best eval acc | train ms/step | eval ms/step | total s |\n|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|\n";
     let models = report["models"].as_object().cloned().unwrap_or_default();
     for (name, m) in &models {
         md += &format!(
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} |\n",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} |\n",
             m["status"].as_str().unwrap_or("?"),
             thousands(m["trainable_params"].as_i64().unwrap_or(0)),
             thousands(m["paddle_style_params"].as_i64().unwrap_or(0)),
             si(m["macs"].as_f64().unwrap_or(0.0)),
+            m["memory_format"].as_str().filter(|s| !s.is_empty()).unwrap_or("?"),
             opt(m["final_eval_acc"].as_f64(), 4),
             opt(m["best_eval_acc"].as_f64(), 4),
             opt(m["mean_train_ms_per_step"].as_f64(), 1),

@@ -70,7 +70,7 @@ impl RunConfig {
             seed: self.recipe.seed,
             // Execution details, not part of the recipe.
             amp: self.recipe.amp,
-            channels_last: self.recipe.channels_last,
+            memory_format: self.recipe.memory_format,
         };
         self.recipe == tutorial && self.train_limit.is_none() && self.test_limit.is_none()
     }

@@ -5,7 +5,7 @@
 use csp_tch::amp::{self, Precision};
 use csp_tch::checkpoint::{self, Meta};
 use csp_tch::run::{Preset, RunConfig};
-use csp_tch::train::{Recipe, Trainer};
+use csp_tch::train::{MemoryFormat, Recipe, Trainer};
 use csp_tch::transform::Normalize;
 use tch::{Device, Kind, Tensor};
 
@@ -21,7 +21,7 @@ fn recipe() -> Recipe {
         normalize: Normalize::Unit,
         seed: 3,
         amp: true,
-        channels_last: false,
+        memory_format: MemoryFormat::Contiguous,
     }
 }
 

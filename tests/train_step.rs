@@ -1,11 +1,11 @@
-//! Execution options of a train step: --amp leaves CPU runs unaffected, --channels-last changes the
-//! layout and not the result.
+//! Execution options of a train step: --amp leaves CPU runs unaffected, --memory-format changes the
+//! layout and not the result, and `auto` picks channels-last only where every feature map is 4 px or more.
 
-use csp_tch::train::{Recipe, Trainer};
+use csp_tch::train::{MemoryFormat, Recipe, Trainer};
 use csp_tch::transform::Normalize;
 use tch::{Device, Kind, Tensor};
 
-fn recipe(amp: bool, channels_last: bool) -> Recipe {
+fn recipe(amp: bool, memory_format: MemoryFormat) -> Recipe {
     Recipe {
         epochs: 1,
         batch_size: 8,
@@ -14,7 +14,7 @@ fn recipe(amp: bool, channels_last: bool) -> Recipe {
         normalize: Normalize::Unit,
         seed: 2,
         amp,
-        channels_last,
+        memory_format,
     }
 }
 
@@ -36,13 +36,13 @@ fn losses(recipe: &Recipe) -> (Vec<f64>, Trainer) {
 
 #[test]
 fn amp_has_no_effect_on_the_cpu() {
-    assert_eq!(losses(&recipe(true, false)).0, losses(&recipe(false, false)).0);
+    assert_eq!(losses(&recipe(true, MemoryFormat::Contiguous)).0, losses(&recipe(false, MemoryFormat::Contiguous)).0);
 }
 
 #[test]
 fn channels_last_changes_the_layout_not_the_result() {
-    let (plain, _) = losses(&recipe(false, false));
-    let (nhwc, trainer) = losses(&recipe(false, true));
+    let (plain, _) = losses(&recipe(false, MemoryFormat::Contiguous));
+    let (nhwc, trainer) = losses(&recipe(false, MemoryFormat::ChannelsLast));
     let weight = &trainer.vs.variables()["stage.2.3.1.conv.weight"];
     let [_, c, h, w] = weight.size()[..] else { panic!() };
     assert_eq!(weight.stride(), vec![h * w * c, 1, w * c, c], "NHWC strides");
@@ -50,4 +50,29 @@ fn channels_last_changes_the_layout_not_the_result() {
     // apart, as any two convolution algorithms do once Adam amplifies sign flips of tiny gradients.)
     assert!((plain[0] - nhwc[0]).abs() <= 1e-4 * plain[0], "{plain:?} vs {nhwc:?}");
     assert!(nhwc.iter().all(|l| l.is_finite()) && nhwc[2] < nhwc[0], "it trains: {nhwc:?}");
+}
+
+#[test]
+fn auto_picks_channels_last_where_every_map_is_at_least_4_px() {
+    // Building models draws from the global generator that the other tests seed.
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    // (model, input size, smallest feature map): 1x1 and 2x2 maps stay NCHW.
+    for (model, size, smallest) in [
+        ("darknet53", 32, 1),
+        ("cspdarknet53-pad0", 32, 1),
+        ("cspdarknet53", 32, 5),
+        ("darknet53", 64, 2),
+        ("darknet53", 128, 4),
+        ("darknet53", 224, 7),
+        ("cspdarknet53-pad0", 224, 7),
+    ] {
+        let summary = csp_tch::models::summary(csp_tch::models::model_info(model).unwrap(), 10, size);
+        assert_eq!(summary.smallest_map, smallest, "{model} at {size} px");
+        let auto = MemoryFormat::Auto.channels_last(model, size).unwrap();
+        assert_eq!(auto, smallest >= MemoryFormat::CHANNELS_LAST_MIN_MAP, "{model} at {size} px");
+        assert!(!MemoryFormat::Contiguous.channels_last(model, size).unwrap());
+        assert!(MemoryFormat::ChannelsLast.channels_last(model, size).unwrap());
+    }
+    let trainer = Trainer::new("cspdarknet53", 10, &recipe(false, MemoryFormat::Auto), Device::Cpu).unwrap();
+    assert!(trainer.model.is_channels_last(), "cspdarknet53 at 32 px trains channels-last under auto");
 }
