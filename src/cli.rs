@@ -383,7 +383,14 @@ fn env() -> Result<()> {
         None => println!("cuDNN     not available"),
     }
     println!("CPU       {} ({} threads)", e.cpu, e.cpu_threads);
-    println!("default device: {}", device_label(parse_device("auto")?));
+    let device = parse_device("auto")?;
+    println!("default device: {}", device_label(device));
+    let amp = match crate::amp::Precision::for_run(true, device) {
+        crate::amp::Precision::Bf16 => "bf16 autocast",
+        crate::amp::Precision::Fp16 => "fp16 autocast with loss scaling (no native bf16 on this GPU)",
+        crate::amp::Precision::Fp32 => "no effect (fp32 on the CPU)",
+    };
+    println!("--amp there: {amp}");
     Ok(())
 }
 
