@@ -92,31 +92,17 @@ impl Adam {
         if !self.fused_cpu {
             return self.tensor_step(grads, c);
         }
-        // The fused loop walks raw memory: a parameter's four buffers must be dense and share one
-        // layout (NCHW-contiguous or channels-last alike). A gradient laid out otherwise (that of a
-        // channels-last kernel cut to its live taps) is copied into the parameter's layout first;
-        // anything else (a GPU) takes the tensor path. An undefined gradient skips a path.
-        let fusable = |p: &Tensor, t: &Tensor| {
-            t.device() == Device::Cpu && t.kind() == Kind::Float && same_order(p, t) && is_dense(t)
-        };
+        // Each parameter goes to the fused loop or, when it cannot (see `fused_gradient`), to the
+        // tensor path; an undefined gradient skips a path.
         let moments = self.exp_avg.iter().zip(&self.exp_avg_sq);
         let (fused, rest): (Vec<Tensor>, Vec<Tensor>) = self
             .params
             .iter()
             .zip(grads)
             .zip(moments)
-            .map(|((p, g), (m, v))| {
-                if ![p, m, v].iter().all(|t| fusable(p, t)) || !g.defined() {
-                    (Tensor::new(), g.shallow_clone())
-                } else if fusable(p, g) {
-                    (g.shallow_clone(), Tensor::new())
-                } else if g.device() == Device::Cpu && g.kind() == Kind::Float {
-                    let mut relaid = p.empty_like();
-                    relaid.copy_(g);
-                    (relaid, Tensor::new())
-                } else {
-                    (Tensor::new(), g.shallow_clone())
-                }
+            .map(|((p, g), (m, v))| match fused_gradient(p, g, m, v) {
+                Some(g) => (g, Tensor::new()),
+                None => (Tensor::new(), g.shallow_clone()),
             })
             .unzip();
         fused_cpu_step(&self.params, &fused, &self.exp_avg, &self.exp_avg_sq, c);
@@ -204,6 +190,24 @@ impl Default for LossScaler {
     fn default() -> Self {
         LossScaler::new()
     }
+}
+
+/// The gradient `g` of `p` as the fused loop takes it, or `None` when the loop cannot update `p`.
+/// The loop walks raw memory, so a parameter's four buffers must be CPU fp32, dense and in one
+/// layout (NCHW-contiguous or channels-last alike). A gradient laid out otherwise (that of a
+/// channels-last kernel cut to its live taps) is copied into the parameter's layout.
+fn fused_gradient(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> Option<Tensor> {
+    let cpu_fp32 = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float;
+    let fusable = |t: &Tensor| cpu_fp32(t) && same_order(p, t) && is_dense(t);
+    if !(g.defined() && cpu_fp32(g) && [p, m, v].into_iter().all(fusable)) {
+        return None;
+    }
+    if fusable(g) {
+        return Some(g.shallow_clone());
+    }
+    let mut relaid = p.empty_like();
+    relaid.copy_(g);
+    Some(relaid)
 }
 
 /// Whether `t`'s elements fill its storage span exactly once (contiguous in some order of its
