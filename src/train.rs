@@ -83,16 +83,16 @@ impl MemoryFormat {
     /// Smallest feature map for which `auto` picks channels-last.
     pub const CHANNELS_LAST_MIN_MAP: i64 = 4;
 
-    /// Whether `model` at `image_size` runs channels-last.
-    pub fn channels_last(self, model: &str, image_size: i64) -> Result<bool> {
-        Ok(match self {
+    /// Whether a model runs channels-last; `smallest_map` gives its [`Summary::smallest_map`] at the
+    /// run's input size, and is asked only by `auto`.
+    ///
+    /// [`Summary::smallest_map`]: crate::models::Summary::smallest_map
+    pub fn channels_last(self, smallest_map: impl FnOnce() -> i64) -> bool {
+        match self {
             MemoryFormat::Contiguous => false,
             MemoryFormat::ChannelsLast => true,
-            MemoryFormat::Auto => {
-                let summary = crate::models::summary(crate::models::model_info(model)?, data::CLASSES, image_size);
-                summary.smallest_map >= Self::CHANNELS_LAST_MIN_MAP
-            }
-        })
+            MemoryFormat::Auto => smallest_map() >= Self::CHANNELS_LAST_MIN_MAP,
+        }
     }
 
     pub fn label(channels_last: bool) -> &'static str {
@@ -244,11 +244,13 @@ pub struct Trainer {
 impl Trainer {
     /// A freshly initialised model (seeded by the recipe) with its optimizer.
     pub fn new(name: &str, classes: i64, recipe: &Recipe, device: Device) -> Result<Trainer> {
-        // Before seeding: deciding the layout builds a throwaway model, which draws random numbers.
-        let channels_last = recipe.memory_format.channels_last(name, recipe.image_size)?;
-        tch::manual_seed(recipe.seed as i64);
         let info = crate::models::model_info(name)?;
         info.check_image_size(recipe.image_size)?;
+        // Before seeding: `auto` describes a throwaway model, which draws random numbers.
+        let channels_last = recipe
+            .memory_format
+            .channels_last(|| crate::models::summary(info, classes, recipe.image_size).smallest_map);
+        tch::manual_seed(recipe.seed as i64);
         let vs = nn::VarStore::new(device);
         let model = crate::models::build(&vs.root(), info, classes);
         if channels_last {

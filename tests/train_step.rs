@@ -68,10 +68,10 @@ fn auto_picks_channels_last_where_every_map_is_at_least_4_px() {
     ] {
         let summary = csp_tch::models::summary(csp_tch::models::model_info(model).unwrap(), 10, size);
         assert_eq!(summary.smallest_map, smallest, "{model} at {size} px");
-        let auto = MemoryFormat::Auto.channels_last(model, size).unwrap();
+        let auto = MemoryFormat::Auto.channels_last(|| summary.smallest_map);
         assert_eq!(auto, smallest >= MemoryFormat::CHANNELS_LAST_MIN_MAP, "{model} at {size} px");
-        assert!(!MemoryFormat::Contiguous.channels_last(model, size).unwrap());
-        assert!(MemoryFormat::ChannelsLast.channels_last(model, size).unwrap());
+        assert!(!MemoryFormat::Contiguous.channels_last(|| summary.smallest_map));
+        assert!(MemoryFormat::ChannelsLast.channels_last(|| summary.smallest_map));
     }
     let trainer = Trainer::new("cspdarknet53", 10, &recipe(false, MemoryFormat::Auto), Device::Cpu).unwrap();
     assert!(trainer.model.is_channels_last(), "cspdarknet53 at 32 px trains channels-last under auto");
