@@ -2,27 +2,16 @@
 //! same way they drive CUDA's, so bf16 and fp16 training (and the fp16 loss scaler's checkpoint)
 //! are exercised here on the CPU.
 
+mod common;
+
 use csp_tch::amp::{self, Precision};
 use csp_tch::checkpoint::{self, Meta};
 use csp_tch::run::{Preset, RunConfig};
 use csp_tch::train::{MemoryFormat, Recipe, Trainer};
-use csp_tch::transform::Normalize;
 use tch::{Device, Kind, Tensor};
 
-/// libtorch's random generator is global: tests of this file take turns with it.
-static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn recipe() -> Recipe {
-    Recipe {
-        epochs: 1,
-        batch_size: 8,
-        adam: Default::default(),
-        image_size: 32,
-        normalize: Normalize::Unit,
-        seed: 3,
-        amp: true,
-        memory_format: MemoryFormat::Contiguous,
-    }
+    common::tiny_recipe(3, true, MemoryFormat::Contiguous)
 }
 
 #[test]
@@ -55,17 +44,11 @@ fn amp_means_fp32_on_the_cpu() {
 const STEPS: usize = 8;
 
 fn train(precision: Precision) -> (Vec<f64>, Trainer) {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = common::rng_turn();
     let recipe = recipe();
     let mut trainer = Trainer::new("cspdarknet53-pad0", 10, &recipe, Device::Cpu).unwrap();
     trainer.set_precision(precision);
-    tch::manual_seed(11);
-    let images = Tensor::randint(256, [8, 3, 32, 32], (Kind::Uint8, Device::Cpu));
-    let labels = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
-    let index = Tensor::arange(8, (Kind::Int64, Device::Cpu));
-    let losses =
-        (0..STEPS).map(|_| trainer.train_step(&images, &labels, &index, &recipe, None).0.double_value(&[])).collect();
-    (losses, trainer)
+    (common::train_on_one_batch(&mut trainer, &recipe, STEPS, 11), trainer)
 }
 
 #[test]

@@ -1,37 +1,20 @@
 //! Execution options of a train step: --amp leaves CPU runs unaffected, --memory-format changes the
 //! layout and not the result, and `auto` picks channels-last only where every feature map is 4 px or more.
 
+mod common;
+
 use csp_tch::train::{MemoryFormat, Recipe, Trainer};
-use csp_tch::transform::Normalize;
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
 fn recipe(amp: bool, memory_format: MemoryFormat) -> Recipe {
-    Recipe {
-        epochs: 1,
-        batch_size: 8,
-        adam: Default::default(),
-        image_size: 32,
-        normalize: Normalize::Unit,
-        seed: 2,
-        amp,
-        memory_format,
-    }
+    common::tiny_recipe(2, amp, memory_format)
 }
-
-/// libtorch's random generator is global: tests of this file take turns with it.
-static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The losses of three train steps of cspdarknet53-pad0 on fixed data.
 fn losses(recipe: &Recipe) -> (Vec<f64>, Trainer) {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = common::rng_turn();
     let mut trainer = Trainer::new("cspdarknet53-pad0", 10, recipe, Device::Cpu).unwrap();
-    tch::manual_seed(9);
-    let images = Tensor::randint(256, [8, 3, 32, 32], (Kind::Uint8, Device::Cpu));
-    let labels = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
-    let index = Tensor::arange(8, (Kind::Int64, Device::Cpu));
-    let losses =
-        (0..3).map(|_| trainer.train_step(&images, &labels, &index, recipe, None).0.double_value(&[])).collect();
-    (losses, trainer)
+    (common::train_on_one_batch(&mut trainer, recipe, 3, 9), trainer)
 }
 
 #[test]
@@ -55,7 +38,7 @@ fn channels_last_changes_the_layout_not_the_result() {
 #[test]
 fn auto_picks_channels_last_where_every_map_is_at_least_4_px() {
     // Building models draws from the global generator that the other tests seed.
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _rng = common::rng_turn();
     // (model, input size, smallest feature map): 1x1 and 2x2 maps stay NCHW.
     for (model, size, smallest) in [
         ("darknet53", 32, 1),

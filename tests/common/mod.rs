@@ -1,8 +1,12 @@
 //! Helpers shared by the integration tests: run the binary, make small synthetic data.
 #![allow(dead_code)]
 
+use csp_tch::train::{MemoryFormat, Recipe, Trainer};
+use csp_tch::transform::Normalize;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+use tch::{Device, Kind, Tensor};
 
 pub fn csp_tch(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_csp-tch")).args(args).output().expect("run csp-tch")
@@ -28,4 +32,36 @@ pub fn s(p: &Path) -> &str {
 
 pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// libtorch's random generator is global: the tests of one binary that seed it take turns.
+static RNG: Mutex<()> = Mutex::new(());
+
+/// This test's turn with the generator (a test that panicked holding it does not block the rest).
+pub fn rng_turn() -> MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One small CPU batch's recipe: batch 8 at 32 px, inputs in [-1, 1].
+pub fn tiny_recipe(seed: u64, amp: bool, memory_format: MemoryFormat) -> Recipe {
+    Recipe {
+        epochs: 1,
+        batch_size: 8,
+        adam: Default::default(),
+        image_size: 32,
+        normalize: Normalize::Unit,
+        seed,
+        amp,
+        memory_format,
+    }
+}
+
+/// The losses of `steps` train steps of `trainer` on one batch of 8 random images, drawn after
+/// seeding the generator with `data_seed` (hold [`rng_turn`]).
+pub fn train_on_one_batch(trainer: &mut Trainer, recipe: &Recipe, steps: usize, data_seed: i64) -> Vec<f64> {
+    tch::manual_seed(data_seed);
+    let images = Tensor::randint(256, [8, 3, 32, 32], (Kind::Uint8, Device::Cpu));
+    let labels = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
+    let index = Tensor::arange(8, (Kind::Int64, Device::Cpu));
+    (0..steps).map(|_| trainer.train_step(&images, &labels, &index, recipe, None).0.double_value(&[])).collect()
 }
