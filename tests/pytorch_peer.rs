@@ -26,23 +26,7 @@ fn a_checkpoint_gives_the_same_logits_in_pytorch() {
     let data = common::synth(tmp.path());
     let out = tmp.path().join("out");
     // One short epoch, so that the BatchNorm statistics are no longer their initial values.
-    csp_tch_ok(&[
-        "run-all",
-        "--data-dir",
-        s(&data),
-        "--out",
-        s(&out),
-        "--device",
-        "cpu",
-        "--image-size",
-        "32",
-        "--epochs",
-        "1",
-        "--train-limit",
-        "128",
-        "--test-limit",
-        "100",
-    ]);
+    csp_tch_ok(&common::small_run(&["run-all"], &data, &out, ["1", "128", "100"]));
     for model in csp_tch::models::model_names() {
         let ckpt = out.join(format!("checkpoints/{model}.safetensors"));
         let (_meta, _vs, net) = csp_tch::checkpoint::load_model(&ckpt, Device::Cpu).unwrap();

@@ -10,27 +10,10 @@ fn eval_report_and_curves_agree_with_the_training_run() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::synth(tmp.path());
     let out = tmp.path().join("out");
-    csp_tch_ok(&[
-        "run-all",
-        "--models",
-        "darknet53,cspdarknet53-pad0",
-        "--data-dir",
-        s(&data),
-        "--out",
-        s(&out),
-        "--device",
-        "cpu",
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--train-limit",
-        "640",
-        "--test-limit",
-        "200",
-        "--normalize",
-        "unit",
-    ]);
+    let mut args =
+        common::small_run(&["run-all", "--models", "darknet53,cspdarknet53-pad0"], &data, &out, ["2", "640", "200"]);
+    args.extend(["--normalize", "unit"]);
+    csp_tch_ok(&args);
     let original = read_json(&out.join("comparison.json"));
 
     // eval reproduces the run's final eval accuracy and loss on the same test subset.

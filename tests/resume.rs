@@ -2,33 +2,15 @@
 
 mod common;
 
-use common::{csp_tch, csp_tch_ok, s};
+use common::{csp_tch, csp_tch_ok};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut a = vec![
-        "run-all",
-        "--models",
-        "cspdarknet53-pad0,darknet53",
-        "--data-dir",
-        data,
-        "--out",
-        out,
-        "--device",
-        "cpu",
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--train-limit",
-        "640",
-        "--test-limit",
-        "200",
-        "--seed",
-        "5",
-    ];
+fn args<'a>(data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a =
+        common::small_run(&["run-all", "--models", "cspdarknet53-pad0,darknet53"], data, out, ["2", "640", "200"]);
+    a.extend(["--seed", "5"]);
     a.extend_from_slice(extra);
     a
 }
@@ -73,9 +55,9 @@ fn sigkill_mid_epoch_then_resume_ends_exactly_where_an_uninterrupted_run_does() 
     let tmp = tempfile::tempdir().unwrap();
     let data = common::synth(tmp.path());
     let (straight, killed) = (tmp.path().join("straight"), tmp.path().join("killed"));
-    csp_tch_ok(&args(s(&data), s(&straight), &[]));
+    csp_tch_ok(&args(&data, &straight, &[]));
 
-    let mut child = spawn(&args(s(&data), s(&killed), &[]));
+    let mut child = spawn(&args(&data, &killed, &[]));
     // Epoch 1 of the first model is checkpointed; kill during its epoch 2.
     wait_for(&killed.join("cspdarknet53-pad0.csv"));
     std::thread::sleep(Duration::from_millis(700));
@@ -84,7 +66,7 @@ fn sigkill_mid_epoch_then_resume_ends_exactly_where_an_uninterrupted_run_does() 
     assert_eq!(metrics(&killed, "cspdarknet53-pad0").len(), 2, "killed after one epoch (header + 1 row)");
     assert!(!killed.join("darknet53.csv").exists());
 
-    let resumed = csp_tch_ok(&args(s(&data), s(&killed), &["--resume"]));
+    let resumed = csp_tch_ok(&args(&data, &killed, &["--resume"]));
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("cspdarknet53-pad0: resuming after epoch 1"));
     for model in ["cspdarknet53-pad0", "darknet53"] {
         assert_eq!(metrics(&killed, model), metrics(&straight, model), "{model}: per-epoch metrics");
@@ -92,7 +74,7 @@ fn sigkill_mid_epoch_then_resume_ends_exactly_where_an_uninterrupted_run_does() 
     }
 
     // Resuming a finished run trains nothing and keeps the results.
-    let again = csp_tch_ok(&args(s(&data), s(&killed), &["--resume"]));
+    let again = csp_tch_ok(&args(&data, &killed, &["--resume"]));
     let log = String::from_utf8_lossy(&again.stderr);
     assert!(log.contains("resuming after epoch 2") && !log.contains("epoch 2/2:"), "{log}");
     assert_eq!(metrics(&killed, "darknet53"), metrics(&straight, "darknet53"));
@@ -103,7 +85,7 @@ fn ctrl_c_keeps_the_checkpoint_and_prints_the_resume_command() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::synth(tmp.path());
     let out = tmp.path().join("out");
-    let child = spawn(&args(s(&data), s(&out), &[]));
+    let child = spawn(&args(&data, &out, &[]));
     wait_for(&out.join("cspdarknet53-pad0.csv"));
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
@@ -113,7 +95,7 @@ fn ctrl_c_keeps_the_checkpoint_and_prints_the_resume_command() {
     assert_eq!(done.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("resume with:") && stderr.contains("--resume"), "{stderr}");
     assert!(checkpoint(&out, "cspdarknet53-pad0").exists());
-    let resumed = csp_tch_ok(&args(s(&data), s(&out), &["--resume"]));
+    let resumed = csp_tch_ok(&args(&data, &out, &["--resume"]));
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming after epoch"));
     assert_eq!(metrics(&out, "darknet53").len(), 3);
 }
@@ -124,25 +106,7 @@ fn mismatched_and_corrupt_checkpoints_are_refused_clearly() {
     let data = common::synth(tmp.path());
     let out = tmp.path().join("out");
     let one = |extra: &[&str]| {
-        let mut a = vec![
-            "train",
-            "--model",
-            "cspdarknet53-pad0",
-            "--data-dir",
-            s(&data),
-            "--out",
-            s(&out),
-            "--device",
-            "cpu",
-            "--image-size",
-            "32",
-            "--epochs",
-            "1",
-            "--train-limit",
-            "200",
-            "--test-limit",
-            "100",
-        ];
+        let mut a = common::small_run(&["train", "--model", "cspdarknet53-pad0"], &data, &out, ["1", "200", "100"]);
         a.extend_from_slice(extra);
         csp_tch(&a)
     };
@@ -156,26 +120,8 @@ fn mismatched_and_corrupt_checkpoints_are_refused_clearly() {
 
     // Another model's checkpoint under this model's name.
     let file = checkpoint(&out, "cspdarknet53-pad0");
-    let mut a = vec![
-        "train",
-        "--model",
-        "darknet53",
-        "--data-dir",
-        s(&data),
-        "--out",
-        s(&out),
-        "--device",
-        "cpu",
-        "--image-size",
-        "32",
-        "--epochs",
-        "1",
-        "--train-limit",
-        "200",
-        "--test-limit",
-        "100",
-        "--resume",
-    ];
+    let mut a = common::small_run(&["train", "--model", "darknet53"], &data, &out, ["1", "200", "100"]);
+    a.push("--resume");
     std::fs::copy(&file, checkpoint(&out, "darknet53")).unwrap();
     let wrong = csp_tch(&a);
     let err = String::from_utf8_lossy(&wrong.stderr);

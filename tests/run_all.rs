@@ -7,27 +7,11 @@ use common::{csp_tch, csp_tch_ok, read_json, s};
 const CSV_HEADER: &str = "epoch,train_loss,train_acc,eval_loss,eval_acc,train_ms_per_step,eval_ms_per_step,\
 epoch_seconds,train_images_per_s,last_train_loss,last_eval_loss";
 
-fn small_run<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
-    vec![
-        "--data-dir",
-        data,
-        "--out",
-        out,
-        "--device",
-        "cpu",
-        "--image-size",
-        "32",
-        "--epochs",
-        "2",
-        "--train-limit",
-        "640",
-        "--test-limit",
-        "200",
-        "--normalize",
-        "unit",
-        "--seed",
-        "3",
-    ]
+/// A two-epoch run of `command` on 640 / 200 images.
+fn small_run<'a>(command: &[&'a str], data: &'a std::path::Path, out: &'a std::path::Path) -> Vec<&'a str> {
+    let mut args = common::small_run(command, data, out, ["2", "640", "200"]);
+    args.extend(["--normalize", "unit", "--seed", "3"]);
+    args
 }
 
 #[test]
@@ -35,9 +19,7 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::synth(tmp.path());
     let out = tmp.path().join("out");
-    let mut args = vec!["run-all"];
-    args.extend(small_run(s(&data), s(&out)));
-    let run = csp_tch_ok(&args);
+    let run = csp_tch_ok(&small_run(&["run-all"], &data, &out));
     let log = String::from_utf8_lossy(&run.stderr);
     assert!(log.contains("darknet53 epoch 2/2: train loss"), "one plain line per epoch when piped:\n{log}");
     let summary = String::from_utf8_lossy(&run.stdout);
@@ -143,9 +125,7 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
     assert!(md.contains("## Beside the tutorial"));
 
     // A second run into the same folder replaces the first's files instead of mixing with them.
-    let mut args = vec!["train", "--model", "cspdarknet53-pad0"];
-    args.extend(small_run(s(&data), s(&out)));
-    csp_tch_ok(&args);
+    csp_tch_ok(&small_run(&["train", "--model", "cspdarknet53-pad0"], &data, &out));
     assert!(!out.join("darknet53.csv").exists() && out.join("cspdarknet53-pad0.csv").exists());
     let report = read_json(&out.join("comparison.json"));
     assert_eq!(report["models"].as_object().unwrap().len(), 1);
@@ -172,8 +152,7 @@ fn same_seed_same_metrics() {
     let mut csvs = Vec::new();
     for (run, seed) in [("a", "3"), ("b", "3"), ("c", "4")] {
         let out = tmp.path().join(run);
-        let mut args = vec!["train", "--model", "cspdarknet53-pad0"];
-        args.extend(small_run(s(&data), s(&out)));
+        let mut args = small_run(&["train", "--model", "cspdarknet53-pad0"], &data, &out);
         *args.last_mut().unwrap() = seed;
         csp_tch_ok(&args);
         csvs.push(without_timings(&std::fs::read_to_string(out.join("cspdarknet53-pad0.csv")).unwrap()));
@@ -187,9 +166,7 @@ fn a_diverging_model_is_marked_failed_and_the_next_still_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::synth(tmp.path());
     let out = tmp.path().join("out");
-    let mut args = vec!["run-all", "--models", "cspdarknet53-pad0,darknet53", "--lr", "1e30"];
-    args.extend(small_run(s(&data), s(&out)));
-    let run = csp_tch(&args);
+    let run = csp_tch(&small_run(&["run-all", "--models", "cspdarknet53-pad0,darknet53", "--lr", "1e30"], &data, &out));
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success());
     assert!(stderr.contains("2 of 2 models failed"), "{stderr}");

@@ -26,6 +26,34 @@ pub fn synth(root: &Path) -> PathBuf {
     dir
 }
 
+/// `COMMAND... --data-dir DATA --out OUT --device cpu --image-size 32 --epochs E --train-limit N
+/// --test-limit M`, from `[E, N, M]`: a small CPU run; callers add any other flag.
+pub fn small_run<'a>(
+    command: &[&'a str],
+    data: &'a Path,
+    out: &'a Path,
+    [epochs, train, test]: [&'a str; 3],
+) -> Vec<&'a str> {
+    let mut args = command.to_vec();
+    args.extend([
+        "--data-dir",
+        s(data),
+        "--out",
+        s(out),
+        "--device",
+        "cpu",
+        "--image-size",
+        "32",
+        "--epochs",
+        epochs,
+        "--train-limit",
+        train,
+        "--test-limit",
+        test,
+    ]);
+    args
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
