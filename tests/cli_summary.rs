@@ -62,4 +62,7 @@ fn env_reports_versions_and_devices() {
     assert!(text.contains("tch       0.26"), "{text}");
     assert!(text.contains("libtorch  2.13.0"), "{text}");
     assert!(text.contains("CUDA"), "{text}");
+    // What --amp does where csp-tch would run by default.
+    let amp = if tch::Cuda::is_available() { "--amp there: " } else { "--amp there: no effect (fp32 on the CPU)" };
+    assert!(text.contains(amp), "{text}");
 }
