@@ -3,8 +3,8 @@
 //! - `libtorch_cuda` kept as a NEEDED entry with `--no-as-needed`: nothing references its symbols
 //!   directly (CUDA kernels register themselves when the library loads), so the default `--as-needed`
 //!   would drop it and CUDA would be silently invisible on a GPU box;
-//! - `src/amp.cpp`, the few libtorch autocast calls tch does not bind, compiled against the same
-//!   libtorch's headers with torch-sys' flags.
+//! - `src/amp.cpp` and `src/onednn.cpp`, the few libtorch calls tch does not bind (autocast switches,
+//!   oneDNN's inner product), compiled against the same libtorch's headers with torch-sys' flags.
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -21,14 +21,17 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
-    compile_amp_shim(&lib);
+    compile_shims(&lib);
     println!("cargo:rustc-env=CSP_TCH_LIBTORCH_VERSION={}", libtorch_version(&lib));
     println!("cargo:rustc-env=CSP_TCH_TCH_VERSION={}", locked_version("tch"));
 }
 
-/// Builds src/amp.cpp into a static library linked into csp-tch.
-fn compile_amp_shim(lib: &Path) {
-    println!("cargo:rerun-if-changed=src/amp.cpp");
+/// Builds src/amp.cpp and src/onednn.cpp into a static library linked into csp-tch.
+fn compile_shims(lib: &Path) {
+    let sources = ["src/amp.cpp", "src/onednn.cpp"];
+    for source in sources {
+        println!("cargo:rerun-if-changed={source}");
+    }
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let root = lib.parent().unwrap_or(lib);
     // torch-sys' default when LIBTORCH is set; the pip wheels of torch 2.x use the new ABI.
@@ -40,8 +43,8 @@ fn compile_amp_shim(lib: &Path) {
         .include(root.join("include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .file("src/amp.cpp")
-        .compile("csp_tch_amp");
+        .files(sources)
+        .compile("csp_tch_shims");
 }
 
 /// The libtorch version: pip's torch/version.py, or build-version in a libtorch zip.

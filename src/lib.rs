@@ -21,6 +21,7 @@ pub mod cli;
 pub mod data;
 pub mod environment;
 pub mod models;
+pub mod onednn;
 pub mod optim;
 pub mod plot;
 pub mod report;

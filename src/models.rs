@@ -17,6 +17,8 @@ use std::cell::RefCell;
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
+use crate::onednn;
+
 /// Width `C` and block count `n` of the five stages, shared by all backbones.
 pub const STAGES: [(i64, usize); 5] = [(64, 1), (128, 2), (256, 8), (512, 8), (1024, 4)];
 /// Channels out of the stem ConvBNLayer.
@@ -164,6 +166,32 @@ impl ConvSpec {
             whole
         }
     }
+
+    /// Whether, on an `h x w` map, [`ConvSpec::dense_matrix`] needs no more multiply-adds than the
+    /// convolution: it multiplies every output pixel by all `h * w` input pixels, the convolution by
+    /// its live taps, so this holds on maps of a pixel or two (3x3 padded by 1 on 2x2: 4 against 9).
+    pub fn dense_is_no_larger(&self, h: i64, w: i64) -> bool {
+        let taps = self.live_taps(h, w).map_or(self.k * self.k, |live| live.rows.1 * live.cols.1);
+        h * w <= taps
+    }
+
+    /// The convolution on an `h x w` map as one `[cout*oh*ow, cin*h*w]` matrix: row `(o, i, j)`
+    /// holds the tap weights output pixel `(i, j)` of channel `o` gives each input value, so that
+    /// flattened NCHW images times its transpose are the flattened NCHW outputs.
+    pub fn dense_matrix(&self, weight: &Tensor, h: i64, w: i64) -> Tensor {
+        let (oh, ow) = (self.out_size(h), self.out_size(w));
+        let matrix = Tensor::zeros([self.cout, oh, ow, self.cin, h, w], (weight.kind(), weight.device()));
+        let taps = |i: i64| (0..self.k).map(move |tap| (tap, i * self.stride - self.pad + tap));
+        for (i, j) in (0..oh).flat_map(|i| (0..ow).map(move |j| (i, j))) {
+            for (tap_row, p) in taps(i).filter(|(_, p)| (0..h).contains(p)) {
+                for (tap_col, q) in taps(j).filter(|(_, q)| (0..w).contains(q)) {
+                    let mut pair = matrix.select(5, q).select(4, p).select(2, j).select(1, i);
+                    pair.copy_(&weight.select(3, tap_col).select(2, tap_row));
+                }
+            }
+        }
+        matrix.view([self.cout * oh * ow, self.cin * h * w])
+    }
 }
 
 /// The part of a kernel that can reach real pixels, from [`ConvSpec::live_taps`].
@@ -203,9 +231,59 @@ pub struct ConvBnLayer {
 struct Folded {
     weight: Tensor,
     bias: Tensor,
-    /// `weight` cut to the live taps of the last input size, so that evaluating batch after batch
-    /// does not copy the cut every time.
-    cut: Option<(LiveTaps, Tensor)>,
+    /// How the last input size is computed, kept so that evaluating batch after batch does not
+    /// rebuild it every time.
+    kernel: Option<(KernelKey, FoldedKernel)>,
+}
+
+/// What a [`FoldedKernel`] was built for: the input's `h x w`, and whether oneDNN's inner product
+/// applies to it ([`onednn::linear_relu_applies`]).
+type KernelKey = (i64, i64, bool);
+
+/// How a folded layer computes one input size.
+#[derive(Debug)]
+enum FoldedKernel {
+    /// The convolution, its weight cut to the live taps ([`ConvSpec::live_taps`]).
+    Conv { weight: Tensor, padding: [i64; 2] },
+    /// On the CPU, where [`ConvSpec::dense_is_no_larger`]: the whole convolution as one matrix
+    /// ([`ConvSpec::dense_matrix`]) through oneDNN's inner product, about twice as fast as its
+    /// convolution kernels on maps of a pixel or two (few output pixels leave them little to block).
+    Dense { matrix: Tensor, bias: Tensor, out: [i64; 3] },
+}
+
+impl Folded {
+    fn forward(&mut self, spec: ConvSpec, xs: &Tensor) -> Tensor {
+        let [n, _, h, w] = xs.size()[..] else { panic!("a convolution expects NCHW input, got {:?}", xs.size()) };
+        let key = (h, w, onednn::linear_relu_applies(xs));
+        if self.kernel.as_ref().is_none_or(|(built_for, _)| *built_for != key) {
+            self.kernel = Some((key, self.kernel_for(spec, key)));
+        }
+        match &self.kernel.as_ref().expect("just built").1 {
+            FoldedKernel::Conv { weight, padding } => {
+                xs.conv2d(weight, Some(&self.bias), [spec.stride], padding, [1], 1).relu()
+            }
+            FoldedKernel::Dense { matrix, bias, out } => {
+                onednn::linear_relu(&xs.flatten(1, -1), matrix, bias).view([n, out[0], out[1], out[2]])
+            }
+        }
+    }
+
+    fn kernel_for(&self, spec: ConvSpec, (h, w, onednn): KernelKey) -> FoldedKernel {
+        if onednn && spec.dense_is_no_larger(h, w) {
+            let out = [spec.cout, spec.out_size(h), spec.out_size(w)];
+            let matrix = spec.dense_matrix(&self.weight, h, w).contiguous();
+            return FoldedKernel::Dense {
+                matrix,
+                bias: self.bias.repeat_interleave_self_int(out[1] * out[2], 0, None),
+                out,
+            };
+        }
+        match spec.live_taps(h, w) {
+            // A dense copy in the weight's own layout (NCHW or channels-last).
+            Some(live) => FoldedKernel::Conv { weight: live.cut(&self.weight).copy(), padding: live.padding },
+            None => FoldedKernel::Conv { weight: self.weight.shallow_clone(), padding: [spec.pad; 2] },
+        }
+    }
 }
 
 fn conv_bn(p: nn::Path, spec: ConvSpec) -> ConvBnLayer {
@@ -236,21 +314,12 @@ fn conv_bn(p: nn::Path, spec: ConvSpec) -> ConvBnLayer {
 impl ModuleT for ConvBnLayer {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let s = self.spec;
-        let live = s.live_taps(xs.size()[2], xs.size()[3]);
         if !train {
             if let Some(folded) = self.folded.borrow_mut().as_mut() {
-                let Some(live) = live else {
-                    return xs.conv2d(&folded.weight, Some(&folded.bias), [s.stride], [s.pad], [1], 1).relu();
-                };
-                if folded.cut.as_ref().is_none_or(|(taps, _)| *taps != live) {
-                    // A dense copy in the weight's own layout (NCHW or channels-last).
-                    folded.cut = Some((live, live.cut(&folded.weight).copy()));
-                }
-                let weight = &folded.cut.as_ref().expect("just cut").1;
-                return xs.conv2d(weight, Some(&folded.bias), [s.stride], live.padding, [1], 1).relu();
+                return folded.forward(s, xs);
             }
         }
-        let conv = match live {
+        let conv = match s.live_taps(xs.size()[2], xs.size()[3]) {
             Some(live) => xs.conv2d::<Tensor>(&live.cut(&self.conv.ws), None, [s.stride], live.padding, [1], 1),
             None => xs.apply(&self.conv),
         };
@@ -271,7 +340,7 @@ impl ConvBnLayer {
         let folded = tch::no_grad(|| {
             let scale = gamma / (&bn.running_var + BN_EPS).sqrt();
             let weight = &self.conv.ws * scale.view([-1, 1, 1, 1]);
-            Folded { weight, bias: beta - &bn.running_mean * scale, cut: None }
+            Folded { weight, bias: beta - &bn.running_mean * scale, kernel: None }
         });
         *self.folded.borrow_mut() = Some(folded);
     }

@@ -173,20 +173,26 @@ fn min_image_size_is_the_total_stride() {
 
 #[test]
 fn folded_batch_norm_matches_batch_norm_in_eval_mode() {
+    use csp_tch::transform::to_channels_last;
     tch::manual_seed(4);
-    for name in models::model_names() {
+    for (name, channels_last) in models::model_names().into_iter().flat_map(|n| [(n, false), (n, true)]) {
+        let case = format!("{name}, {}", if channels_last { "NHWC" } else { "NCHW" });
         let (vs, model) = build(name, 10);
-        // Non-trivial statistics and affine parameters.
+        // Non-trivial statistics and affine parameters, in the layout the case asks for.
         tch::no_grad(|| {
             for (var, mut t) in vs.variables() {
                 if var.ends_with("running_mean") || var.ends_with("bn.bias") {
                     t.copy_(&(Tensor::randn_like(&t) * 0.1));
                 } else if var.ends_with("running_var") || var.ends_with("bn.weight") {
                     t.copy_(&(Tensor::rand_like(&t) + 0.5));
+                } else if channels_last && t.dim() == 4 {
+                    t.set_data(&to_channels_last(&t));
                 }
             }
         });
+        assert_eq!(model.is_channels_last(), channels_last, "{case}");
         let xs = Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let xs = if channels_last { to_channels_last(&xs) } else { xs };
         let plain = tch::no_grad(|| xs.apply_t(&model, false));
         let folded = {
             let _guard = model.fold_batch_norm();
@@ -194,10 +200,10 @@ fn folded_batch_norm_matches_batch_norm_in_eval_mode() {
         };
         let scale = plain.abs().max().double_value(&[]);
         let diff = (&plain - &folded).abs().max().double_value(&[]);
-        assert!(scale > 0.0 && diff <= 1e-5 * scale, "{name}: folded differs by {diff} (logits up to {scale})");
-        assert!(!plain.equal(&folded), "{name}: the folded path was not taken");
+        assert!(scale > 0.0 && diff <= 1e-5 * scale, "{case}: folded differs by {diff} (logits up to {scale})");
+        assert!(!plain.equal(&folded), "{case}: the folded path was not taken");
         // The guard is gone: eval mode is the plain path again, bit for bit.
-        assert!(tch::no_grad(|| xs.apply_t(&model, false)).equal(&plain), "{name}");
+        assert!(tch::no_grad(|| xs.apply_t(&model, false)).equal(&plain), "{case}");
     }
 }
 
@@ -241,6 +247,64 @@ fn cut_convolutions_compute_the_full_ones() {
         }
     }
     assert!(cut >= 8, "only {cut} cases had taps to cut");
+}
+
+#[test]
+fn dense_matrices_are_the_convolutions() {
+    use models::ConvSpec;
+    // The matrix is used where it needs no more multiply-adds than the convolution's live taps.
+    for (spec, h, w, no_larger) in [
+        (ConvSpec::new(3, 5, 3, 1, 1), 2, 2, true), // DarkNet53's stage 3 at 32 px: 4 pixels, 9 taps
+        (ConvSpec::new(3, 5, 3, 1, 1), 1, 1, true), // its stage 4: the centre tap
+        (ConvSpec::new(3, 5, 3, 2, 1), 2, 2, true), // stage 4's entry: 2x2 taps
+        (ConvSpec::new(3, 5, 1, 1, 0), 1, 1, true),
+        (ConvSpec::new(3, 5, 3, 1, 1), 3, 3, true),
+        (ConvSpec::new(3, 5, 3, 1, 1), 4, 4, false),
+        (ConvSpec::new(3, 5, 3, 2, 1), 4, 4, false),
+        (ConvSpec::new(3, 5, 1, 1, 0), 2, 2, false),
+    ] {
+        assert_eq!(spec.dense_is_no_larger(h, w), no_larger, "{spec:?} on {h}x{w}");
+    }
+    // And it computes the convolution on NCHW-flattened images, whatever the geometry.
+    tch::manual_seed(8);
+    let mut cases = 0;
+    for (k, stride, pad) in [(3, 1, 1), (3, 2, 1), (3, 1, 0), (1, 1, 0), (1, 1, 1), (5, 2, 2)] {
+        for (h, w) in [(1, 1), (2, 2), (3, 3), (1, 4), (4, 2)] {
+            let spec = models::ConvSpec::new(3, 5, k, stride, pad);
+            if spec.out_size(h) < 1 || spec.out_size(w) < 1 {
+                continue;
+            }
+            cases += 1;
+            let xs = Tensor::randn([2, 3, h, w], (Kind::Float, Device::Cpu));
+            let weight = Tensor::randn([5, 3, k, k], (Kind::Float, Device::Cpu));
+            let conv = xs.conv2d::<Tensor>(&weight, None, [stride], [pad], [1], 1);
+            let matrix = spec.dense_matrix(&weight, h, w);
+            assert_eq!(matrix.size(), [5 * conv.size()[2] * conv.size()[3], 3 * h * w]);
+            let dense = xs.flatten(1, -1).matmul(&matrix.tr()).view_as(&conv);
+            assert!(dense.allclose(&conv, 1e-5, 1e-5, false), "k{k} s{stride} p{pad} on {h}x{w}");
+        }
+    }
+    assert!(cases >= 25, "only {cases} cases");
+}
+
+#[test]
+fn onednn_inner_product_is_relu_of_the_linear_map() {
+    use csp_tch::onednn;
+    tch::manual_seed(9);
+    let xs = Tensor::randn([6, 20], (Kind::Float, Device::Cpu));
+    let (weight, bias) =
+        (Tensor::randn([7, 20], (Kind::Float, Device::Cpu)), Tensor::randn([7], (Kind::Float, Device::Cpu)));
+    // The pinned libtorch is built with oneDNN; other dtypes take the convolution path.
+    assert!(onednn::linear_relu_applies(&xs));
+    assert!(!onednn::linear_relu_applies(&xs.to_kind(Kind::Double)));
+    let out = onednn::linear_relu(&xs, &weight, &bias);
+    let expected = xs.linear(&weight, Some(&bias)).relu();
+    assert!(out.allclose(&expected, 1e-5, 1e-5, false));
+    let zeros = out.eq(0.0).sum(Kind::Int64).int64_value(&[]);
+    assert!(zeros > 0 && zeros < 42, "ReLU clamps some outputs, not all: {zeros} of 42");
+    let wrong = std::panic::catch_unwind(|| onednn::linear_relu(&xs, &weight.narrow(1, 0, 10), &bias));
+    let message = *wrong.expect_err("mismatched shapes").downcast::<String>().unwrap();
+    assert!(message.starts_with("oneDNN inner product: "), "{message}");
 }
 
 #[test]

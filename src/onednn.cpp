@@ -1,0 +1,40 @@
+// oneDNN's inner product with a fused ReLU (`mkldnn::_linear_pointwise`, the kernel torch.compile
+// uses for linear layers on CPU), which tch 0.26 does not bind. Called from src/onednn.rs.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstring>
+#include <exception>
+#include <optional>
+#include <string>
+
+namespace {
+std::optional<c10::OperatorHandle> linear_pointwise() {
+  return c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+}
+
+thread_local std::string last_error;
+}  // namespace
+
+extern "C" {
+// Whether this libtorch was built with oneDNN and registers the operator.
+int csp_tch_onednn_linear_available() { return linear_pointwise().has_value(); }
+
+// relu(x @ weight^T + bias) for float CPU tensors x [n, k], weight [m, k], bias [m]: a new tensor,
+// or null with the message in csp_tch_onednn_last_error().
+at::Tensor* csp_tch_onednn_linear_relu(const at::Tensor* x, const at::Tensor* weight, const at::Tensor* bias) {
+  try {
+    auto op = linear_pointwise();
+    TORCH_CHECK(op.has_value(), "mkldnn::_linear_pointwise is not registered in this libtorch");
+    std::vector<c10::IValue> stack{*x, *weight, *bias, std::string("relu"), c10::List<std::optional<at::Scalar>>(),
+                                   c10::IValue()};
+    op->callBoxed(&stack);
+    return new at::Tensor(stack.at(0).toTensor());
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return nullptr;
+  }
+}
+
+const char* csp_tch_onednn_last_error() { return last_error.c_str(); }
+}
