@@ -6,6 +6,8 @@ use csp_tch::train::Recipe;
 use csp_tch::transform::Normalize;
 
 fn main() {
+    // As the csp-tch binary runs.
+    csp_tch::environment::keep_freed_memory();
     let device = tch::Device::cuda_if_available();
     for model in csp_tch::models::model_names() {
         for mode in [Mode::Train, Mode::Eval] {

@@ -4,16 +4,18 @@
 # each and the ratio csp-tch / PyTorch in images/s (above 1: csp-tch is faster).
 #   scripts/bench.sh [--models a,b,c] [--modes train,eval] [--image-size 32] [--batch-size 64]
 #                    [--steps 10] [--warmup 3] [--rounds 3] [--device cpu] [--amp] [--channels-last]
-#                    [--out FILE.jsonl]
+#                    [--peer-keeps-freed-memory] [--out FILE.jsonl]
 # --amp and --channels-last go to both sides. Without --channels-last, csp-tch runs its default layout
-# (--memory-format auto) and PyTorch its own (NCHW); the table says which each used.
+# (--memory-format auto) and PyTorch its own (NCHW); the table says which each used. csp-tch keeps freed
+# memory in its heap (src/environment.rs); --peer-keeps-freed-memory sets PyTorch's glibc the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models=darknet53,cspdarknet53,cspdarknet53-pad0 modes=train,eval image_size=32 batch_size=64
-steps=10 warmup=3 rounds=3 device=cpu out="" options=()
+steps=10 warmup=3 rounds=3 device=cpu out="" options=() peer_options=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --amp|--channels-last) options+=("$1"); shift; continue ;;
+    --peer-keeps-freed-memory) peer_options+=(--keep-freed-memory); shift; continue ;;
     --models) models=$2 ;; --modes) modes=$2 ;; --image-size) image_size=$2 ;; --batch-size) batch_size=$2 ;;
     --steps) steps=$2 ;; --warmup) warmup=$2 ;; --rounds) rounds=$2 ;; --device) device=$2 ;; --out) out=$2 ;;
     *) echo "bench.sh: unknown flag $1 (see the header of $0)" >&2; exit 2 ;;
@@ -31,7 +33,7 @@ for model in ${models//,/ }; do
   for mode in ${modes//,/ }; do
     for round in $(seq "$rounds"); do
       ours=(target/release/csp-tch bench --model "$model" --mode "$mode" "${common[@]}")
-      theirs=("$py" scripts/bench_pytorch.py bench --model "$model" --mode "$mode" "${common[@]}")
+      theirs=("$py" scripts/bench_pytorch.py bench --model "$model" --mode "$mode" "${common[@]}" ${peer_options[@]+"${peer_options[@]}"})
       if [ $((round % 2)) -eq 1 ]; then order=(ours theirs); else order=(theirs ours); fi
       for who in "${order[@]}"; do
         if [ "$who" = ours ]; then "${ours[@]}"; else "${theirs[@]}" 2>/dev/null; fi >> "$lines"
@@ -48,6 +50,9 @@ first = runs[0]
 print(f"{first['image_size']} px, batch {first['batch_size']}, {first['device']}, {first['precision']}, "
       f"{first['threads']} threads, "
       f"median ms/step over {first['steps']} steps after {first['warmup']} warm-up, median of rounds")
+kept = {impl: all(r.get("keeps_freed_memory", False) for r in runs if r["implementation"] == impl) for impl in ("csp-tch", "pytorch")}
+print("freed memory kept in the heap: " + ", ".join(f"{name} {'yes' if kept[impl] else 'no (glibc defaults)'}"
+                                                  for impl, name in (("csp-tch", "csp-tch"), ("pytorch", "PyTorch"))))
 print()
 print("| model | mode | layout csp-tch / PyTorch | csp-tch ms/step | PyTorch ms/step | csp-tch images/s | PyTorch images/s | ratio csp-tch / PyTorch |")
 print("|---|---|---|---:|---:|---:|---:|---:|")

@@ -4,15 +4,18 @@ PyTorch eager, timed the same way as `csp-tch bench` (median ms/step after warm-
 a csp-tch checkpoint gives the same logits here.
 
   bench_pytorch.py bench --model darknet53 [--image-size 32] [--batch-size 64] [--steps 10]
-                         [--warmup 3] [--mode train|eval] [--device cpu] [--amp] [--channels-last] [--json]
+                         [--warmup 3] [--mode train|eval] [--device cpu] [--amp] [--channels-last]
+                         [--keep-freed-memory] [--json]
       --amp and --channels-last mean what they mean to csp-tch: on CUDA, bf16 autocast where the GPU
-      supports it natively, else fp16 with GradScaler; NHWC weights and inputs.
+      supports it natively, else fp16 with GradScaler; NHWC weights and inputs. --keep-freed-memory
+      sets glibc's allocator as csp-tch sets its own at start-up (src/environment.rs).
   bench_pytorch.py equiv --checkpoint CKPT.safetensors --io IO.safetensors
       IO holds `input` (NCHW float) and `logits` computed by csp-tch (eval mode); exits 1 when the
       largest absolute difference of the logits is 1e-4 or more, for logits of magnitude 1 or less;
       beyond that the bound scales with the largest logit (fp32 rounds a logit of 300 to 3e-5).
 """
 import argparse
+import ctypes
 import json
 import math
 import statistics
@@ -169,7 +172,15 @@ def macs(model, size):
     return total + model.fc.weight.numel()
 
 
+def keep_freed_memory():
+    """Blocks up to 32 MB stay in glibc's heap when freed, and the heap is not trimmed."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+
+
 def bench(args):
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     device = torch.device(args.device)
     torch.manual_seed(0)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -210,7 +221,7 @@ def bench(args):
         "image_size": args.image_size, "batch_size": bs, "mode": args.mode, "device": args.device,
         "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32"),
         "channels_last": args.channels_last,
-        "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
+        "threads": torch.get_num_threads(), "keeps_freed_memory": kept, "steps": args.steps, "warmup": args.warmup,
         "ms_per_step": ms, "images_per_s": bs / ms * 1e3,
         "gflops": 2 * macs(model, args.image_size) * passes * bs / ms / 1e6, "step_ms": times,
     }
@@ -252,6 +263,7 @@ def main():
     b.add_argument("--device", default="cpu")
     b.add_argument("--amp", action="store_true")
     b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--keep-freed-memory", action="store_true")
     b.add_argument("--json", action="store_true")
     e = sub.add_parser("equiv")
     e.add_argument("--checkpoint", required=True)

@@ -44,6 +44,8 @@ pub struct BenchResult {
     /// NHWC weights and inputs (`--memory-format`, resolved).
     pub channels_last: bool,
     pub threads: i32,
+    /// Whether freed tensor memory stays in the process ([`crate::environment::keep_freed_memory`]).
+    pub keeps_freed_memory: bool,
     pub steps: usize,
     pub warmup: usize,
     /// Median over the timed steps.
@@ -118,6 +120,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchResult> {
         precision: trainer.precision(),
         channels_last: trainer.model.is_channels_last(),
         threads: tch::get_num_threads(),
+        keeps_freed_memory: crate::environment::keeps_freed_memory(),
         steps: config.steps,
         warmup: config.warmup,
         ms_per_step,

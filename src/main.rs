@@ -3,5 +3,6 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    csp_tch::environment::keep_freed_memory();
     std::process::exit(csp_tch::cli::main());
 }

@@ -1,4 +1,4 @@
-//! `csp-tch summary` and `csp-tch env` as a user runs them.
+//! `csp-tch summary`, `env` and `bench` as a user runs them.
 
 use std::process::{Command, Output};
 
@@ -65,4 +65,30 @@ fn env_reports_versions_and_devices() {
     // What --amp does where csp-tch would run by default.
     let amp = if tch::Cuda::is_available() { "--amp there: " } else { "--amp there: no effect (fp32 on the CPU)" };
     assert!(text.contains(amp), "{text}");
+}
+
+#[test]
+fn bench_json_has_the_documented_keys_and_consistent_figures() {
+    let args = ["bench", "--model", "cspdarknet53-pad0", "--mode", "eval", "--batch-size", "8", "--steps", "3"];
+    let out = csp_tch(&[&args[..], &["--warmup", "1", "--device", "cpu", "--json"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["model"].as_str(), v["mode"].as_str(), v["device"].as_str()),
+        (Some("cspdarknet53-pad0"), Some("eval"), Some("cpu"))
+    );
+    assert_eq!((v["image_size"].as_i64(), v["batch_size"].as_i64()), (Some(32), Some(8)));
+    let steps: Vec<f64> = v["step_ms"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
+    assert_eq!(steps.len(), 3);
+    let mut sorted = steps.clone();
+    sorted.sort_by(f64::total_cmp);
+    let ms = v["ms_per_step"].as_f64().unwrap();
+    assert_eq!(ms, sorted[1], "the median of {steps:?}");
+    assert!((v["images_per_s"].as_f64().unwrap() - 8.0 / ms * 1e3).abs() < 1e-6);
+    // `summary`'s MACs at 32 px, 2 FLOPs each, one forward pass per eval step.
+    let summary = csp_tch(&["summary", "--model", "cspdarknet53-pad0", "--image-size", "32", "--json"]);
+    let macs = serde_json::from_slice::<serde_json::Value>(&summary.stdout).unwrap()["macs"].as_f64().unwrap();
+    assert!((v["gflops"].as_f64().unwrap() - 2.0 * macs * 8.0 / ms / 1e6).abs() < 1e-6);
+    // main() keeps freed memory in the heap, and says so.
+    assert_eq!(v["keeps_freed_memory"], true);
 }
