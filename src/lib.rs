@@ -5,13 +5,14 @@
 //! - [`transform`]: the per-batch resize and normalisation, on the training device;
 //! - [`optim`]: Adam with checkpointable state;
 //! - [`amp`]: `--amp`'s bf16 or fp16 autocast;
+//! - [`onednn`]: oneDNN's inner product, for evaluation on the smallest maps;
 //! - [`train`]: one model's epochs and evaluation;
 //! - [`checkpoint`]: model and optimizer state after every epoch, for exact resumption;
 //! - [`run`]: `run-all` and `train`, from configuration to output files;
 //! - [`bench`]: timing of train and eval steps;
 //! - [`report`]: metric CSVs, comparison.json / comparison.md, number formatting;
 //! - [`plot`]: the curves.svg figure;
-//! - [`environment`]: device choice and version facts;
+//! - [`environment`]: device choice, version facts, the allocator setting;
 //! - [`cli`]: the command line.
 
 pub mod amp;

@@ -271,9 +271,8 @@ impl Folded {
     fn kernel_for(&self, spec: ConvSpec, (h, w, onednn): KernelKey) -> FoldedKernel {
         if onednn && spec.dense_is_no_larger(h, w) {
             let out = [spec.cout, spec.out_size(h), spec.out_size(w)];
-            let matrix = spec.dense_matrix(&self.weight, h, w).contiguous();
             return FoldedKernel::Dense {
-                matrix,
+                matrix: spec.dense_matrix(&self.weight, h, w),
                 bias: self.bias.repeat_interleave_self_int(out[1] * out[2], 0, None),
                 out,
             };

@@ -1,8 +1,9 @@
 //! The PyTorch peer (scripts/bench_pytorch.py) builds the same networks: a csp-tch checkpoint loaded
 //! there gives the same logits (eval mode, fp32, max abs difference under 1e-4, or 1e-4 of the largest
-//! logit when that exceeds 1: csp-tch computes some layers as smaller, equal convolutions, so the two
-//! agree to fp32 rounding rather than to the bit). Runs when the Python
-//! that scripts/setup.sh installed (CSP_TCH_PYTHON) has torch; says so and skips otherwise.
+//! logit when that exceeds 1), both from csp-tch's plain forward pass and as its evaluation computes
+//! them (BatchNorm folded, the smallest maps as dense matrices). csp-tch computes some layers as
+//! smaller, equal operations, so the two agree to fp32 rounding rather than to the bit. Runs when the
+//! Python that scripts/setup.sh installed (CSP_TCH_PYTHON) has torch; says so and skips otherwise.
 
 mod common;
 
@@ -32,23 +33,28 @@ fn a_checkpoint_gives_the_same_logits_in_pytorch() {
         let (_meta, _vs, net) = csp_tch::checkpoint::load_model(&ckpt, Device::Cpu).unwrap();
         tch::manual_seed(1);
         let input = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0;
-        let logits = tch::no_grad(|| tch::nn::ModuleT::forward_t(&net, &input, false));
-        let io = tmp.path().join(format!("{model}-io.safetensors"));
-        Tensor::write_safetensors(&[("input", &input), ("logits", &logits)], &io).unwrap();
-        let run = Command::new(&python)
-            .args(["scripts/bench_pytorch.py", "equiv", "--checkpoint", s(&ckpt), "--io", s(&io)])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&run.stdout);
-        let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
-            .unwrap_or_else(|_| panic!("{model}: {stdout}\n{}", String::from_utf8_lossy(&run.stderr)));
-        let diff = result["max_abs_diff"].as_f64().unwrap();
-        eprintln!(
-            "{model}: max |logits(csp-tch) - logits(PyTorch)| = {diff:.2e}, max |logits| {:.1}",
-            logits.abs().max().double_value(&[])
-        );
-        let bound = 1e-4 * logits.abs().max().double_value(&[]).max(1.0);
-        assert!(run.status.success() && result["ok"] == true && diff < bound, "{model}: {result}");
-        assert!(logits.abs().max().double_value(&[]) > 1e-3, "{model}: trivial logits");
+        let plain = tch::no_grad(|| tch::nn::ModuleT::forward_t(&net, &input, false));
+        // And as evaluation computes them: BatchNorm folded, the smallest maps as dense matrices.
+        let folded = {
+            let _folded = net.fold_batch_norm();
+            tch::no_grad(|| tch::nn::ModuleT::forward_t(&net, &input, false))
+        };
+        for (path, logits) in [("plain", &plain), ("folded", &folded)] {
+            let io = tmp.path().join(format!("{model}-{path}-io.safetensors"));
+            Tensor::write_safetensors(&[("input", &input), ("logits", logits)], &io).unwrap();
+            let run = Command::new(&python)
+                .args(["scripts/bench_pytorch.py", "equiv", "--checkpoint", s(&ckpt), "--io", s(&io)])
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&run.stdout);
+            let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
+                .unwrap_or_else(|_| panic!("{model}: {stdout}\n{}", String::from_utf8_lossy(&run.stderr)));
+            let diff = result["max_abs_diff"].as_f64().unwrap();
+            let scale = logits.abs().max().double_value(&[]);
+            eprintln!("{model}, {path}: max |logits(csp-tch) - logits(PyTorch)| = {diff:.2e}, max |logits| {scale:.1}");
+            let bound = 1e-4 * scale.max(1.0);
+            assert!(run.status.success() && result["ok"] == true && diff < bound, "{model}, {path}: {result}");
+        }
+        assert!(plain.abs().max().double_value(&[]) > 1e-3, "{model}: trivial logits");
     }
 }
