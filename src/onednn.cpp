@@ -9,8 +9,10 @@
 #include <string>
 
 namespace {
-std::optional<c10::OperatorHandle> linear_pointwise() {
-  return c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+// Looked up once: every evaluation batch calls the operator for each of its small-map layers.
+const std::optional<c10::OperatorHandle>& linear_pointwise() {
+  static const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  return op;
 }
 
 thread_local std::string last_error;
@@ -24,7 +26,7 @@ int csp_tch_onednn_linear_available() { return linear_pointwise().has_value(); }
 // or null with the message in csp_tch_onednn_last_error().
 at::Tensor* csp_tch_onednn_linear_relu(const at::Tensor* x, const at::Tensor* weight, const at::Tensor* bias) {
   try {
-    auto op = linear_pointwise();
+    const auto& op = linear_pointwise();
     TORCH_CHECK(op.has_value(), "mkldnn::_linear_pointwise is not registered in this libtorch");
     std::vector<c10::IValue> stack{*x, *weight, *bias, std::string("relu"), c10::List<std::optional<at::Scalar>>(),
                                    c10::IValue()};
