@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Result};
 use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Cuda, Device};
 
 /// Parses `--device`: `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
@@ -37,15 +38,15 @@ pub fn keep_freed_memory() {
     unsafe {
         let kept = libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
             && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1;
-        KEEPS_FREED_MEMORY.store(kept, std::sync::atomic::Ordering::Relaxed);
+        KEEPS_FREED_MEMORY.store(kept, Ordering::Relaxed);
     }
 }
 
-static KEEPS_FREED_MEMORY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static KEEPS_FREED_MEMORY: AtomicBool = AtomicBool::new(false);
 
 /// Whether [`keep_freed_memory`] took effect in this process (`bench --json` reports it).
 pub fn keeps_freed_memory() -> bool {
-    KEEPS_FREED_MEMORY.load(std::sync::atomic::Ordering::Relaxed)
+    KEEPS_FREED_MEMORY.load(Ordering::Relaxed)
 }
 
 /// Waits until `device` has finished its queued work (a no-op on the CPU).
