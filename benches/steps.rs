@@ -3,7 +3,6 @@
 
 use csp_tch::bench::{self, BenchConfig, Mode};
 use csp_tch::train::Recipe;
-use csp_tch::transform::Normalize;
 
 fn main() {
     // As the csp-tch binary runs.
@@ -13,16 +12,7 @@ fn main() {
         for mode in [Mode::Train, Mode::Eval] {
             let config = BenchConfig {
                 model: model.to_string(),
-                recipe: Recipe {
-                    epochs: 1,
-                    batch_size: 64,
-                    adam: Default::default(),
-                    image_size: 32,
-                    normalize: Normalize::Tutorial,
-                    seed: 0,
-                    amp: false,
-                    memory_format: Default::default(),
-                },
+                recipe: Recipe { epochs: 1, image_size: 32, ..Recipe::tutorial() },
                 steps: 5,
                 warmup: 2,
                 mode,

@@ -4,10 +4,11 @@
 # each and the ratio csp-tch / PyTorch in images/s (above 1: csp-tch is faster).
 #   scripts/bench.sh [--models a,b,c] [--modes train,eval] [--image-size 32] [--batch-size 64]
 #                    [--steps 10] [--warmup 3] [--rounds 3] [--device cpu] [--amp] [--channels-last]
-#                    [--peer-keeps-freed-memory] [--out FILE.jsonl]
+#                    [--peer-keeps-freed-memory] [--peer-compile MODE] [--out FILE.jsonl]
 # --amp and --channels-last go to both sides. Without --channels-last, csp-tch runs its default layout
 # (--memory-format auto) and PyTorch its own (NCHW); the table says which each used. csp-tch keeps freed
 # memory in its heap (src/environment.rs); --peer-keeps-freed-memory sets PyTorch's glibc the same way.
+# --peer-compile MODE runs PyTorch through torch.compile (default, reduce-overhead, max-autotune, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models=darknet53,cspdarknet53,cspdarknet53-pad0 modes=train,eval image_size=32 batch_size=64
@@ -16,6 +17,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --amp|--channels-last) options+=("$1"); shift; continue ;;
     --peer-keeps-freed-memory) peer_options+=(--keep-freed-memory); shift; continue ;;
+    --peer-compile) [ $# -ge 2 ] || { echo "bench.sh: --peer-compile needs a mode" >&2; exit 2; }; peer_options+=(--compile "$2") ;;
     --models) models=$2 ;; --modes) modes=$2 ;; --image-size) image_size=$2 ;; --batch-size) batch_size=$2 ;;
     --steps) steps=$2 ;; --warmup) warmup=$2 ;; --rounds) rounds=$2 ;; --device) device=$2 ;; --out) out=$2 ;;
     *) echo "bench.sh: unknown flag $1 (see the header of $0)" >&2; exit 2 ;;
@@ -36,7 +38,7 @@ for model in ${models//,/ }; do
       theirs=("$py" scripts/bench_pytorch.py bench --model "$model" --mode "$mode" "${common[@]}" ${peer_options[@]+"${peer_options[@]}"})
       if [ $((round % 2)) -eq 1 ]; then order=(ours theirs); else order=(theirs ours); fi
       for who in "${order[@]}"; do
-        if [ "$who" = ours ]; then "${ours[@]}"; else "${theirs[@]}" 2>/dev/null; fi >> "$lines"
+        if [ "$who" = ours ]; then "${ours[@]}"; else "${theirs[@]}"; fi >> "$lines"
       done
       echo "bench: $model $mode round $round/$rounds done" >&2
     done
@@ -47,6 +49,8 @@ done
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 first = runs[0]
+peer_compile = {r.get("compile") for r in runs if r["implementation"] == "pytorch"}
+print("PyTorch: " + ", ".join(f"torch.compile {m}" if m else "eager" for m in sorted(peer_compile, key=str)))
 print(f"{first['image_size']} px, batch {first['batch_size']}, {first['device']}, {first['precision']}, "
       f"{first['threads']} threads, "
       f"median ms/step over {first['steps']} steps after {first['warmup']} warm-up, median of rounds")

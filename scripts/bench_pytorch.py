@@ -5,10 +5,14 @@ a csp-tch checkpoint gives the same logits here.
 
   bench_pytorch.py bench --model darknet53 [--image-size 32] [--batch-size 64] [--steps 10]
                          [--warmup 3] [--mode train|eval] [--device cpu] [--amp] [--channels-last]
-                         [--keep-freed-memory] [--json]
+                         [--compile [MODE]] [--keep-freed-memory] [--json]
       --amp and --channels-last mean what they mean to csp-tch: on CUDA, bf16 autocast where the GPU
-      supports it natively, else fp16 with GradScaler; NHWC weights and inputs. --keep-freed-memory
-      sets glibc's allocator as csp-tch sets its own at start-up (src/environment.rs).
+      supports it natively, else fp16 with GradScaler; NHWC weights and inputs. On CUDA, cuDNN's
+      benchmark mode is on, as in csp-tch. --compile runs the model through torch.compile (MODE:
+      default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs); its
+      compilation happens in the warm-up steps, whose wall time the JSON reports as warmup_s.
+      --keep-freed-memory sets glibc's allocator as csp-tch sets its own at start-up
+      (src/environment.rs).
   bench_pytorch.py equiv --checkpoint CKPT.safetensors --io IO.safetensors
       IO holds `input` (NCHW float) and `logits` computed by csp-tch (eval mode); exits 1 when the
       largest absolute difference of the logits is 1e-4 or more, for logits of magnitude 1 or less;
@@ -152,6 +156,7 @@ def batch(images, index, size):
 
 
 def macs(model, size):
+    """The tutorial's MACs of one image: convolution weights times output pixels, plus the head."""
     total = 0
     hooks = []
 
@@ -165,7 +170,7 @@ def macs(model, size):
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
+        model(torch.zeros(1, 3, size, size, device=model.fc.weight.device))
     model.train(was_training)
     for h in hooks:
         h.remove()
@@ -182,9 +187,13 @@ def keep_freed_memory():
 def bench(args):
     kept = keep_freed_memory() if args.keep_freed_memory else False
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     model = Backbone(args.model).to(device, memory_format=layout)
+    # The eager module stays for macs(); `net` is what the steps run.
+    net = torch.compile(model, mode=args.compile) if args.compile else model
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
     amp_dtype = None
     if args.amp and device.type == "cuda":
@@ -196,20 +205,23 @@ def bench(args):
     labels = torch.randint(0, 10, (4 * bs,), device=device)
     model.train(args.mode == "train")
     times = []
+    warmup_started = time.perf_counter()
     for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            warmup_s = time.perf_counter() - warmup_started
         index = torch.arange((step % 4) * bs, (step % 4 + 1) * bs, device=device)
         start = time.perf_counter()
         xs = batch(images, index, args.image_size).contiguous(memory_format=layout)
         if args.mode == "train":
             with autocast():
-                loss = F.cross_entropy(model(xs).float(), labels.index_select(0, index))
+                loss = F.cross_entropy(net(xs).float(), labels.index_select(0, index))
             opt.zero_grad()
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
         else:
             with torch.no_grad(), autocast():
-                model(xs)
+                net(xs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= args.warmup:
@@ -220,9 +232,9 @@ def bench(args):
         "implementation": "pytorch", "torch": torch.__version__, "model": args.model,
         "image_size": args.image_size, "batch_size": bs, "mode": args.mode, "device": args.device,
         "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32"),
-        "channels_last": args.channels_last,
+        "channels_last": args.channels_last, "compile": args.compile,
         "threads": torch.get_num_threads(), "keeps_freed_memory": kept, "steps": args.steps, "warmup": args.warmup,
-        "ms_per_step": ms, "images_per_s": bs / ms * 1e3,
+        "warmup_s": warmup_s, "ms_per_step": ms, "images_per_s": bs / ms * 1e3,
         "gflops": 2 * macs(model, args.image_size) * passes * bs / ms / 1e6, "step_ms": times,
     }
     if args.json:
@@ -230,7 +242,8 @@ def bench(args):
     else:
         print(f"{args.model} {args.mode} {args.image_size} px, batch {bs}, {args.device} "
               f"({result['threads']} threads): {ms:.1f} ms/step, {result['images_per_s']:.1f} images/s, "
-              f"{result['gflops']:.1f} GFLOP/s (PyTorch {torch.__version__} eager)")
+              f"{result['gflops']:.1f} GFLOP/s (PyTorch {torch.__version__} "
+              f"{'torch.compile ' + args.compile if args.compile else 'eager'})")
 
 
 def equiv(args):
@@ -263,6 +276,8 @@ def main():
     b.add_argument("--device", default="cpu")
     b.add_argument("--amp", action="store_true")
     b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     b.add_argument("--keep-freed-memory", action="store_true")
     b.add_argument("--json", action="store_true")
     e = sub.add_parser("equiv")

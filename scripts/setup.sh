@@ -41,5 +41,11 @@ if [ "$(installed_version)" != "$torch_version" ]; then
 fi
 torch_dir=$(echo "$venv"/lib/python3*/site-packages/torch)
 [ -e "$torch_dir/lib/libtorch.so" ] || { echo "setup: $torch_dir/lib/libtorch.so missing; delete $venv and run again" >&2; exit 1; }
+# The CUDA runtime headers' crt/ part, which the torch wheel leaves out and src/cuda_graph.cpp needs
+# (166 kB, matching the wheel's CUDA 13.0).
+if [ ! -e "$torch_dir/../nvidia/cu13/include/crt/host_config.h" ]; then
+  echo "setup: installing nvidia-cuda-crt (the CUDA headers csp-tch's CUDA graphs compile against)"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "nvidia-cuda-crt==13.0.*"
+fi
 write_config "$torch_dir" "$venv/bin/python"
 echo "setup: libtorch $torch_version at $torch_dir"

@@ -45,6 +45,9 @@ pub struct Meta {
     pub history: Vec<EpochMetrics>,
     /// Where the last epoch ran (`report::RunEnvironment`).
     pub environment: Value,
+    /// Whether its full batches replayed CUDA graphs (`--cuda-graphs`), for `csp-tch report`.
+    #[serde(default)]
+    pub cuda_graphs: Option<bool>,
 }
 
 impl Meta {
@@ -193,16 +196,10 @@ pub fn restore(file: &Path, trainer: &mut Trainer) -> Result<Meta> {
     let (names, exp_avg, exp_avg_sq) = trainer.adam.state();
     let mut moments = Vec::with_capacity(names.len());
     for ((name, m), v) in names.iter().zip(exp_avg).zip(exp_avg_sq) {
-        let key = |moment: &str| format!("adam.{moment}/{name}");
-        // Copied into tensors laid out like the current ones (channels-last stays channels-last).
-        let load = |moment: &str, like: &Tensor| -> Result<Tensor> {
-            let mut t = like.zeros_like();
-            t.copy_(&load_tensor(&tensors, file, &key(moment), like)?);
-            Ok(t)
-        };
+        let load = |moment: &str, like: &Tensor| load_tensor(&tensors, file, &format!("adam.{moment}/{name}"), like);
         moments.push((load("exp_avg", m)?, load("exp_avg_sq", v)?));
     }
-    trainer.adam.set_state(moments, meta.adam_steps);
+    trainer.adam.set_state(&moments, meta.adam_steps);
     // A run that trains in fp16 continues the checkpoint's loss scale, when it has one.
     if let (Some(scaler), Some(saved)) = (trainer.scaler.as_mut(), &meta.loss_scaler) {
         *scaler = saved.clone();

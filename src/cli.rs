@@ -6,13 +6,14 @@ use tch::Device;
 
 use std::path::PathBuf;
 
+use crate::bench::{BenchConfig, Mode};
 use crate::data::{self, Source};
 use crate::environment::{device_label, device_name, parse_device, Environment};
 use crate::models;
 use crate::optim::AdamConfig;
 use crate::report::{si, thousands};
 use crate::run::{self, Preset, RunConfig};
-use crate::train::{MemoryFormat, Recipe};
+use crate::train::{CudaGraphs, MemoryFormat, Recipe};
 use crate::transform::Normalize;
 
 #[derive(Parser, Debug)]
@@ -41,6 +42,8 @@ enum Command {
     },
     /// Median ms/step, images/s and GFLOP/s of a train or eval step.
     Bench(BenchArgs),
+    /// Train a few steps eagerly and again replayed from CUDA graphs; compare losses and weights.
+    CheckGraphs(CheckGraphsArgs),
     /// Fetch, check or synthesise CIFAR-10 in its binary layout.
     #[command(subcommand)]
     Data(DataCommand),
@@ -109,6 +112,17 @@ struct Limit(Option<usize>);
 /// Execution options that leave the recipe as it is.
 #[derive(Args, Debug)]
 struct AccelerationArgs {
+    #[command(flatten)]
+    numerics: NumericsArgs,
+    /// CUDA runs: record each full-batch train and eval step once as a CUDA graph and replay it
+    /// (`auto`: on, except for fp16 --amp, falling back to eager steps if a capture fails). No effect on the CPU.
+    #[arg(long, value_enum, default_value_t = CudaGraphs::Auto)]
+    cuda_graphs: CudaGraphs,
+}
+
+/// How the numbers are computed: precision and memory layout.
+#[derive(Args, Debug)]
+struct NumericsArgs {
     /// Mixed precision on CUDA: bf16 autocast where the GPU supports it (compute capability 8.0+), else fp16
     /// with dynamic loss scaling; fp32 weights and optimizer state. No effect on the CPU.
     #[arg(long)]
@@ -122,13 +136,18 @@ struct AccelerationArgs {
     channels_last: bool,
 }
 
+impl NumericsArgs {
+    /// The tutorial's recipe with this precision and layout.
+    fn recipe(&self) -> Recipe {
+        let memory_format = if self.channels_last { MemoryFormat::ChannelsLast } else { self.memory_format };
+        Recipe { amp: self.amp, memory_format, ..Recipe::tutorial() }
+    }
+}
+
 impl AccelerationArgs {
-    fn memory_format(&self) -> MemoryFormat {
-        if self.channels_last {
-            MemoryFormat::ChannelsLast
-        } else {
-            self.memory_format
-        }
+    /// The tutorial's recipe with these execution options.
+    fn recipe(&self) -> Recipe {
+        Recipe { cuda_graphs: self.cuda_graphs, ..self.numerics.recipe() }
     }
 }
 
@@ -191,8 +210,7 @@ impl RecipeArgs {
                 image_size: self.image_size.unwrap_or(defaults.image_size),
                 normalize: self.normalize,
                 seed: self.seed,
-                amp: self.acceleration.amp,
-                memory_format: self.acceleration.memory_format(),
+                ..self.acceleration.recipe()
             },
             classes: data::CLASSES,
             data_dir: self.source.data_dir.clone(),
@@ -222,29 +240,66 @@ struct EvalArgs {
     json: bool,
 }
 
+/// What `bench` and `check-graphs` run: one model's steps on synthetic CIFAR-sized batches.
 #[derive(Args, Debug)]
-struct BenchArgs {
+struct StepArgs {
     #[arg(long, value_parser = model_name_parser())]
     model: String,
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(i64).range(1..=4096))]
     image_size: i64,
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(2..))]
     batch_size: u32,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+impl StepArgs {
+    /// The bench configuration of these steps with `recipe`'s precision, layout and CUDA graphs.
+    fn config(self, recipe: Recipe, steps: u32, warmup: u32, mode: Mode, breakdown: bool) -> Result<BenchConfig> {
+        models::model_info(&self.model)?.check_image_size(self.image_size)?;
+        Ok(BenchConfig {
+            recipe: Recipe { epochs: 1, batch_size: self.batch_size as usize, image_size: self.image_size, ..recipe },
+            model: self.model,
+            steps: steps as usize,
+            warmup: warmup as usize,
+            mode,
+            device: parse_device(&self.device)?,
+            breakdown,
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    #[command(flatten)]
+    step: StepArgs,
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     steps: u32,
     /// Untimed steps first.
     #[arg(long, default_value_t = 3)]
     warmup: u32,
-    #[arg(long, value_enum, default_value_t = crate::bench::Mode::Train)]
-    mode: crate::bench::Mode,
-    #[arg(long, default_value = "auto")]
-    device: String,
+    #[arg(long, value_enum, default_value_t = Mode::Train)]
+    mode: Mode,
     #[command(flatten)]
     acceleration: AccelerationArgs,
-    /// Also time each phase of a train step: transform, forward, backward, optimizer.
+    /// Also time each phase of a train step: transform, forward, backward, optimizer (every step eager).
     #[arg(long)]
     breakdown: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct CheckGraphsArgs {
+    #[command(flatten)]
+    step: StepArgs,
+    /// Train steps in each run (the first ones run eagerly in both; at least 5).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    steps: u32,
+    #[command(flatten)]
+    numerics: NumericsArgs,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -321,6 +376,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(args) => eval(args),
         Command::Bench(args) => bench(args),
+        Command::CheckGraphs(args) => check_graphs(args),
         Command::Report { out } => {
             let models = crate::report::rebuild(&out)?;
             eprintln!("rebuilt the report of {} in {}", models.join(", "), out.display());
@@ -391,6 +447,12 @@ fn env() -> Result<()> {
         crate::amp::Precision::Fp32 => "no effect (fp32 on the CPU)",
     };
     println!("--amp there: {amp}");
+    let graphs = match crate::train::CudaGraphs::Auto.resolve(device, crate::amp::Precision::Fp32)? {
+        true => "on (full batches replay recorded steps)",
+        false if !crate::cuda_graph::built_with_cuda_graphs() => "off: this build has no CUDA graphs (no CUDA headers)",
+        false => "off (no CUDA device)",
+    };
+    println!("--cuda-graphs auto there: {graphs}");
     Ok(())
 }
 
@@ -414,7 +476,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     let data_dir = args.data_dir.unwrap_or_else(|| meta.config.data_dir.clone());
     let test_limit = args.test_limit.map_or(meta.config.test_limit, |l| l.0);
     let cifar = data::load(&data_dir)?.limit(None, test_limit, meta.config.recipe.seed)?.to_device(device);
-    let e = crate::train::evaluate(&model, &cifar.test_images, &cifar.test_labels, &meta.config.recipe, device)?;
+    let e = crate::train::evaluate(&model, &cifar.test_images, &cifar.test_labels, &meta.config.recipe)?;
     let per_class: Vec<serde_json::Value> = e
         .confusion
         .iter()
@@ -476,25 +538,8 @@ fn eval(args: EvalArgs) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    models::model_info(&args.model)?.check_image_size(args.image_size)?;
-    let config = crate::bench::BenchConfig {
-        model: args.model,
-        recipe: Recipe {
-            epochs: 1,
-            batch_size: args.batch_size as usize,
-            adam: AdamConfig::default(),
-            image_size: args.image_size,
-            normalize: Normalize::Tutorial,
-            seed: 0,
-            amp: args.acceleration.amp,
-            memory_format: args.acceleration.memory_format(),
-        },
-        steps: args.steps as usize,
-        warmup: args.warmup as usize,
-        mode: args.mode,
-        device: parse_device(&args.device)?,
-        breakdown: args.breakdown,
-    };
+    let recipe = args.acceleration.recipe();
+    let config = args.step.config(recipe, args.steps, args.warmup, args.mode, args.breakdown)?;
     let r = crate::bench::run(&config)?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -514,6 +559,31 @@ fn bench(args: BenchArgs) -> Result<()> {
                 println!("  {phase:<10} {ms:>9.1} ms  {:>5.1}%", 100.0 * ms / total);
             }
         }
+    }
+    Ok(())
+}
+
+fn check_graphs(args: CheckGraphsArgs) -> Result<()> {
+    let config = args.step.config(args.numerics.recipe(), args.steps, 0, Mode::Train, false)?;
+    let check = crate::bench::check_graphs(&config)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&check)?);
+    } else {
+        println!(
+            "{} on {} ({:?}), {} steps {}: loss {:.2e}, weights and statistics {:.2e}, eval loss {:.6} / {:.6} (eager / graphs)",
+            check.model,
+            check.device,
+            check.precision,
+            check.eager_losses.len(),
+            if check.replayed { "eager against replayed" } else { "eager twice (no CUDA graphs here)" },
+            check.max_loss_difference,
+            check.max_state_difference,
+            check.eager_eval_loss,
+            check.graph_eval_loss
+        );
+    }
+    if !check.ok {
+        bail!("replayed steps differ from eager ones by more than {} (relative)", crate::bench::GraphCheck::TOLERANCE);
     }
     Ok(())
 }

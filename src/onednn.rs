@@ -3,8 +3,6 @@
 //! (what `Tensor::linear` calls) and as oneDNN's convolution kernels on maps of a pixel or two,
 //! which is why [`crate::models`] evaluates its smallest maps with it.
 
-use std::ffi::CStr;
-use std::os::raw::c_char;
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
@@ -12,7 +10,6 @@ use torch_sys::C_tensor;
 extern "C" {
     fn csp_tch_onednn_linear_available() -> i32;
     fn csp_tch_onednn_linear_relu(x: *const C_tensor, weight: *const C_tensor, bias: *const C_tensor) -> *mut C_tensor;
-    fn csp_tch_onednn_last_error() -> *const c_char;
 }
 
 /// Whether [`linear_relu`] can run on `xs`: float tensors on the CPU of a libtorch built with oneDNN.
@@ -28,8 +25,7 @@ pub fn linear_relu_applies(xs: &Tensor) -> bool {
 pub fn linear_relu(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
     let out = unsafe { csp_tch_onednn_linear_relu(xs.as_ptr(), weight.as_ptr(), bias.as_ptr()) };
     if out.is_null() {
-        let message = unsafe { CStr::from_ptr(csp_tch_onednn_last_error()) };
-        panic!("oneDNN inner product: {}", message.to_string_lossy());
+        panic!("oneDNN inner product: {}", crate::shim::last_error());
     }
     unsafe { Tensor::from_ptr(out) }
 }

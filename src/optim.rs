@@ -1,12 +1,30 @@
 //! Adam over tch tensors, with the same update as PyTorch's `torch.optim.Adam` (and libtorch's,
 //! which tch's `nn::Adam` wraps), written out so that its moments can be checkpointed.
 //!
-//! On the CPU the update is one fused pass per element over parameter, gradient and both moments,
-//! split across libtorch's thread count: 28 bytes of memory traffic per parameter instead of the
-//! ~70 of the usual sequence of tensor operations, and no temporaries. Elsewhere (CUDA) it runs as
-//! tensor operations, which the GPU executes asynchronously.
+//! The update runs as libtorch's fused Adam (`_fused_adam_`, through `src/fused_adam.cpp`; what
+//! `torch.optim.Adam(fused=True)` runs): on CUDA a few multi-tensor kernels per step instead of about
+//! eleven tensor operations per parameter, on the CPU one vectorised pass per parameter over
+//! parameter, gradient and both moments. The step count lives on the parameters' device, so a CUDA
+//! graph can capture the whole update ([`crate::cuda_graph`]).
 
-use tch::{Device, Kind, Tensor};
+use std::os::raw::c_int;
+use tch::{Kind, Tensor};
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn csp_tch_fused_adam(
+        params: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        exp_avgs: *const *mut C_tensor,
+        exp_avg_sqs: *const *mut C_tensor,
+        step: *mut C_tensor,
+        n: c_int,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+    ) -> c_int;
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamConfig {
@@ -22,37 +40,43 @@ impl Default for AdamConfig {
     }
 }
 
+/// How [`Adam::step`] computes the update; both give PyTorch's update to fp32 rounding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdamKernel {
+    /// libtorch's `_fused_adam_` (the default).
+    Fused,
+    /// A sequence of tensor operations in libtorch's order: the reference the tests compare with.
+    TensorOps,
+}
+
 /// Adam without weight decay or amsgrad (the tutorial's optimizer), over named parameters so that
 /// its state can be saved and restored by name.
 pub struct Adam {
     pub config: AdamConfig,
-    /// Use the fused CPU pass where possible (on by default; off measures or tests the plain path).
-    pub fused_cpu: bool,
+    pub kernel: AdamKernel,
     names: Vec<String>,
     params: Vec<Tensor>,
     /// First and second moments, one pair per parameter.
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
-    steps: i64,
-}
-
-/// Per-step scalars of the update, in f32 as PyTorch's CPU kernels use them.
-#[derive(Clone, Copy)]
-struct Coefficients {
-    beta1: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    bias_correction2_sqrt: f32,
-    eps: f32,
-    step_size: f32,
+    /// Steps taken: a float32 scalar on the parameters' device, incremented there by every step.
+    step: Tensor,
 }
 
 impl Adam {
     pub fn new(named_params: Vec<(String, Tensor)>, config: AdamConfig) -> Adam {
         let (names, params): (Vec<String>, Vec<Tensor>) = named_params.into_iter().unzip();
+        let device = params.first().map_or(tch::Device::Cpu, Tensor::device);
         let zeros = |ps: &[Tensor]| ps.iter().map(Tensor::zeros_like).collect::<Vec<_>>();
-        Adam { config, fused_cpu: true, names, exp_avg: zeros(&params), exp_avg_sq: zeros(&params), params, steps: 0 }
+        Adam {
+            config,
+            kernel: AdamKernel::Fused,
+            names,
+            exp_avg: zeros(&params),
+            exp_avg_sq: zeros(&params),
+            params,
+            step: Tensor::zeros([], (Kind::Float, device)),
+        }
     }
 
     /// The trainable variables of `vs`, sorted by name.
@@ -68,58 +92,81 @@ impl Adam {
         Tensor::run_backward(&[loss], &self.params, false, false)
     }
 
-    /// Number of steps taken so far.
+    /// Number of steps taken so far (reads the count from the device).
     pub fn steps(&self) -> i64 {
-        self.steps
+        self.step.double_value(&[]) as i64
     }
 
     /// One update from `grads` (one per parameter, as [`Adam::gradients`] returns them); a
     /// parameter whose gradient is undefined (unused in the loss) is left alone, as in PyTorch.
+    /// Nothing is read back from the device, so the step can be captured in a CUDA graph.
     pub fn step(&mut self, grads: &[Tensor]) {
         assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         let _guard = tch::no_grad_guard();
-        self.steps += 1;
-        let AdamConfig { lr, beta1, beta2, eps } = self.config;
-        let c = Coefficients {
-            beta1: beta1 as f32,
-            one_minus_beta1: (1.0 - beta1) as f32,
-            beta2: beta2 as f32,
-            one_minus_beta2: (1.0 - beta2) as f32,
-            bias_correction2_sqrt: (1.0 - beta2.powi(self.steps as i32)).sqrt() as f32,
-            eps: eps as f32,
-            step_size: (lr / (1.0 - beta1.powi(self.steps as i32))) as f32,
-        };
-        if !self.fused_cpu {
-            return self.tensor_step(grads, c);
+        let _ = self.step.g_add_scalar_(1.0);
+        match self.kernel {
+            AdamKernel::Fused => self.fused_step(grads),
+            AdamKernel::TensorOps => self.tensor_step(grads),
         }
-        // Each parameter goes to the fused loop or, when it cannot (see `fused_gradient`), to the
-        // tensor path; an undefined gradient skips a path.
-        let moments = self.exp_avg.iter().zip(&self.exp_avg_sq);
-        let (fused, rest): (Vec<Tensor>, Vec<Tensor>) = self
-            .params
-            .iter()
-            .zip(grads)
-            .zip(moments)
-            .map(|((p, g), (m, v))| match fused_gradient(p, g, m, v) {
-                Some(g) => (g, Tensor::new()),
-                None => (Tensor::new(), g.shallow_clone()),
-            })
-            .unzip();
-        fused_cpu_step(&self.params, &fused, &self.exp_avg, &self.exp_avg_sq, c);
-        self.tensor_step(&rest, c);
+    }
+
+    /// The update through libtorch's `_fused_adam_`, which wants each gradient laid out like its
+    /// parameter; a gradient in another layout (that of a channels-last kernel cut to its live
+    /// taps) is copied into the parameter's layout first.
+    fn fused_step(&mut self, grads: &[Tensor]) {
+        let mut lists: [Vec<*mut C_tensor>; 4] = Default::default();
+        let mut relaid = Vec::new();
+        for (i, grad) in grads.iter().enumerate().filter(|(_, g)| g.defined()) {
+            let p = &self.params[i];
+            let grad = if grad.stride() == p.stride() {
+                grad
+            } else {
+                let mut copy = p.empty_like();
+                copy.copy_(grad);
+                relaid.push(copy);
+                relaid.last().expect("just pushed")
+            };
+            for (list, t) in lists.iter_mut().zip([p, grad, &self.exp_avg[i], &self.exp_avg_sq[i]]) {
+                list.push(t.as_ptr() as *mut C_tensor);
+            }
+        }
+        let AdamConfig { lr, beta1, beta2, eps } = self.config;
+        let [params, grads, exp_avgs, exp_avg_sqs] = &lists;
+        // SAFETY: every pointer is a live tensor of `self` or `grads`/`relaid`, which outlive the call.
+        let status = unsafe {
+            csp_tch_fused_adam(
+                params.as_ptr(),
+                grads.as_ptr(),
+                exp_avgs.as_ptr(),
+                exp_avg_sqs.as_ptr(),
+                self.step.as_ptr() as *mut C_tensor,
+                params.len() as c_int,
+                lr,
+                beta1,
+                beta2,
+                eps,
+            )
+        };
+        // Only a broken invariant (a parameter on another device or dtype) gets here.
+        assert_eq!(status, 0, "fused Adam: {}", crate::shim::last_error());
     }
 
     /// The update as tensor operations (any device), in libtorch's order.
-    fn tensor_step(&mut self, grads: &[Tensor], c: Coefficients) {
+    fn tensor_step(&mut self, grads: &[Tensor]) {
+        let AdamConfig { lr, beta1, beta2, eps } = self.config;
+        // The reference path reads the step count back; the fused kernels read it on the device.
+        let step = self.steps() as i32;
+        let step_size = lr / (1.0 - beta1.powi(step));
+        let bias_correction2_sqrt = (1.0 - beta2.powi(step)).sqrt();
         let moments = self.exp_avg.iter_mut().zip(&mut self.exp_avg_sq);
         for ((p, grad), (m, v)) in self.params.iter_mut().zip(grads).zip(moments).filter(|((_, g), _)| g.defined()) {
             // exp_avg = beta1 * exp_avg + (1 - beta1) * grad
-            let _ = m.g_mul_scalar_(c.beta1 as f64).g_add_(&(grad * c.one_minus_beta1 as f64));
+            let _ = m.g_mul_scalar_(beta1).g_add_(&(grad * (1.0 - beta1)));
             // exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad^2
-            let _ = v.g_mul_scalar_(c.beta2 as f64).addcmul_(grad, &(grad * c.one_minus_beta2 as f64));
+            let _ = v.g_mul_scalar_(beta2).addcmul_(grad, &(grad * (1.0 - beta2)));
             // param -= step_size * exp_avg / (sqrt(exp_avg_sq) / sqrt(bias_correction2) + eps)
-            let denom = (v.sqrt() / c.bias_correction2_sqrt as f64).g_add_scalar_(c.eps as f64);
-            let _ = p.addcdiv_(&(&*m * -(c.step_size as f64)), &denom);
+            let denom = (v.sqrt() / bias_correction2_sqrt).g_add_scalar_(eps);
+            let _ = p.addcdiv_(&(&*m * -step_size), &denom);
         }
     }
 
@@ -128,11 +175,17 @@ impl Adam {
         (&self.names, &self.exp_avg, &self.exp_avg_sq)
     }
 
-    /// Restores the moments (in the order of [`Adam::state`]'s names) and the step count.
-    pub fn set_state(&mut self, moments: Vec<(Tensor, Tensor)>, steps: i64) {
+    /// Restores the moments (in the order of [`Adam::state`]'s names) and the step count, copied
+    /// into the optimizer's own tensors: their layout stays the parameters' (channels-last stays
+    /// channels-last), and a recorded CUDA graph keeps updating the same memory.
+    pub fn set_state(&mut self, moments: &[(Tensor, Tensor)], steps: i64) {
         assert_eq!(moments.len(), self.params.len(), "one pair of moments per parameter");
-        (self.exp_avg, self.exp_avg_sq) = moments.into_iter().unzip();
-        self.steps = steps;
+        let _guard = tch::no_grad_guard();
+        for ((m, v), (saved_m, saved_v)) in self.exp_avg.iter_mut().zip(&mut self.exp_avg_sq).zip(moments) {
+            m.copy_(saved_m);
+            v.copy_(saved_v);
+        }
+        let _ = self.step.fill_(steps as f64);
     }
 }
 
@@ -190,117 +243,4 @@ impl Default for LossScaler {
     fn default() -> Self {
         LossScaler::new()
     }
-}
-
-/// The gradient `g` of `p` as the fused loop takes it, or `None` when the loop cannot update `p`.
-/// The loop walks raw memory, so a parameter's four buffers must be CPU fp32, dense and in one
-/// layout (NCHW-contiguous or channels-last alike). A gradient laid out otherwise (that of a
-/// channels-last kernel cut to its live taps) is copied into the parameter's layout.
-fn fused_gradient(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) -> Option<Tensor> {
-    let cpu_fp32 = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float;
-    let fusable = |t: &Tensor| cpu_fp32(t) && same_order(p, t) && is_dense(t);
-    if !(g.defined() && cpu_fp32(g) && [p, m, v].into_iter().all(fusable)) {
-        return None;
-    }
-    if fusable(g) {
-        return Some(g.shallow_clone());
-    }
-    let mut relaid = p.empty_like();
-    relaid.copy_(g);
-    Some(relaid)
-}
-
-/// Whether `t`'s elements fill its storage span exactly once (contiguous in some order of its
-/// dimensions, e.g. channels-last), so that it can be walked as a flat slice.
-fn is_dense(t: &Tensor) -> bool {
-    let (sizes, strides) = (t.size(), t.stride());
-    let mut dims: Vec<usize> = (0..sizes.len()).filter(|&d| sizes[d] != 1).collect();
-    dims.sort_by_key(|&d| strides[d]);
-    let mut expected = 1;
-    for d in dims {
-        if strides[d] != expected {
-            return false;
-        }
-        expected *= sizes[d];
-    }
-    true
-}
-
-/// Whether `a` and `b` have the same shape and put their elements in the same memory order (strides
-/// of size-1 dimensions do not matter).
-fn same_order(a: &Tensor, b: &Tensor) -> bool {
-    let (sizes, a_strides, b_strides) = (a.size(), a.stride(), b.stride());
-    sizes == b.size() && (0..sizes.len()).all(|d| sizes[d] == 1 || a_strides[d] == b_strides[d])
-}
-
-/// Raw views of one parameter's four buffers.
-#[derive(Clone, Copy)]
-struct Buffers {
-    param: *mut f32,
-    grad: *const f32,
-    exp_avg: *mut f32,
-    exp_avg_sq: *mut f32,
-    len: usize,
-}
-
-// Each thread touches a disjoint element range of each buffer, see `fused_cpu_step`.
-unsafe impl Send for Buffers {}
-unsafe impl Sync for Buffers {}
-
-/// The Adam update of elements `range` of one parameter.
-///
-/// # Safety
-/// The pointers must be valid for `b.len` f32s, and no other thread may touch `range`.
-unsafe fn update(b: Buffers, range: std::ops::Range<usize>, c: Coefficients) {
-    let n = range.len();
-    let p = std::slice::from_raw_parts_mut(b.param.add(range.start), n);
-    let g = std::slice::from_raw_parts(b.grad.add(range.start), n);
-    let m = std::slice::from_raw_parts_mut(b.exp_avg.add(range.start), n);
-    let v = std::slice::from_raw_parts_mut(b.exp_avg_sq.add(range.start), n);
-    for i in 0..n {
-        let gi = g[i];
-        let mi = m[i] * c.beta1 + gi * c.one_minus_beta1;
-        let vi = v[i] * c.beta2 + c.one_minus_beta2 * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        let denom = vi.sqrt() / c.bias_correction2_sqrt + c.eps;
-        p[i] += -c.step_size * (mi / denom);
-    }
-}
-
-/// One fused pass over all parameters, the total element count split evenly across threads.
-fn fused_cpu_step(params: &[Tensor], grads: &[Tensor], exp_avg: &[Tensor], exp_avg_sq: &[Tensor], c: Coefficients) {
-    let buffers: Vec<Buffers> = params
-        .iter()
-        .zip(grads)
-        .zip(exp_avg.iter().zip(exp_avg_sq))
-        .filter(|((_, g), _)| g.defined())
-        .map(|((p, g), (m, v))| Buffers {
-            param: p.data_ptr() as *mut f32,
-            grad: g.data_ptr() as *const f32,
-            exp_avg: m.data_ptr() as *mut f32,
-            exp_avg_sq: v.data_ptr() as *mut f32,
-            len: p.numel(),
-        })
-        .collect();
-    let total: usize = buffers.iter().map(|b| b.len).sum();
-    let threads = (tch::get_num_threads().max(1) as usize).min(total.div_ceil(1 << 16)).max(1);
-    let work = |share: std::ops::Range<usize>| {
-        let mut offset = 0;
-        for &b in &buffers {
-            let (start, end) = (share.start.max(offset), share.end.min(offset + b.len));
-            if start < end {
-                // SAFETY: the shares of different threads are disjoint ranges of the global index.
-                unsafe { update(b, start - offset..end - offset, c) };
-            }
-            offset += b.len;
-        }
-    };
-    std::thread::scope(|scope| {
-        for t in 1..threads {
-            let work = &work;
-            scope.spawn(move || work(total * t / threads..total * (t + 1) / threads));
-        }
-        work(0..total / threads);
-    });
 }

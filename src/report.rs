@@ -107,6 +107,14 @@ pub struct ModelReport {
     pub best_eval_acc: Option<f64>,
     /// Wall time of all epochs, evaluation included.
     pub total_train_seconds: f64,
+    /// Of which warm-up: the first steps' time beyond the steady rate, summed over epochs
+    /// ([`EpochMetrics::warmup_seconds`]).
+    #[serde(default)]
+    pub warmup_seconds: f64,
+    /// Whether its full batches replayed CUDA graphs (`--cuda-graphs`); unknown in a report
+    /// rebuilt from the CSVs.
+    #[serde(default)]
+    pub cuda_graphs: Option<bool>,
     pub mean_train_ms_per_step: Option<f64>,
     pub mean_eval_ms_per_step: Option<f64>,
     /// "ok" or "failed".
@@ -139,6 +147,8 @@ impl ModelReport {
             final_eval_acc: epochs.last().map(|e| e.eval_acc),
             best_eval_acc: epochs.iter().map(|e| e.eval_acc).reduce(f64::max),
             total_train_seconds: epochs.iter().map(|e| e.epoch_seconds).sum(),
+            warmup_seconds: epochs.iter().map(|e| e.warmup_seconds).sum(),
+            cuda_graphs: None,
             mean_train_ms_per_step: mean(epochs.iter().map(|e| e.train_ms_per_step)),
             mean_eval_ms_per_step: mean(epochs.iter().map(|e| e.eval_ms_per_step)),
             status: if error.is_some() { "failed" } else { "ok" }.into(),
@@ -301,21 +311,23 @@ fn opt(value: Option<f64>, digits: usize) -> String {
 /// The models table, failures and the comparison with the baseline, as Markdown.
 pub fn models_markdown(report: &Value) -> String {
     let mut md = String::new();
-    md += "## Models\n\n| model | status | trainable params | Paddle-style params | MACs/image | layout | final eval acc | best eval acc | train ms/step | eval ms/step | total s |\n|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|\n";
+    md += "## Models\n\n| model | status | trainable params | Paddle-style params | MACs/image | layout | final eval acc | best eval acc | train ms/step | eval ms/step | total s | warm-up s |\n|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|\n";
     let models = report["models"].as_object().cloned().unwrap_or_default();
     for (name, m) in &models {
         md += &format!(
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} |\n",
+            "| {name} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {:.1} | {:.1} |\n",
             m["status"].as_str().unwrap_or("?"),
             thousands(m["trainable_params"].as_i64().unwrap_or(0)),
             thousands(m["paddle_style_params"].as_i64().unwrap_or(0)),
             si(m["macs"].as_f64().unwrap_or(0.0)),
             m["memory_format"].as_str().filter(|s| !s.is_empty()).unwrap_or("?"),
+            if m["cuda_graphs"] == true { ", CUDA graphs" } else { "" },
             opt(m["final_eval_acc"].as_f64(), 4),
             opt(m["best_eval_acc"].as_f64(), 4),
             opt(m["mean_train_ms_per_step"].as_f64(), 1),
             opt(m["mean_eval_ms_per_step"].as_f64(), 1),
             m["total_train_seconds"].as_f64().unwrap_or(0.0),
+            m["warmup_seconds"].as_f64().unwrap_or(0.0),
         );
     }
     for (name, m) in models.iter().filter(|(_, m)| !m["error"].is_null()) {
@@ -424,10 +436,10 @@ pub fn write_comparison(
 }
 
 /// Rebuilds comparison.json, comparison.md and curves.svg in `out` from the per-model CSVs there.
-/// The run's configuration and environment come from the models' checkpoint metadata, or else
-/// from the comparison.json already there.
+/// The run's configuration and environment, and whether each model replayed CUDA graphs, come from
+/// the models' checkpoint metadata, or else from the comparison.json already there.
 pub fn rebuild(out: &Path) -> Result<Vec<String>> {
-    let mut reports = Vec::new();
+    let mut found = Vec::new();
     let mut source: Option<(RunConfig, Value)> = None;
     for name in models::model_names() {
         let csv = out.join(format!("{name}.csv"));
@@ -436,39 +448,47 @@ pub fn rebuild(out: &Path) -> Result<Vec<String>> {
         }
         let epochs = read_csv(&csv)?;
         let checkpoint = crate::checkpoint::path(out, name);
-        if source.is_none() && checkpoint.exists() {
-            let meta = crate::checkpoint::read_meta(&checkpoint)?;
+        let meta = if checkpoint.exists() { Some(crate::checkpoint::read_meta(&checkpoint)?) } else { None };
+        let cuda_graphs = meta.as_ref().and_then(|m| m.cuda_graphs);
+        if let (None, Some(meta)) = (&source, meta) {
             source = Some((meta.config, meta.environment));
         }
-        reports.push((name.to_string(), epochs));
+        found.push((name.to_string(), epochs, cuda_graphs));
     }
     anyhow::ensure!(
-        !reports.is_empty(),
+        !found.is_empty(),
         "{} holds no model CSV (darknet53.csv, ...); point --out at a run's output folder",
         out.display()
     );
-    let previous = out.join(REPORT_FILES[0]);
-    let (config, environment) = match source {
-        Some(found) => found,
-        None => {
-            let text = std::fs::read_to_string(&previous).with_context(|| {
-                format!(
-                    "cannot tell the run's configuration: no checkpoint in {} and no {}",
-                    out.join("checkpoints").display(),
-                    previous.display()
-                )
-            })?;
-            let json: Value =
-                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", previous.display()))?;
+    let previous_path = out.join(REPORT_FILES[0]);
+    let previous: Option<Value> = match std::fs::read_to_string(&previous_path) {
+        Ok(text) => {
+            Some(serde_json::from_str(&text).with_context(|| format!("{} is not JSON", previous_path.display()))?)
+        }
+        Err(_) => None,
+    };
+    let (config, environment) = match (source, &previous) {
+        (Some(found), _) => found,
+        (None, Some(json)) => {
             let config = serde_json::from_value(json["config"].clone())
-                .with_context(|| format!("{} has no readable config", previous.display()))?;
+                .with_context(|| format!("{} has no readable config", previous_path.display()))?;
             (config, json["environment"].clone())
         }
+        (None, None) => anyhow::bail!(
+            "cannot tell the run's configuration: no checkpoint in {} and no {}",
+            out.join("checkpoints").display(),
+            previous_path.display()
+        ),
     };
-    let names: Vec<String> = reports.iter().map(|(n, _)| n.clone()).collect();
-    let reports = reports
+    let names: Vec<String> = found.iter().map(|(n, _, _)| n.clone()).collect();
+    let reports = found
         .into_iter()
-        .map(|(name, epochs)| Ok((name.clone(), ModelReport::new(&name, &config, epochs, None)?)))
+        .map(|(name, epochs, cuda_graphs)| {
+            let mut report = ModelReport::new(&name, &config, epochs, None)?;
+            report.cuda_graphs = cuda_graphs
+                .or_else(|| previous.as_ref().and_then(|json| json["models"][name.as_str()]["cuda_graphs"].as_bool()));
+            Ok((name, report))
+        })
         .collect::<Result<Vec<_>>>()?;
     write_comparison(out, &config, &environment, &reports)?;
     Ok(names)

@@ -34,7 +34,15 @@ pub struct PresetDefaults {
 impl Preset {
     pub fn defaults(self) -> PresetDefaults {
         match self {
-            Preset::Tutorial => PresetDefaults { image_size: 224, epochs: 5, train_limit: None, test_limit: None },
+            Preset::Tutorial => {
+                let recipe = Recipe::tutorial();
+                PresetDefaults {
+                    image_size: recipe.image_size,
+                    epochs: recipe.epochs,
+                    train_limit: None,
+                    test_limit: None,
+                }
+            }
             Preset::Quick => {
                 PresetDefaults { image_size: 32, epochs: 5, train_limit: Some(1500), test_limit: Some(500) }
             }
@@ -62,15 +70,12 @@ impl RunConfig {
     /// set beside the tutorial's.
     pub fn comparable_to_tutorial(&self) -> bool {
         let tutorial = Recipe {
-            epochs: 5,
-            batch_size: 64,
-            adam: Default::default(),
-            image_size: 224,
-            normalize: crate::transform::Normalize::Tutorial,
             seed: self.recipe.seed,
             // Execution details, not part of the recipe.
             amp: self.recipe.amp,
             memory_format: self.recipe.memory_format,
+            cuda_graphs: self.recipe.cuda_graphs,
+            ..Recipe::tutorial()
         };
         self.recipe == tutorial && self.train_limit.is_none() && self.test_limit.is_none()
     }
@@ -132,7 +137,10 @@ pub fn run(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
             }
             eprintln!("error: {name} failed: {err:#}");
         }
-        reports.push((name.clone(), ModelReport::new(name, config, trainer.history, result.err())?));
+        let cuda_graphs = trainer.replays_cuda_graphs();
+        let mut report = ModelReport::new(name, config, trainer.history, result.err())?;
+        report.cuda_graphs = Some(cuda_graphs);
+        reports.push((name.clone(), report));
         // Host memory only: libtorch's CUDA allocator is not visible through tch.
         environment["peak_resident_mb"] = serde_json::json!(peak_resident_mb());
         summary = report::write_comparison(&config.out, config, &environment, &reports)?;
@@ -165,6 +173,7 @@ fn run_meta(config: &RunConfig, name: &str, data: &Cifar, environment: &serde_js
         loss_scaler: None,
         history: Vec::new(),
         environment: environment.clone(),
+        cuda_graphs: None,
     }
 }
 
@@ -196,6 +205,7 @@ fn train_model(
         meta.adam_steps = trainer.adam.steps();
         meta.loss_scaler = trainer.scaler.clone();
         meta.history = trainer.history.clone();
+        meta.cuda_graphs = Some(trainer.replays_cuda_graphs());
         checkpoint::save(&file, trainer, &meta)?;
         report::write_csv(&csv, &trainer.history)?;
     }

@@ -2,6 +2,7 @@
 //!
 //! Loss and accuracy are accumulated on the device and read back only when the progress display is
 //! refreshed (at most twice a second) and at the end of an epoch, so a GPU is never stalled per step.
+//! On CUDA, full batches replay a recorded CUDA graph of the whole step ([`crate::cuda_graph`]).
 
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -13,8 +14,10 @@ use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
 use crate::amp::{self, Precision};
+use crate::cuda_graph::{self, Replayer};
 use crate::data::{self, Cifar};
-use crate::models::Backbone;
+use crate::environment::synchronize;
+use crate::models::{Backbone, FoldedBatchNorm};
 use crate::optim::{Adam, AdamConfig, LossScaler};
 use crate::transform::{self, Normalize};
 
@@ -61,6 +64,50 @@ pub struct Recipe {
     /// Memory layout of weights and activations.
     #[serde(default)]
     pub memory_format: MemoryFormat,
+    /// Whether CUDA runs replay recorded CUDA graphs (`--cuda-graphs`).
+    #[serde(default)]
+    pub cuda_graphs: CudaGraphs,
+}
+
+/// `--cuda-graphs`: whether full-batch steps are recorded once as CUDA graphs and replayed. The
+/// graph runs the same kernels on the same data as the eager step: results agree to float rounding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CudaGraphs {
+    /// On for CUDA runs, except in fp16 (its loss scaler reads the device every step); a capture
+    /// that fails is reported and the run continues eagerly. Off on the CPU.
+    #[default]
+    Auto,
+    /// On for CUDA runs; a capture that fails is an error, and so is fp16. Off on the CPU, which
+    /// has no graphs.
+    On,
+    /// Every step runs eagerly.
+    Off,
+}
+
+impl CudaGraphs {
+    /// Whether a run on `device` in `precision` replays graphs.
+    pub fn resolve(self, device: Device, precision: Precision) -> Result<bool> {
+        if self == CudaGraphs::Off || !device.is_cuda() {
+            return Ok(false);
+        }
+        if precision.needs_loss_scaling() {
+            if self == CudaGraphs::On {
+                bail!(
+                    "--cuda-graphs on: this GPU trains --amp in fp16, whose loss scaler reads the device \
+                     every step and cannot be recorded; use --cuda-graphs auto (fp16 then runs eagerly) or off"
+                );
+            }
+            return Ok(false);
+        }
+        if !cuda_graph::built_with_cuda_graphs() {
+            if self == CudaGraphs::On {
+                bail!("--cuda-graphs on: this csp-tch was built without the CUDA headers; rebuild it or use auto");
+            }
+            return Ok(false);
+        }
+        Ok(true)
+    }
 }
 
 /// Memory layout of weights and activations. The layout changes how libtorch's kernels round, not
@@ -105,6 +152,22 @@ impl MemoryFormat {
 }
 
 impl Recipe {
+    /// The tutorial's recipe: 5 epochs of batch 64 at 224 px, Adam at 1e-3, Normalize(0.5, 0.5) on raw
+    /// pixels, seed 0; fp32, `auto` layout and CUDA graphs.
+    pub fn tutorial() -> Recipe {
+        Recipe {
+            epochs: 5,
+            batch_size: 64,
+            adam: AdamConfig::default(),
+            image_size: 224,
+            normalize: Normalize::Tutorial,
+            seed: 0,
+            amp: false,
+            memory_format: MemoryFormat::Auto,
+            cuda_graphs: CudaGraphs::Auto,
+        }
+    }
+
     /// The input of `model` for the images at `index`: the tutorial's transform, in the model's layout.
     fn input(&self, model: &Backbone, images: &Tensor, index: &Tensor) -> Tensor {
         let xs = transform::batch(images, index, self.image_size, self.normalize);
@@ -140,6 +203,24 @@ pub struct EpochMetrics {
     pub last_train_loss: f64,
     /// The last test batch's loss (what the tutorial's eval log prints as `loss`).
     pub last_eval_loss: f64,
+    /// Time the epoch's first training and evaluation steps took beyond the epoch's steady rate:
+    /// cuDNN's algorithm search, the allocator's growth, CUDA graph capture ([`warmup_seconds`]).
+    #[serde(default)]
+    pub warmup_seconds: f64,
+}
+
+/// Steps timed at the start of each training and evaluation loop: the warm-up steps, then the one
+/// recorded as a CUDA graph and replayed (on the CPU, the first steps alike).
+const HEAD_STEPS: usize = cuda_graph::WARMUP_STEPS + 1;
+
+/// The time `head_seconds` of the first `head` of `steps` steps beyond what they take at the rate of
+/// the others (`total_seconds` for all); 0 when they were no slower, or there are too few steps to tell.
+pub fn warmup_seconds(head_seconds: f64, head: usize, total_seconds: f64, steps: usize) -> f64 {
+    if steps <= head {
+        return 0.0;
+    }
+    let steady = (total_seconds - head_seconds) / (steps - head) as f64;
+    (head_seconds - head as f64 * steady).max(0.0)
 }
 
 /// Result of evaluating a model on a test split.
@@ -228,6 +309,91 @@ impl PhaseClock<'_> {
     }
 }
 
+/// An epoch's training sums, on the device: kept from epoch to epoch (zeroed in place), so that a
+/// recorded step adds into the same tensors every time it is replayed.
+struct TrainSums {
+    /// Sum of batch loss times batch size.
+    loss: Tensor,
+    correct: Tensor,
+    last_loss: Tensor,
+}
+
+impl TrainSums {
+    fn new(device: Device) -> TrainSums {
+        let zero = |kind| Tensor::zeros([], (kind, device));
+        TrainSums { loss: zero(Kind::Double), correct: zero(Kind::Double), last_loss: zero(Kind::Float) }
+    }
+
+    fn zero(&mut self) {
+        for t in [&mut self.loss, &mut self.correct, &mut self.last_loss] {
+            let _ = t.zero_();
+        }
+    }
+
+    /// Adds one batch (under no_grad; reads nothing back).
+    fn add(&mut self, loss: &Tensor, logits: &Tensor, ys: &Tensor) {
+        let _guard = tch::no_grad_guard();
+        self.loss += loss.to_kind(Kind::Double) * ys.size()[0] as f64;
+        self.correct += logits.argmax(-1, false).eq_tensor(ys).sum(Kind::Double);
+        self.last_loss.copy_(loss);
+    }
+}
+
+/// An evaluation's sums on the device, kept like [`TrainSums`].
+struct EvalSums {
+    loss: Tensor,
+    /// `confusion[true * classes + predicted]` counts.
+    confusion: Tensor,
+    last_loss: Tensor,
+}
+
+impl EvalSums {
+    fn new(device: Device) -> EvalSums {
+        EvalSums {
+            loss: Tensor::zeros([], (Kind::Double, device)),
+            confusion: Tensor::zeros([data::CLASSES * data::CLASSES], (Kind::Int64, device)),
+            last_loss: Tensor::zeros([], (Kind::Float, device)),
+        }
+    }
+
+    fn zero(&mut self) {
+        for t in [&mut self.loss, &mut self.confusion, &mut self.last_loss] {
+            let _ = t.zero_();
+        }
+    }
+
+    /// Adds one batch (reads nothing back: `index_add_`, unlike `bincount`, needs no device value).
+    fn add(&mut self, logits: &Tensor, ys: &Tensor) {
+        let loss = logits.cross_entropy_for_logits(ys);
+        self.loss += loss.to_kind(Kind::Double) * ys.size()[0] as f64;
+        let cells = ys * data::CLASSES + logits.argmax(-1, false);
+        let _ = self.confusion.index_add_(0, &cells, &Tensor::ones_like(&cells));
+        self.last_loss.copy_(&loss);
+    }
+
+    /// Reads the sums back: loss, accuracy, last batch loss and confusion matrix over `n` images.
+    fn read(&self, n: usize, ms_per_step: f64) -> Result<Evaluation> {
+        let classes = data::CLASSES as usize;
+        let flat = Vec::<i64>::try_from(self.confusion.to_device(Device::Cpu))?;
+        let confusion: Vec<Vec<i64>> = flat.chunks(classes).map(<[i64]>::to_vec).collect();
+        let correct: i64 = (0..classes).map(|c| confusion[c][c]).sum();
+        Ok(Evaluation {
+            loss: self.loss.double_value(&[]) / n as f64,
+            accuracy: correct as f64 / n as f64,
+            last_batch_loss: self.last_loss.double_value(&[]),
+            ms_per_step,
+            confusion,
+        })
+    }
+}
+
+/// The recorded steps of a trainer that replays CUDA graphs: full training batches and full
+/// evaluation batches, sharing one memory pool (they never run at the same time).
+pub struct StepGraphs {
+    train: Replayer,
+    eval: Replayer,
+}
+
 /// A model, its optimizer and the metrics so far: what a checkpoint holds.
 pub struct Trainer {
     pub name: String,
@@ -239,6 +405,10 @@ pub struct Trainer {
     /// Present when training in fp16.
     pub scaler: Option<LossScaler>,
     pub history: Vec<EpochMetrics>,
+    /// Present when full batches replay CUDA graphs (`--cuda-graphs`).
+    graphs: Option<StepGraphs>,
+    train_sums: TrainSums,
+    eval_sums: EvalSums,
 }
 
 impl Trainer {
@@ -246,6 +416,8 @@ impl Trainer {
     pub fn new(name: &str, classes: i64, recipe: &Recipe, device: Device) -> Result<Trainer> {
         let info = crate::models::model_info(name)?;
         info.check_image_size(recipe.image_size)?;
+        let precision = recipe.precision(device);
+        let graphs = recipe.cuda_graphs.resolve(device, precision)?;
         // Before seeding: `auto` describes a throwaway model, which draws random numbers.
         let channels_last = recipe
             .memory_format
@@ -275,13 +447,29 @@ impl Trainer {
             precision: Precision::Fp32,
             scaler: None,
             history: Vec::new(),
+            graphs: graphs.then(|| {
+                let fall_back = recipe.cuda_graphs == CudaGraphs::Auto;
+                StepGraphs { train: Replayer::new(device, fall_back), eval: Replayer::new(device, fall_back) }
+            }),
+            train_sums: TrainSums::new(device),
+            eval_sums: EvalSums::new(device),
         };
-        trainer.set_precision(recipe.precision(device));
+        trainer.set_precision(precision);
         Ok(trainer)
     }
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// The last training batch's loss (reads it from the device).
+    pub fn last_train_loss(&self) -> f64 {
+        self.train_sums.last_loss.double_value(&[])
+    }
+
+    /// Whether full batches replay CUDA graphs (a capture that failed under `auto` turns it off).
+    pub fn replays_cuda_graphs(&self) -> bool {
+        self.graphs.as_ref().is_some_and(|g| !g.train.failed())
     }
 
     /// Trains in `precision` from the next step: [`Recipe::precision`] sets it; tests set bf16
@@ -326,6 +514,28 @@ impl Trainer {
         (loss.detach(), logits.detach().to_kind(Kind::Float), ys)
     }
 
+    /// A train step on the images at `index` with its loss and accuracy added to the epoch's sums:
+    /// a replay of the recorded step for a full batch when CUDA graphs are on, eager otherwise.
+    pub fn train_batch(&mut self, images: &Tensor, labels: &Tensor, index: &Tensor, recipe: &Recipe) -> Result<()> {
+        let step = |trainer: &mut Trainer, index: &Tensor| {
+            let (loss, logits, ys) = trainer.train_step(images, labels, index, recipe, None);
+            trainer.train_sums.add(&loss, &logits, &ys);
+        };
+        let full = index.size()[0] == recipe.batch_size as i64;
+        match self.graphs.take() {
+            Some(mut graphs) if full => {
+                let result = graphs.train.run(index, None, |index| step(self, index));
+                self.graphs = Some(graphs);
+                result
+            }
+            graphs => {
+                self.graphs = graphs;
+                partial_batch(images.device(), full, || step(self, index));
+                Ok(())
+            }
+        }
+    }
+
     /// Trains one epoch (number `history.len() + 1`) and evaluates on the test split.
     /// `first_steps` is called once, with the mean ms/step of the first epoch's first few steps;
     /// a line it returns is shown above the progress bar.
@@ -344,13 +554,10 @@ impl Trainer {
         let bounds = batch_bounds(data.train_len(), recipe.batch_size, true);
         let bar = progress.bar(bounds.len(), format!("{} {epoch}/{}", self.name, recipe.epochs));
 
-        let stats = || Tensor::zeros([], (Kind::Double, device));
-        let (mut loss_sum, mut correct, mut seen) = (stats(), stats(), 0i64);
-        let mut last_loss = Tensor::zeros([], (Kind::Float, device));
+        self.train_sums.zero();
+        let mut seen = 0i64;
         let mut last_refresh = Instant::now();
-        // The first step includes one-off allocations; the next few time the run.
-        const TIMED_STEPS: usize = 3;
-        let mut timed_from = started;
+        let (mut timed_from, mut head_seconds) = (started, 0.0);
         for (step, &(start, len)) in bounds.iter().enumerate() {
             if INTERRUPTED.load(Ordering::SeqCst) {
                 bar.abandon();
@@ -359,17 +566,14 @@ impl Trainer {
             if step == 1 {
                 timed_from = Instant::now();
             }
-            let index = order.narrow(0, start, len);
-            let (loss, logits, ys) = self.train_step(&data.train_images, &data.train_labels, &index, recipe, None);
-            tch::no_grad(|| {
-                loss_sum += loss.to_kind(Kind::Double) * len as f64;
-                correct += logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Double);
-            });
-            last_loss = loss;
+            self.train_batch(&data.train_images, &data.train_labels, &order.narrow(0, start, len), recipe)?;
             seen += len;
-            if step == TIMED_STEPS && epoch == 1 {
-                last_loss.double_value(&[]); // waits for the device
-                if let Some(line) = first_steps(timed_from.elapsed().as_secs_f64() * 1e3 / TIMED_STEPS as f64) {
+            if step + 1 == HEAD_STEPS {
+                synchronize(device);
+                head_seconds = started.elapsed().as_secs_f64();
+                // The steps after the first time the run, for the estimate of its length.
+                let ms_per_step = timed_from.elapsed().as_secs_f64() * 1e3 / (HEAD_STEPS - 1) as f64;
+                if let Some(line) = (epoch == 1).then(|| first_steps(ms_per_step)).flatten() {
                     progress.line(&bar, line);
                 }
             }
@@ -379,7 +583,7 @@ impl Trainer {
             const CHECK_EVERY: usize = 50;
             let refresh = progress.terminal && last_refresh.elapsed() > Duration::from_millis(500);
             if last || refresh || (step + 1) % CHECK_EVERY == 0 {
-                let loss_now = last_loss.double_value(&[]);
+                let loss_now = self.train_sums.last_loss.double_value(&[]);
                 if !loss_now.is_finite() {
                     bar.abandon();
                     bail!(
@@ -393,18 +597,19 @@ impl Trainer {
                 bar.set_position(step as u64 + 1);
                 bar.set_message(format!(
                     "loss {loss_now:.4} acc {:.4} {:.0} ms/step",
-                    correct.double_value(&[]) / seen as f64,
+                    self.train_sums.correct.double_value(&[]) / seen as f64,
                     elapsed * 1e3 / (step + 1) as f64
                 ));
                 last_refresh = Instant::now();
             }
         }
+        let train_loss = self.train_sums.loss.double_value(&[]) / seen as f64;
+        let train_acc = self.train_sums.correct.double_value(&[]) / seen as f64;
         let train_seconds = started.elapsed().as_secs_f64();
-        let train_loss = loss_sum.double_value(&[]) / seen as f64;
-        let train_acc = correct.double_value(&[]) / seen as f64;
+        let train_warmup = warmup_seconds(head_seconds, HEAD_STEPS, train_seconds, bounds.len());
         bar.finish_and_clear();
 
-        let eval = evaluate(&self.model, &data.test_images, &data.test_labels, recipe, device)?;
+        let (eval, eval_warmup) = self.evaluate(&data.test_images, &data.test_labels, recipe)?;
         let metrics = EpochMetrics {
             epoch,
             train_loss,
@@ -415,8 +620,9 @@ impl Trainer {
             eval_ms_per_step: eval.ms_per_step,
             epoch_seconds: started.elapsed().as_secs_f64(),
             train_images_per_s: seen as f64 / train_seconds,
-            last_train_loss: last_loss.double_value(&[]),
+            last_train_loss: self.train_sums.last_loss.double_value(&[]),
             last_eval_loss: eval.last_batch_loss,
+            warmup_seconds: train_warmup + eval_warmup,
         };
         if !metrics.eval_loss.is_finite() {
             bail!("{}: the evaluation loss is {} after epoch {epoch}; training stopped", self.name, metrics.eval_loss);
@@ -440,6 +646,29 @@ impl Trainer {
         self.history.push(metrics.clone());
         Ok(metrics)
     }
+
+    /// Evaluates on all of `images` as [`evaluate`] does, replaying a recorded step for full batches
+    /// when CUDA graphs are on; also returns the warm-up time of its first batches.
+    pub fn evaluate(&mut self, images: &Tensor, labels: &Tensor, recipe: &Recipe) -> Result<(Evaluation, f64)> {
+        self.evaluator().run(images, labels, recipe)
+    }
+
+    /// The model set up for evaluation as [`Trainer::evaluate`] runs it (`bench` times its batches).
+    pub fn evaluator(&mut self) -> Evaluator<'_> {
+        let Trainer { model, graphs, eval_sums, .. } = self;
+        Evaluator::new(model, graphs.as_mut(), eval_sums)
+    }
+}
+
+/// Runs a step eagerly; one of a partial batch without cuDNN's benchmark mode: a new shape would
+/// make cuDNN time every algorithm for a single batch per epoch, at a cost of seconds per model.
+fn partial_batch(device: Device, full: bool, step: impl FnOnce()) {
+    if full || !device.is_cuda() {
+        return step();
+    }
+    tch::Cuda::cudnn_set_benchmark(false);
+    step();
+    tch::Cuda::cudnn_set_benchmark(true);
 }
 
 /// Logits of the images at `index` with BatchNorm in eval mode (call under `no_grad`, and with
@@ -450,49 +679,69 @@ pub fn eval_logits(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &R
     amp::autocast(device, recipe.precision(device), || model.forward_t(&xs, false)).to_kind(Kind::Float)
 }
 
-/// Test loss, accuracy and confusion matrix over all of `images` (BatchNorm in eval mode).
-pub fn evaluate(
-    model: &Backbone,
-    images: &Tensor,
-    labels: &Tensor,
-    recipe: &Recipe,
-    device: Device,
-) -> Result<Evaluation> {
-    let _guard = tch::no_grad_guard();
-    let _folded = model.fold_batch_norm();
-    let n = labels.size()[0] as usize;
-    let classes = data::CLASSES;
-    let started = Instant::now();
-    let bounds = batch_bounds(n, recipe.batch_size, false);
-    let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
-    let mut confusion = Tensor::zeros([classes * classes], (Kind::Int64, device));
-    let mut last_loss = Tensor::zeros([], (Kind::Float, device));
-    for &(start, len) in &bounds {
-        let index = Tensor::arange_start(start, start + len, (Kind::Int64, device));
-        let ys = labels.index_select(0, &index);
-        let logits = eval_logits(model, images, &index, recipe);
-        last_loss = logits.cross_entropy_for_logits(&ys);
-        loss_sum += last_loss.to_kind(Kind::Double) * len as f64;
-        let cells = &ys * classes + logits.argmax(-1, false);
-        confusion += cells.bincount::<Tensor>(None, classes * classes);
+/// A model set up for evaluation: its BatchNorms folded into the convolutions for eager steps, or
+/// its recorded CUDA graphs replayed (a graph keeps the unfolded layers, whose tensors stay in place
+/// from epoch to epoch, where a fold makes new ones).
+pub struct Evaluator<'a> {
+    model: &'a Backbone,
+    graphs: Option<&'a mut StepGraphs>,
+    sums: &'a mut EvalSums,
+    _folded: Option<FoldedBatchNorm<'a>>,
+}
+
+impl<'a> Evaluator<'a> {
+    fn new(model: &'a Backbone, graphs: Option<&'a mut StepGraphs>, sums: &'a mut EvalSums) -> Evaluator<'a> {
+        let folded = graphs.is_none().then(|| model.fold_batch_norm());
+        Evaluator { model, graphs, sums, _folded: folded }
     }
-    let loss = loss_sum.double_value(&[]) / n as f64;
-    let ms_per_step = started.elapsed().as_secs_f64() * 1e3 / bounds.len() as f64;
-    let flat = Vec::<i64>::try_from(confusion.to_device(Device::Cpu))?;
-    let confusion: Vec<Vec<i64>> = flat.chunks(classes as usize).map(<[i64]>::to_vec).collect();
-    let correct: i64 = (0..classes as usize).map(|c| confusion[c][c]).sum();
-    Ok(Evaluation {
-        loss,
-        accuracy: correct as f64 / n as f64,
-        last_batch_loss: last_loss.double_value(&[]),
-        ms_per_step,
-        confusion,
-    })
+
+    /// One batch into the sums: replayed when steps are recorded and the batch is full.
+    pub fn batch(&mut self, images: &Tensor, labels: &Tensor, index: &Tensor, recipe: &Recipe) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let (model, sums) = (self.model, &mut *self.sums);
+        let mut step =
+            |index: &Tensor| sums.add(&eval_logits(model, images, index, recipe), &labels.index_select(0, index));
+        let full = index.size()[0] == recipe.batch_size as i64;
+        match self.graphs.as_deref_mut() {
+            Some(StepGraphs { train, eval }) if full => eval.run(index, train.graph(), step),
+            _ => {
+                partial_batch(images.device(), full, || step(index));
+                Ok(())
+            }
+        }
+    }
+
+    /// All of `images`, in batches: the evaluation and the warm-up time of its first batches.
+    fn run(mut self, images: &Tensor, labels: &Tensor, recipe: &Recipe) -> Result<(Evaluation, f64)> {
+        let device = images.device();
+        let n = labels.size()[0] as usize;
+        let bounds = batch_bounds(n, recipe.batch_size, false);
+        self.sums.zero();
+        let started = Instant::now();
+        let mut head_seconds = 0.0;
+        for (step, &(start, len)) in bounds.iter().enumerate() {
+            self.batch(images, labels, &Tensor::arange_start(start, start + len, (Kind::Int64, device)), recipe)?;
+            if step + 1 == HEAD_STEPS {
+                synchronize(device);
+                head_seconds = started.elapsed().as_secs_f64();
+            }
+        }
+        synchronize(device);
+        let seconds = started.elapsed().as_secs_f64();
+        let evaluation = self.sums.read(n, seconds * 1e3 / bounds.len() as f64)?;
+        Ok((evaluation, warmup_seconds(head_seconds, HEAD_STEPS, seconds, bounds.len())))
+    }
+}
+
+/// Test loss, accuracy and confusion matrix over all of `images` (BatchNorm in eval mode), eagerly.
+pub fn evaluate(model: &Backbone, images: &Tensor, labels: &Tensor, recipe: &Recipe) -> Result<Evaluation> {
+    let mut sums = EvalSums::new(images.device());
+    Ok(Evaluator::new(model, None, &mut sums).run(images, labels, recipe)?.0)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::batch_bounds;
+    use super::{batch_bounds, warmup_seconds};
 
     #[test]
     fn batches_cover_everything_once_and_never_leave_a_single_image_to_train_on() {
@@ -501,5 +750,14 @@ mod tests {
         assert_eq!(batch_bounds(129, 64, false), vec![(0, 64), (64, 64), (128, 1)]);
         assert_eq!(batch_bounds(50_000, 64, true).len(), 782);
         assert_eq!(batch_bounds(10_000, 64, false).len(), 157);
+    }
+
+    #[test]
+    fn warmup_is_the_first_steps_time_beyond_the_steady_rate() {
+        // 4 of 10 steps took 3.0 s, all 10 took 4.2 s: the other 6 ran at 0.2 s a step, so the
+        // first 4 would have taken 0.8 s and 2.2 s was warm-up.
+        assert!((warmup_seconds(3.0, 4, 4.2, 10) - 2.2).abs() < 1e-12);
+        assert_eq!(warmup_seconds(0.5, 4, 2.0, 10), 0.0, "first steps no slower than the rest");
+        assert_eq!(warmup_seconds(3.0, 4, 3.0, 4), 0.0, "no steps after the first four");
     }
 }

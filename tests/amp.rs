@@ -98,6 +98,7 @@ fn checkpoints_keep_the_loss_scale() {
         loss_scaler: trained.scaler.clone(),
         history: Vec::new(),
         environment: serde_json::Value::Null,
+        cuda_graphs: None,
     };
     checkpoint::save(&file, &trained, &meta).unwrap();
     let mut resumed = Trainer::new("cspdarknet53-pad0", 10, &recipe(), Device::Cpu).unwrap();

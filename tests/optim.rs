@@ -1,6 +1,6 @@
 //! Our Adam against tch's `nn::Adam` (libtorch's torch::optim::Adam), step for step.
 
-use csp_tch::optim::{Adam, AdamConfig};
+use csp_tch::optim::{Adam, AdamConfig, AdamKernel};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -14,12 +14,12 @@ fn net(vs: &nn::VarStore) -> impl Module {
 
 #[test]
 fn adam_matches_tch_adam_step_for_step() {
-    for fused in [true, false] {
-        adam_matches_tch_adam(fused);
+    for kernel in [AdamKernel::Fused, AdamKernel::TensorOps] {
+        adam_matches_tch_adam(kernel);
     }
 }
 
-fn adam_matches_tch_adam(fused: bool) {
+fn adam_matches_tch_adam(kernel: AdamKernel) {
     let config = AdamConfig { lr: 3e-3, ..Default::default() };
     tch::manual_seed(11);
     let vs_ours = nn::VarStore::new(Device::Cpu);
@@ -29,7 +29,7 @@ fn adam_matches_tch_adam(fused: bool) {
     vs_tch.copy(&vs_ours).unwrap();
 
     let mut ours = Adam::for_var_store(&vs_ours, config);
-    ours.fused_cpu = fused;
+    ours.kernel = kernel;
     let mut theirs = nn::Adam { beta1: config.beta1, beta2: config.beta2, wd: 0.0, amsgrad: false, eps: config.eps }
         .build(&vs_tch, config.lr)
         .unwrap();
@@ -45,7 +45,7 @@ fn adam_matches_tch_adam(fused: bool) {
             let b = &vs_tch.variables()[&name];
             let diff = (&a - b).abs().max().double_value(&[]);
             let moved = a.abs().max().double_value(&[]);
-            assert!(diff <= 1e-6 * moved.max(1.0), "fused {fused}, step {step}, {name}: max difference {diff}");
+            assert!(diff <= 1e-6 * moved.max(1.0), "{kernel:?}, step {step}, {name}: max difference {diff}");
         }
     }
     assert_eq!(ours.steps(), 20);
@@ -106,7 +106,7 @@ fn the_fused_step_handles_channels_last_and_gradients_in_another_layout() {
     }
     let mut fused = Adam::for_var_store(&vs_fused, AdamConfig::default());
     let mut tensor = Adam::for_var_store(&vs_tensor, AdamConfig::default());
-    tensor.fused_cpu = false;
+    tensor.kernel = AdamKernel::TensorOps;
     for _ in 0..5 {
         // "a" gets a channels-last gradient (its own layout), "b" a contiguous one.
         let a = csp_tch::transform::to_channels_last(&Tensor::randn([8, 4, 3, 3], tch::kind::FLOAT_CPU));

@@ -29,12 +29,7 @@ fn wait_for(path: &Path) {
 
 /// CSV rows without the timing columns.
 fn metrics(out: &Path, model: &str) -> Vec<Vec<String>> {
-    let csv = std::fs::read_to_string(out.join(format!("{model}.csv"))).unwrap();
-    csv.lines()
-        .map(|l| {
-            l.split(',').enumerate().filter(|(i, _)| ![5, 6, 7, 8].contains(i)).map(|(_, c)| c.to_string()).collect()
-        })
-        .collect()
+    common::without_timings(&std::fs::read_to_string(out.join(format!("{model}.csv"))).unwrap())
 }
 
 /// Every tensor of a checkpoint (weights, BN statistics, Adam moments) by name.

@@ -5,7 +5,7 @@ mod common;
 use common::{csp_tch, csp_tch_ok, read_json, s};
 
 const CSV_HEADER: &str = "epoch,train_loss,train_acc,eval_loss,eval_acc,train_ms_per_step,eval_ms_per_step,\
-epoch_seconds,train_images_per_s,last_train_loss,last_eval_loss";
+epoch_seconds,train_images_per_s,last_train_loss,last_eval_loss,warmup_seconds";
 
 /// A two-epoch run of `command` on 640 / 200 images.
 fn small_run<'a>(command: &[&'a str], data: &'a std::path::Path, out: &'a std::path::Path) -> Vec<&'a str> {
@@ -36,7 +36,7 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
         assert_eq!(lines.len(), 3, "{name}: one row per epoch");
         for (i, line) in lines[1..].iter().enumerate() {
             let cells: Vec<f64> = line.split(',').map(|c| c.parse().unwrap()).collect();
-            assert_eq!(cells.len(), 11);
+            assert_eq!(cells.len(), 12);
             assert_eq!(cells[0], (i + 1) as f64);
             assert!(cells.iter().all(|c| c.is_finite() && *c >= 0.0), "{name}: {line}");
             assert!(cells[2] <= 1.0 && cells[4] <= 1.0, "accuracies are fractions");
@@ -63,9 +63,13 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
         "test_limit",
         "device",
         "out",
+        "amp",
+        "memory_format",
+        "cuda_graphs",
     ] {
         assert!(config.get(key).is_some(), "config.{key}");
     }
+    assert_eq!(config["cuda_graphs"], "auto");
     assert_eq!(config["train_limit"], 640);
     assert_eq!(config["adam"]["lr"], 0.001);
     for key in ["csp_tch", "tch", "libtorch", "device", "device_name", "cpu_threads"] {
@@ -86,11 +90,16 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
             "total_train_seconds",
             "mean_train_ms_per_step",
             "mean_eval_ms_per_step",
+            "warmup_seconds",
+            "cuda_graphs",
             "status",
         ] {
             assert!(m.get(key).is_some(), "models.{name}.{key}");
         }
         assert_eq!(m["status"], "ok");
+        assert_eq!(m["cuda_graphs"], false, "{name}: no CUDA graphs on the CPU");
+        let warmups: f64 = m["epochs"].as_array().unwrap().iter().map(|e| e["warmup_seconds"].as_f64().unwrap()).sum();
+        assert_eq!(m["warmup_seconds"].as_f64().unwrap(), warmups, "{name}: the epochs' warm-up, summed");
         assert_eq!(m["epochs"].as_array().unwrap().len(), 2);
         // Training on the learnable set clearly beats chance (0.1) for every model.
         let train_acc = m["epochs"][1]["train_acc"].as_f64().unwrap();
@@ -137,27 +146,24 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 
-/// A CSV row without its timing columns.
-fn without_timings(csv: &str) -> Vec<Vec<String>> {
-    let timing = [5, 6, 7, 8];
-    csv.lines()
-        .map(|l| l.split(',').enumerate().filter(|(i, _)| !timing.contains(i)).map(|(_, c)| c.to_string()).collect())
-        .collect()
-}
-
 #[test]
 fn same_seed_same_metrics() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::synth(tmp.path());
     let mut csvs = Vec::new();
-    for (run, seed) in [("a", "3"), ("b", "3"), ("c", "4")] {
+    // Run b also asks for CUDA graphs, which change nothing on the CPU.
+    for (run, seed, graphs) in [("a", "3", "off"), ("b", "3", "on"), ("c", "4", "off")] {
         let out = tmp.path().join(run);
         let mut args = small_run(&["train", "--model", "cspdarknet53-pad0"], &data, &out);
         *args.last_mut().unwrap() = seed;
+        args.extend(["--cuda-graphs", graphs]);
         csp_tch_ok(&args);
-        csvs.push(without_timings(&std::fs::read_to_string(out.join("cspdarknet53-pad0.csv")).unwrap()));
+        csvs.push(common::without_timings(&std::fs::read_to_string(out.join("cspdarknet53-pad0.csv")).unwrap()));
+        let report = read_json(&out.join("comparison.json"));
+        assert_eq!(report["config"]["cuda_graphs"], graphs);
+        assert_eq!(report["models"]["cspdarknet53-pad0"]["cuda_graphs"], false);
     }
-    assert_eq!(csvs[0], csvs[1], "same seed, same losses and accuracies");
+    assert_eq!(csvs[0], csvs[1], "same seed, same losses and accuracies, with or without --cuda-graphs");
     assert_ne!(csvs[0], csvs[2], "another seed, another run");
 }
 

@@ -58,6 +58,18 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A metrics CSV's rows (header included) without the columns that hold timings, which differ from
+/// run to run.
+pub fn without_timings(csv: &str) -> Vec<Vec<String>> {
+    const TIMINGS: [&str; 5] =
+        ["train_ms_per_step", "eval_ms_per_step", "epoch_seconds", "train_images_per_s", "warmup_seconds"];
+    let header: Vec<&str> = csv.lines().next().unwrap_or("").split(',').collect();
+    assert!(TIMINGS.iter().all(|t| header.contains(t)), "not a metrics CSV header: {header:?}");
+    csv.lines()
+        .map(|l| l.split(',').zip(&header).filter(|(_, h)| !TIMINGS.contains(h)).map(|(c, _)| c.to_string()).collect())
+        .collect()
+}
+
 pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -75,12 +87,12 @@ pub fn tiny_recipe(seed: u64, amp: bool, memory_format: MemoryFormat) -> Recipe 
     Recipe {
         epochs: 1,
         batch_size: 8,
-        adam: Default::default(),
         image_size: 32,
         normalize: Normalize::Unit,
         seed,
         amp,
         memory_format,
+        ..Recipe::tutorial()
     }
 }
 

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# csp-tch's GPU measurements in one call, for the device machine (one GPU, PyTorch in python3, no
+# Rust): build the binary here with ../shared/gpu/prepare-device (it lands in .device/), then on the
+# device, from the checkout root:
+#   OUT=$OUT bash scripts/gpu-check.sh
+# Parts, in order (PARTS, default "graphs bench run"):
+#   graphs  `csp-tch check-graphs` for each model at 224 px, fp32 and --amp: eager and replayed steps agree;
+#   bench   train steps, 224 px, batch 64, median of BENCH_STEPS after warm-up, alternating: csp-tch with
+#           CUDA graphs (the default) and without, PyTorch eager (NHWC, cuDNN benchmark mode, foreach Adam),
+#           and PyTorch torch.compile (COMPILE_MODES, default "default"; "" skips), each in fp32 and --amp;
+#   run     `csp-tch run-all --preset tutorial --amp` (RUN_ARGS) of all three models under a cap of RUN_S s.
+# Results in $OUT: log.txt, graphs.jsonl, bench.jsonl (one JSON object per line, as `bench --json`
+# writes them), run/ (the run's CSVs and report, without checkpoints).
+# Try it here first with tiny settings:
+#   OUT=/tmp/g DEVICE=cpu BIN=target/release/csp-tch SIZE=32 BENCH_STEPS=2 RUN_ARGS="--preset quick --epochs 1 \
+#     --train-limit 256 --test-limit 128" DATA=data/cifar-10-batches-bin PY=$CSP_TCH_PYTHON bash scripts/gpu-check.sh
+set -u
+OUT=${OUT:?set OUT to a folder for the results}
+BIN=${BIN:-.device/csp-tch}
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+MODELS=${MODELS:-darknet53 cspdarknet53 cspdarknet53-pad0}
+PARTS=${PARTS:-graphs bench run}
+SIZE=${SIZE:-224}
+BENCH_STEPS=${BENCH_STEPS:-20}
+COMPILE_MODES=${COMPILE_MODES-default}
+RUN_S=${RUN_S:-300}
+RUN_ARGS=${RUN_ARGS:---preset tutorial --amp}
+DATA=${DATA:-/tmp/cifar10/cifar-10-batches-bin}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+T0=$(date +%s)
+say() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
+wants() { [[ " $PARTS " == *" $1 "* ]]; }
+# csp-tch built against the device's libtorch finds it through the PyTorch installed there.
+torch_lib=$($PY -c 'import torch, os; print(os.path.dirname(torch.__file__) + "/lib")') || { say "no torch in $PY"; exit 1; }
+export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+say start
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+$PY -c 'import torch; print("PyTorch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())'
+"$BIN" env || { say "csp-tch cannot start (ldd: $(ldd "$BIN" | grep 'not found'))"; exit 1; }
+
+if wants graphs; then
+  for model in $MODELS; do
+    for amp in "" --amp; do
+      say "check-graphs $model $amp"
+      timeout 120 "$BIN" check-graphs --model "$model" --image-size "$SIZE" --device "$DEVICE" $amp --json \
+        >>"$OUT/graphs.jsonl" || say "check-graphs $model $amp failed"
+    done
+  done
+fi
+
+if wants bench; then
+  common=(--image-size "$SIZE" --mode train --steps "$BENCH_STEPS" --warmup 5 --device "$DEVICE" --json)
+  for model in $MODELS; do
+    for amp in "" --amp; do
+      say "bench $model ${amp:-fp32}"
+      timeout 120 "$BIN" bench --model "$model" "${common[@]}" $amp >>"$OUT/bench.jsonl" || say "csp-tch bench failed"
+      timeout 120 $PY scripts/bench_pytorch.py bench --model "$model" "${common[@]}" $amp --channels-last \
+        >>"$OUT/bench.jsonl" || say "PyTorch eager bench failed"
+      timeout 120 "$BIN" bench --model "$model" "${common[@]}" $amp --cuda-graphs off >>"$OUT/bench.jsonl" \
+        || say "csp-tch eager bench failed"
+      for mode in $COMPILE_MODES; do
+        timeout 300 $PY scripts/bench_pytorch.py bench --model "$model" "${common[@]}" $amp --channels-last \
+          --compile "$mode" >>"$OUT/bench.jsonl" || say "PyTorch compile $mode bench failed"
+      done
+    done
+  done
+  $PY - "$OUT/bench.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+def who(r):
+    if r["implementation"] == "csp-tch":
+        return "csp-tch, CUDA graphs" if r.get("cuda_graphs") else "csp-tch, eager"
+    return f"PyTorch torch.compile {r['compile']}" if r.get("compile") else "PyTorch eager"
+print("| model | precision | who | ms/step | warm-up s | PyTorch eager ms / this ms |")
+print("|---|---|---|---:|---:|---:|")
+for r in rows:
+    base = [b["ms_per_step"] for b in rows if (b["model"], b["precision"], who(b)) == (r["model"], r["precision"], "PyTorch eager")]
+    ratio = f"{base[0] / r['ms_per_step']:.2f}x" if base else "-"
+    print(f"| {r['model']} | {r['precision']} | {who(r)} | {r['ms_per_step']:.2f} | {r.get('warmup_s', float('nan')):.1f} | {ratio} |")
+PY
+fi
+
+if wants run; then
+  if [ ! -f "$DATA/test_batch.bin" ]; then
+    say "data: decoding CIFAR-10 into $DATA"
+    tmp=$(mktemp -d) && tar xzf .device/cifar10-jpeg.tar.gz -C "$tmp" && $PY .device/jpeg_to_cifar_bin.py "$tmp" "$DATA" \
+      && rm -rf "$tmp" || { say "data failed"; exit 1; }
+  fi
+  say "run-all $RUN_ARGS (cap ${RUN_S}s)"
+  run=$(mktemp -d)
+  started=$(date +%s)
+  timeout -s INT -k 30 "$RUN_S" "$BIN" run-all $RUN_ARGS --device "$DEVICE" --data-dir "$DATA" --out "$run"
+  say "run-all exit $? after $(( $(date +%s) - started )) s wall time"
+  "$BIN" report --out "$run" >/dev/null 2>&1 || true
+  mkdir -p "$OUT/run" && (cd "$run" && cp ./*.csv ./comparison.* ./curves.svg "$OUT/run/" 2>/dev/null)
+fi
+say done
