@@ -2,7 +2,7 @@
 //! same code as `csp-tch bench`. For the side-by-side comparison with PyTorch use `scripts/bench.sh`.
 
 use csp_tch::bench::{self, BenchConfig, Mode};
-use csp_tch::train::Recipe;
+use csp_tch::config::Recipe;
 
 fn main() {
     // As the csp-tch binary runs.

@@ -15,9 +15,13 @@ models=darknet53,cspdarknet53,cspdarknet53-pad0 modes=train,eval image_size=32 b
 steps=10 warmup=3 rounds=3 device=cpu out="" options=() peer_options=()
 while [ $# -gt 0 ]; do
   case "$1" in
+    --models|--modes|--image-size|--batch-size|--steps|--warmup|--rounds|--device|--out|--peer-compile)
+      [ $# -ge 2 ] || { echo "bench.sh: $1 needs a value (see the header of $0)" >&2; exit 2; } ;;
+  esac
+  case "$1" in
     --amp|--channels-last) options+=("$1"); shift; continue ;;
     --peer-keeps-freed-memory) peer_options+=(--keep-freed-memory); shift; continue ;;
-    --peer-compile) [ $# -ge 2 ] || { echo "bench.sh: --peer-compile needs a mode" >&2; exit 2; }; peer_options+=(--compile "$2") ;;
+    --peer-compile) peer_options+=(--compile "$2") ;;
     --models) models=$2 ;; --modes) modes=$2 ;; --image-size) image_size=$2 ;; --batch-size) batch_size=$2 ;;
     --steps) steps=$2 ;; --warmup) warmup=$2 ;; --rounds) rounds=$2 ;; --device) device=$2 ;; --out) out=$2 ;;
     *) echo "bench.sh: unknown flag $1 (see the header of $0)" >&2; exit 2 ;;

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh machine for csp-tch: libtorch 2.13 from PyPI (the version tch 0.26 binds
 # to; a CUDA build that also runs on CPU) in a venv outside the repo, and .cargo/config.toml pointing
-# cargo at it, so that plain `cargo build`, `cargo run` and `cargo test` work afterwards.
+# cargo at it, so that plain `cargo build`, `cargo run` and `cargo test` work afterwards. The same
+# venv's Python runs the PyTorch peer (scripts/bench_pytorch.py) that the tests compare with.
 #   CSP_TCH_TORCH_HOME  where the venv lives (default ~/.cache/csp-tch)
-#   LIBTORCH            your own libtorch 2.13: used as it is, nothing installed
+#   LIBTORCH            your own libtorch 2.13: csp-tch builds against it; the venv is still made,
+#                       for the peer, unless python3 already has torch
 # A second run does no network work and returns in about a second.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 torch_version=2.13.0
 config="$repo/.cargo/config.toml"
+home=${CSP_TCH_TORCH_HOME:-$HOME/.cache/csp-tch}
+venv="$home/venv"
 
 write_config() { # LIBTORCH-path python-path
   local want
@@ -19,27 +23,44 @@ write_config() { # LIBTORCH-path python-path
   fi
 }
 
+# The venv's site-packages, asked of its Python (one folder even if the venv holds several python3.*).
+site_packages() {
+  "$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null
+}
+
+installed_version() {
+  local site
+  site=$(site_packages) || return 0
+  sed -n "s/^__version__ = '\([0-9.]*\).*/\1/p" "$site/torch/version.py" 2>/dev/null | head -n 1
+}
+
+install_torch() {
+  if [ "$(installed_version)" != "$torch_version" ]; then
+    echo "setup: installing torch==$torch_version into $venv (about 4.7 GB, a few minutes)"
+    command -v python3 >/dev/null || { echo "setup: python3 is needed to install libtorch from PyPI" >&2; exit 1; }
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$torch_version" numpy
+  fi
+}
+
 if [ -n "${LIBTORCH:-}" ]; then
   if [ ! -e "$LIBTORCH/lib/libtorch.so" ]; then
     echo "setup: LIBTORCH=$LIBTORCH has no lib/libtorch.so; unset LIBTORCH to let this script install libtorch $torch_version" >&2
     exit 1
   fi
-  echo "setup: using your LIBTORCH=$LIBTORCH"
+  if python3 -c 'import torch' 2>/dev/null; then
+    python=$(command -v python3)
+  else
+    install_torch
+    python="$venv/bin/python"
+  fi
+  write_config "$LIBTORCH" "$python"
+  echo "setup: using your LIBTORCH=$LIBTORCH; the PyTorch peer runs on $python"
   exit 0
 fi
 
-home=${CSP_TCH_TORCH_HOME:-$HOME/.cache/csp-tch}
-venv="$home/venv"
-installed_version() {
-  sed -n "s/^__version__ = '\([0-9.]*\).*/\1/p" "$venv"/lib/python3*/site-packages/torch/version.py 2>/dev/null | head -n 1
-}
-if [ "$(installed_version)" != "$torch_version" ]; then
-  echo "setup: installing torch==$torch_version into $venv (about 4.7 GB, a few minutes)"
-  command -v python3 >/dev/null || { echo "setup: python3 is needed to install libtorch from PyPI" >&2; exit 1; }
-  python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$torch_version" numpy
-fi
-torch_dir=$(echo "$venv"/lib/python3*/site-packages/torch)
+install_torch
+torch_dir="$(site_packages)/torch"
 [ -e "$torch_dir/lib/libtorch.so" ] || { echo "setup: $torch_dir/lib/libtorch.so missing; delete $venv and run again" >&2; exit 1; }
 # The CUDA runtime headers' crt/ part, which the torch wheel leaves out and src/cuda_graph.cpp needs
 # (166 kB, matching the wheel's CUDA 13.0).

@@ -8,9 +8,10 @@ use serde::Serialize;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
+use crate::config::{CudaGraphs, Recipe};
 use crate::cuda_graph::WARMUP_STEPS;
 use crate::environment::{device_label, synchronize};
-use crate::train::{CudaGraphs, PhaseTimes, Recipe, Trainer};
+use crate::train::{PhaseTimes, Trainer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

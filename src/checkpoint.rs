@@ -14,18 +14,22 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::config::RunConfig;
+use crate::environment::RunEnvironment;
+use crate::files::write_atomic;
+use crate::metrics::EpochMetrics;
 use crate::models::Backbone;
-use crate::optim::LossScaler;
-
-use crate::run::RunConfig;
-use crate::train::{EpochMetrics, Trainer};
+use crate::optim::{Adam, LossScaler};
 
 pub const FORMAT: u32 = 1;
 const META_KEY: &str = "csp_tch";
 
+/// The folder of a run's output folder that holds the checkpoints.
+pub const FOLDER: &str = "checkpoints";
+
 /// The checkpoint of `model` in a run's output folder.
 pub fn path(out: &Path, model: &str) -> PathBuf {
-    out.join("checkpoints").join(format!("{model}.safetensors"))
+    out.join(FOLDER).join(format!("{model}.safetensors"))
 }
 
 /// What a checkpoint says about itself.
@@ -43,8 +47,8 @@ pub struct Meta {
     #[serde(default)]
     pub loss_scaler: Option<LossScaler>,
     pub history: Vec<EpochMetrics>,
-    /// Where the last epoch ran (`report::RunEnvironment`).
-    pub environment: Value,
+    /// Where the last epoch ran.
+    pub environment: RunEnvironment,
     /// Whether its full batches replayed CUDA graphs (`--cuda-graphs`), for `csp-tch report`.
     #[serde(default)]
     pub cuda_graphs: Option<bool>,
@@ -123,13 +127,13 @@ fn to_bytes(t: &Tensor) -> Result<Bytes> {
     Ok(Bytes { dtype: safetensors::Dtype::F32, shape: t.size().iter().map(|&d| d as usize).collect(), data })
 }
 
-/// Writes `trainer`'s state atomically.
-pub fn save(file: &Path, trainer: &Trainer, meta: &Meta) -> Result<()> {
+/// Writes a model's variables (`vs`), its optimizer's state and `meta` atomically.
+pub fn save(file: &Path, vs: &nn::VarStore, adam: &Adam, meta: &Meta) -> Result<()> {
     let mut tensors: Vec<(String, Bytes)> = Vec::new();
-    for (name, var) in trainer.vs.variables() {
+    for (name, var) in vs.variables() {
         tensors.push((format!("model/{name}"), to_bytes(&var)?));
     }
-    let (names, exp_avg, exp_avg_sq) = trainer.adam.state();
+    let (names, exp_avg, exp_avg_sq) = adam.state();
     for ((name, m), v) in names.iter().zip(exp_avg).zip(exp_avg_sq) {
         tensors.push((format!("adam.exp_avg/{name}"), to_bytes(m)?));
         tensors.push((format!("adam.exp_avg_sq/{name}"), to_bytes(v)?));
@@ -138,7 +142,7 @@ pub fn save(file: &Path, trainer: &Trainer, meta: &Meta) -> Result<()> {
     let info = HashMap::from([(META_KEY.to_string(), serde_json::to_string(meta)?)]);
     let bytes = safetensors::serialize(tensors.iter().map(|(n, b)| (n.as_str(), b)), Some(info))
         .context("cannot serialise the checkpoint")?;
-    crate::report::write_atomic(file, &bytes)
+    write_atomic(file, &bytes)
 }
 
 fn corrupt(file: &Path) -> String {
@@ -187,24 +191,20 @@ fn load_variables(tensors: &safetensors::SafeTensors, file: &Path, vs: &nn::VarS
     Ok(())
 }
 
-/// Loads a checkpoint into `trainer` (model variables and Adam state); returns its metadata.
-pub fn restore(file: &Path, trainer: &mut Trainer) -> Result<Meta> {
+/// Loads the checkpoint of `model` into its variables (`vs`) and optimizer; returns its metadata,
+/// which holds the rest of the training state (metrics so far, the fp16 loss scaler).
+pub fn restore(file: &Path, model: &str, vs: &nn::VarStore, adam: &mut Adam) -> Result<Meta> {
     let (bytes, meta) = read(file)?;
-    ensure!(meta.model == trainer.name, "{} holds {}, not {}", file.display(), meta.model, trainer.name);
+    ensure!(meta.model == model, "{} holds {}, not {model}", file.display(), meta.model);
     let tensors = safetensors::SafeTensors::deserialize(&bytes).with_context(|| corrupt(file))?;
-    load_variables(&tensors, file, &trainer.vs)?;
-    let (names, exp_avg, exp_avg_sq) = trainer.adam.state();
+    load_variables(&tensors, file, vs)?;
+    let (names, exp_avg, exp_avg_sq) = adam.state();
     let mut moments = Vec::with_capacity(names.len());
     for ((name, m), v) in names.iter().zip(exp_avg).zip(exp_avg_sq) {
         let load = |moment: &str, like: &Tensor| load_tensor(&tensors, file, &format!("adam.{moment}/{name}"), like);
         moments.push((load("exp_avg", m)?, load("exp_avg_sq", v)?));
     }
-    trainer.adam.set_state(&moments, meta.adam_steps);
-    // A run that trains in fp16 continues the checkpoint's loss scale, when it has one.
-    if let (Some(scaler), Some(saved)) = (trainer.scaler.as_mut(), &meta.loss_scaler) {
-        *scaler = saved.clone();
-    }
-    trainer.history = meta.history.clone();
+    adam.set_state(&moments, meta.adam_steps);
     Ok(meta)
 }
 

@@ -7,13 +7,13 @@ use tch::Device;
 use std::path::PathBuf;
 
 use crate::bench::{BenchConfig, Mode};
+use crate::config::{CudaGraphs, MemoryFormat, Preset, Recipe, RunConfig};
 use crate::data::{self, Source};
 use crate::environment::{device_label, device_name, parse_device, Environment};
 use crate::models;
 use crate::optim::AdamConfig;
 use crate::report::{si, thousands};
-use crate::run::{self, Preset, RunConfig};
-use crate::train::{CudaGraphs, MemoryFormat, Recipe};
+use crate::run;
 use crate::transform::Normalize;
 
 #[derive(Parser, Debug)]
@@ -169,16 +169,20 @@ struct RecipeArgs {
     /// Test images: a seeded class-balanced subset of N, or `all` [preset].
     #[arg(long, value_parser = parse_limit)]
     test_limit: Option<Limit>,
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = Recipe::tutorial().batch_size as u32, value_parser = clap::value_parser!(u32).range(1..))]
     batch_size: u32,
     /// Adam learning rate (betas 0.9/0.999, eps 1e-8 as in the tutorial).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = Recipe::tutorial().adam.lr)]
     lr: f64,
     #[arg(long, value_enum, default_value_t = Normalize::Tutorial)]
     normalize: Normalize,
     /// Seeds initialisation, subsets and the per-epoch shuffles.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = Recipe::tutorial().seed)]
     seed: u64,
+    /// Train every model once per seed (e.g. `0,1,2`): each seed's files in `--out`/seed-<s>/, and the
+    /// spread over seeds (intervals, verdicts) in `--out`'s report.
+    #[arg(long, value_delimiter = ',', conflicts_with = "seed")]
+    seeds: Vec<u64>,
     #[command(flatten)]
     acceleration: AccelerationArgs,
     /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
@@ -199,6 +203,15 @@ impl RecipeArgs {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("--lr {} must be a positive number", self.lr);
         }
+        if let Some(twice) = self.seeds.iter().enumerate().find_map(|(i, s)| self.seeds[..i].contains(s).then_some(s)) {
+            bail!("--seeds lists {twice} twice; name each seed once");
+        }
+        // One seed in --seeds is a single run with that seed.
+        let (seed, seeds) = match self.seeds.as_slice() {
+            [] => (self.seed, Vec::new()),
+            [one] => (*one, Vec::new()),
+            many => (many[0], many.to_vec()),
+        };
         let defaults = self.preset.defaults();
         Ok(RunConfig {
             preset: self.preset,
@@ -209,7 +222,7 @@ impl RecipeArgs {
                 adam: AdamConfig { lr: self.lr, ..Default::default() },
                 image_size: self.image_size.unwrap_or(defaults.image_size),
                 normalize: self.normalize,
-                seed: self.seed,
+                seed,
                 ..self.acceleration.recipe()
             },
             classes: data::CLASSES,
@@ -218,6 +231,7 @@ impl RecipeArgs {
             test_limit: self.test_limit.map_or(defaults.test_limit, |l| l.0),
             device: self.device.clone(),
             out: self.out.clone(),
+            seeds,
         })
     }
 }
@@ -247,7 +261,7 @@ struct StepArgs {
     model: String,
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(i64).range(1..=4096))]
     image_size: i64,
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(2..))]
+    #[arg(long, default_value_t = Recipe::tutorial().batch_size as u32, value_parser = clap::value_parser!(u32).range(2..))]
     batch_size: u32,
     #[arg(long, default_value = "auto")]
     device: String,
@@ -329,7 +343,7 @@ struct SummaryArgs {
     #[arg(long, value_parser = model_name_parser())]
     model: String,
     /// Square input size in pixels.
-    #[arg(long, default_value_t = 224, value_parser = clap::value_parser!(i64).range(1..=4096))]
+    #[arg(long, default_value_t = Recipe::tutorial().image_size, value_parser = clap::value_parser!(i64).range(1..=4096))]
     image_size: i64,
     /// Classes in the linear head.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..))]
@@ -367,6 +381,9 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 args.models
             };
+            if let Some(twice) = models.iter().enumerate().find_map(|(i, m)| models[..i].contains(m).then_some(m)) {
+                bail!("--models lists {twice} twice; name each model once");
+            }
             let config = args.recipe.resolve(models)?;
             run::run(&config, &args.recipe.source.source(), args.recipe.resume)
         }
@@ -378,7 +395,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench(args),
         Command::CheckGraphs(args) => check_graphs(args),
         Command::Report { out } => {
-            let models = crate::report::rebuild(&out)?;
+            let models = run::rebuild(&out)?;
             eprintln!("rebuilt the report of {} in {}", models.join(", "), out.display());
             Ok(())
         }
@@ -447,7 +464,7 @@ fn env() -> Result<()> {
         crate::amp::Precision::Fp32 => "no effect (fp32 on the CPU)",
     };
     println!("--amp there: {amp}");
-    let graphs = match crate::train::CudaGraphs::Auto.resolve(device, crate::amp::Precision::Fp32)? {
+    let graphs = match CudaGraphs::Auto.resolve(device, crate::amp::Precision::Fp32)? {
         true => "on (full batches replay recorded steps)",
         false if !crate::cuda_graph::built_with_cuda_graphs() => "off: this build has no CUDA graphs (no CUDA headers)",
         false => "off (no CUDA device)",
@@ -470,6 +487,31 @@ fn data_check(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// What `csp-tch eval` reports (`--json` prints it as is).
+#[derive(serde::Serialize)]
+struct EvalReport {
+    checkpoint: PathBuf,
+    model: String,
+    epochs_done: usize,
+    data_dir: PathBuf,
+    test_images: usize,
+    device: String,
+    loss: f64,
+    accuracy: f64,
+    per_class: Vec<ClassAccuracy>,
+    /// `confusion[true][predicted]` counts.
+    confusion: Vec<Vec<i64>>,
+}
+
+#[derive(serde::Serialize)]
+struct ClassAccuracy {
+    class: usize,
+    name: String,
+    images: i64,
+    /// NaN (`null` in JSON) for a class with no test image.
+    accuracy: f64,
+}
+
 fn eval(args: EvalArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let (meta, _vs, model) = crate::checkpoint::load_model(&args.checkpoint, device)?;
@@ -477,90 +519,104 @@ fn eval(args: EvalArgs) -> Result<()> {
     let test_limit = args.test_limit.map_or(meta.config.test_limit, |l| l.0);
     let cifar = data::load(&data_dir)?.limit(None, test_limit, meta.config.recipe.seed)?.to_device(device);
     let e = crate::train::evaluate(&model, &cifar.test_images, &cifar.test_labels, &meta.config.recipe)?;
-    let per_class: Vec<serde_json::Value> = e
+    let per_class = e
         .confusion
         .iter()
         .enumerate()
-        .map(|(c, row)| {
+        .map(|(class, row)| {
             let images: i64 = row.iter().sum();
-            let accuracy = if images > 0 { row[c] as f64 / images as f64 } else { f64::NAN };
-            serde_json::json!({ "class": c, "name": cifar.class_names[c], "images": images, "accuracy": accuracy })
+            let accuracy = if images > 0 { row[class] as f64 / images as f64 } else { f64::NAN };
+            ClassAccuracy { class, name: cifar.class_names[class].clone(), images, accuracy }
         })
         .collect();
+    let report = EvalReport {
+        checkpoint: args.checkpoint,
+        model: meta.model,
+        epochs_done: meta.epochs_done,
+        data_dir,
+        test_images: cifar.test_len(),
+        device: device_label(device),
+        loss: e.loss,
+        accuracy: e.accuracy,
+        per_class,
+        confusion: e.confusion,
+    };
     if args.json {
-        let report = serde_json::json!({
-            "checkpoint": args.checkpoint,
-            "model": meta.model,
-            "epochs_done": meta.epochs_done,
-            "data_dir": data_dir,
-            "test_images": cifar.test_len(),
-            "device": device_label(device),
-            "loss": e.loss,
-            "accuracy": e.accuracy,
-            "per_class": per_class,
-            "confusion": e.confusion,
-        });
         println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+    } else {
+        print_eval(&report);
     }
+    Ok(())
+}
+
+fn print_eval(r: &EvalReport) {
     println!(
         "{} after {} epoch(s), on {} test images from {} ({})",
-        meta.model,
-        meta.epochs_done,
-        cifar.test_len(),
-        data_dir.display(),
-        device_label(device)
+        r.model,
+        r.epochs_done,
+        r.test_images,
+        r.data_dir.display(),
+        r.device
     );
-    println!("test loss {:.4}, top-1 accuracy {:.4}\n", e.loss, e.accuracy);
+    println!("test loss {:.4}, top-1 accuracy {:.4}\n", r.loss, r.accuracy);
     println!("{:<14} {:>7} {:>9}", "class", "images", "accuracy");
-    for c in &per_class {
-        let name = format!("{} {}", c["class"], c["name"].as_str().unwrap_or("?"));
-        println!(
-            "{name:<14} {:>7} {:>9.4}",
-            c["images"].as_i64().unwrap_or(0),
-            c["accuracy"].as_f64().unwrap_or(f64::NAN)
-        );
+    for c in &r.per_class {
+        println!("{:<14} {:>7} {:>9.4}", format!("{} {}", c.class, c.name), c.images, c.accuracy);
     }
     println!("\nconfusion matrix (rows: true class, columns: predicted class)");
     print!("{:<14}", "");
-    for c in 0..e.confusion.len() {
+    for c in 0..r.confusion.len() {
         print!(" {c:>6}");
     }
     println!();
-    for (c, row) in e.confusion.iter().enumerate() {
-        print!("{:<14}", format!("{c} {}", cifar.class_names[c]));
+    for (c, row) in r.confusion.iter().enumerate() {
+        print!("{:<14}", format!("{c} {}", r.per_class[c].name));
         for count in row {
             print!(" {count:>6}");
         }
         println!();
     }
-    Ok(())
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
     let recipe = args.acceleration.recipe();
     let config = args.step.config(recipe, args.steps, args.warmup, args.mode, args.breakdown)?;
-    let r = crate::bench::run(&config)?;
+    let result = crate::bench::run(&config)?;
     if args.json {
-        println!("{}", serde_json::to_string(&r)?);
+        println!("{}", serde_json::to_string(&result)?);
     } else {
-        println!(
-            "{} {:?} {} px, batch {}, {} ({} threads): {:.1} ms/step, {:.1} images/s, {:.1} GFLOP/s (median of {} steps after {} warm-up)",
-            r.model, r.mode, r.image_size, r.batch_size, r.device, r.threads, r.ms_per_step, r.images_per_s, r.gflops, r.steps, r.warmup
-        );
-        if let Some(p) = &r.phases_ms {
-            let total = p.transform_ms + p.forward_ms + p.backward_ms + p.optimizer_ms;
-            for (phase, ms) in [
-                ("transform", p.transform_ms),
-                ("forward", p.forward_ms),
-                ("backward", p.backward_ms),
-                ("optimizer", p.optimizer_ms),
-            ] {
-                println!("  {phase:<10} {ms:>9.1} ms  {:>5.1}%", 100.0 * ms / total);
-            }
-        }
+        print_bench(&result);
     }
     Ok(())
+}
+
+fn print_bench(r: &crate::bench::BenchResult) {
+    println!(
+        "{} {:?} {} px, batch {}, {} ({} threads): {:.1} ms/step, {:.1} images/s, {:.1} GFLOP/s (median of {} \
+         steps after {} warm-up)",
+        r.model,
+        r.mode,
+        r.image_size,
+        r.batch_size,
+        r.device,
+        r.threads,
+        r.ms_per_step,
+        r.images_per_s,
+        r.gflops,
+        r.steps,
+        r.warmup
+    );
+    if let Some(p) = &r.phases_ms {
+        let total = p.transform_ms + p.forward_ms + p.backward_ms + p.optimizer_ms;
+        for (phase, ms) in [
+            ("transform", p.transform_ms),
+            ("forward", p.forward_ms),
+            ("backward", p.backward_ms),
+            ("optimizer", p.optimizer_ms),
+        ] {
+            println!("  {phase:<10} {ms:>9.1} ms  {:>5.1}%", 100.0 * ms / total);
+        }
+    }
 }
 
 fn check_graphs(args: CheckGraphsArgs) -> Result<()> {

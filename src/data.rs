@@ -9,6 +9,8 @@ use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+
+use crate::files::Staging;
 use tch::{Device, Kind, Tensor};
 
 pub const TRAIN_FILES: [&str; 5] =
@@ -29,31 +31,36 @@ fn all_files() -> impl Iterator<Item = &'static str> {
     TRAIN_FILES.into_iter().chain([TEST_FILE])
 }
 
-/// What to tell a user whose data folder is missing or broken.
+/// What to tell a user whose data folder is missing or broken (`download` wants a folder that does
+/// not exist yet, so a broken one has to go first).
 fn how_to_get(dir: &Path) -> String {
+    let remove = if dir.exists() { format!("remove {} and ", dir.display()) } else { String::new() };
     format!(
-        "get CIFAR-10 (binary version) with `csp-tch data download --data-dir {0}`, or put \
+        "{remove}get CIFAR-10 (binary version) with `csp-tch data download --data-dir {0}`, or put \
          data_batch_1..5.bin and test_batch.bin from cifar-10-binary.tar.gz into {0}",
         dir.display()
     )
 }
 
+/// What is wrong with the layout in `dir`, naming the file by its name alone; `None` when every
+/// file is present with its exact size.
+fn layout_problem(dir: &Path) -> Option<String> {
+    all_files().find_map(|name| match std::fs::metadata(dir.join(name)) {
+        Err(_) => Some(format!("{name} is missing")),
+        Ok(meta) if meta.len() != FILE_BYTES => Some(format!(
+            "{name} has {} bytes, expected {FILE_BYTES} ({RECORDS_PER_FILE} records of {RECORD_BYTES} bytes): \
+             truncated or not CIFAR-10's binary version",
+            meta.len()
+        )),
+        Ok(_) => None,
+    })
+}
+
 /// Checks that every file of the layout is present with its exact size.
 pub fn check_layout(dir: &Path) -> Result<()> {
     ensure!(dir.is_dir(), "CIFAR-10 folder {} does not exist; {}", dir.display(), how_to_get(dir));
-    for name in all_files() {
-        let path = dir.join(name);
-        let size = match std::fs::metadata(&path) {
-            Ok(meta) => meta.len(),
-            Err(_) => bail!("{} is missing; {}", path.display(), how_to_get(dir)),
-        };
-        ensure!(
-            size == FILE_BYTES,
-            "{} has {size} bytes, expected {FILE_BYTES} ({RECORDS_PER_FILE} records of \
-             {RECORD_BYTES} bytes): truncated or not CIFAR-10's binary version; {}",
-            path.display(),
-            how_to_get(dir)
-        );
+    if let Some(problem) = layout_problem(dir) {
+        bail!("{}: {problem}; {}", dir.display(), how_to_get(dir));
     }
     Ok(())
 }
@@ -175,6 +182,17 @@ impl SplitMix64 {
         ((self.next_u64() as u128 * n as u128) >> 64) as usize
     }
 
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u = 1.0 - self.uniform();
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()
+    }
+
     /// Fisher-Yates shuffle.
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
@@ -224,8 +242,8 @@ pub fn write_synthetic(dir: &Path, train: usize, test: usize, seed: u64) -> Resu
     ensure!((1..=50_000).contains(&train), "--train {train} must be in 1..=50000");
     ensure!((1..=10_000).contains(&test), "--test {test} must be in 1..=10000");
     let staging = Staging::new(dir)?;
-    let train_records = synthetic_records(train, seed)?;
-    let test_records = synthetic_records(test, seed ^ 0x5EED_7E57)?;
+    let train_records = synthetic_records(train, seed);
+    let test_records = synthetic_records(test, seed ^ 0x5EED_7E57);
     for (k, name) in TRAIN_FILES.iter().enumerate() {
         write_cycled(&staging.path.join(name), &train_records, k * RECORDS_PER_FILE)?;
     }
@@ -235,34 +253,31 @@ pub fn write_synthetic(dir: &Path, train: usize, test: usize, seed: u64) -> Resu
     staging.commit(dir)
 }
 
-/// `n` records (label byte + CHW pixels) of the synthetic classes.
-fn synthetic_records(n: usize, seed: u64) -> Result<Vec<u8>> {
+/// `n` records (label byte + CHW pixels) of the synthetic classes, drawn from `seed` alone (not from
+/// libtorch's global generator, which training seeds).
+fn synthetic_records(n: usize, seed: u64) -> Vec<u8> {
     let mut rng = SplitMix64::new(seed);
-    let labels: Vec<i64> = (0..n).map(|i| (i % CLASSES as usize) as i64).collect();
-    let mut labels_shuffled = labels;
-    rng.shuffle(&mut labels_shuffled);
-    let _guard = tch::no_grad_guard();
-    tch::manual_seed(seed as i64);
-    let opts = (Kind::Float, Device::Cpu);
-    let label_t = Tensor::from_slice(&labels_shuffled).to_kind(Kind::Float).view([-1, 1, 1, 1]);
-    // Class c: a grating at angle c * 18 degrees, frequency 2 + c % 3 cycles per image, its three
-    // channels phase-shifted by c; then a random brightness and Gaussian noise.
-    let coords = Tensor::arange(32, opts) / 32.0;
-    let (y, x) = (coords.view([1, 1, 32, 1]), coords.view([1, 1, 1, 32]));
-    let angle = &label_t * (std::f64::consts::PI / 10.0);
-    let freq = (&label_t.remainder(3.0) + 2.0) * (2.0 * std::f64::consts::PI);
-    let phase = Tensor::from_slice(&[0.0f32, 2.1, 4.2]).view([1, 3, 1, 1]) * (&label_t + 1.0);
-    let wave = ((x * angle.cos() + y * angle.sin()) * freq + phase).sin();
-    let brightness = Tensor::rand([n as i64, 1, 1, 1], opts) * 0.6 + 0.7;
-    let noise = Tensor::randn([n as i64, 3, 32, 32], opts) * 25.0;
-    let pixels = (wave * 90.0 * brightness + 128.0 + noise).clamp(0.0, 255.0).round().to_kind(Kind::Uint8);
-    let pixels = Vec::<u8>::try_from(pixels.flatten(0, -1))?;
+    let mut labels: Vec<usize> = (0..n).map(|i| i % CLASSES as usize).collect();
+    rng.shuffle(&mut labels);
     let mut records = Vec::with_capacity(n * RECORD_BYTES);
-    for (i, label) in labels_shuffled.iter().enumerate() {
-        records.push(*label as u8);
-        records.extend_from_slice(&pixels[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]);
+    for &label in &labels {
+        records.push(label as u8);
+        // Class c: a grating at angle c * 18 degrees, frequency 2 + c % 3 cycles per image, its three
+        // channels phase-shifted by c; then a random brightness and Gaussian noise.
+        let c = label as f64;
+        let angle = c * std::f64::consts::PI / 10.0;
+        let freq = (2.0 + c % 3.0) * std::f64::consts::TAU;
+        let brightness = rng.uniform() * 0.6 + 0.7;
+        for channel in 0..3 {
+            let phase = [0.0, 2.1, 4.2][channel] * (c + 1.0);
+            for (y, x) in (0..32).flat_map(|y| (0..32).map(move |x| (y as f64 / 32.0, x as f64 / 32.0))) {
+                let wave = ((x * angle.cos() + y * angle.sin()) * freq + phase).sin();
+                let pixel = wave * 90.0 * brightness + 128.0 + rng.normal() * 25.0;
+                records.push(pixel.clamp(0.0, 255.0).round() as u8);
+            }
+        }
     }
-    Ok(records)
+    records
 }
 
 /// Writes one full-size file: records `first .. first + 10,000` of `records` repeated cyclically.
@@ -274,37 +289,6 @@ fn write_cycled(path: &Path, records: &[u8], first: usize) -> Result<()> {
         out.write_all(&records[r * RECORD_BYTES..(r + 1) * RECORD_BYTES])?;
     }
     out.flush().with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// A temporary sibling folder that becomes `dest` by a rename only when complete, and is removed
-/// when dropped before that, so a failed download or write never leaves a half-filled data folder.
-struct Staging {
-    path: PathBuf,
-}
-
-impl Staging {
-    fn new(dest: &Path) -> Result<Staging> {
-        ensure!(!dest.exists(), "{} already exists; remove it first or choose another folder", dest.display());
-        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-        let name = dest.file_name().context("data folder has no name")?.to_string_lossy();
-        let path = parent.join(format!(".{name}.partial-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(Staging { path })
-    }
-
-    fn commit(self, dest: &Path) -> Result<()> {
-        std::fs::rename(&self.path, dest)
-            .with_context(|| format!("cannot move {} to {}", self.path.display(), dest.display()))
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        // After a successful commit the path no longer exists and this is a no-op.
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
 }
 
 /// Where the CIFAR-10 archive comes from, and its expected checksum.
@@ -384,10 +368,19 @@ pub fn download(dir: &Path, source: &Source) -> Result<()> {
     let extracted = staging.path.join("extracted");
     tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(&archive)?))
         .unpack(&extracted)
-        .with_context(|| format!("cannot extract {}: not a .tar.gz archive", source.url))?;
+        // tar's own message names the temporary folder, which is gone by the time anyone reads it.
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "cannot extract {}: not a .tar.gz archive, or a damaged one; nothing was written",
+                source.url
+            )
+        })?;
     let root = find_layout_root(&extracted)
         .with_context(|| format!("{} holds no data_batch_1.bin: not the CIFAR-10 binary version", source.url))?;
-    check_layout(&root).with_context(|| format!("the archive from {} is incomplete", source.url))?;
+    // The staging folder is gone once this returns: name the archive, not where it was unpacked.
+    if let Some(problem) = layout_problem(&root) {
+        bail!("the archive from {} is incomplete: {problem}; nothing was written", source.url);
+    }
     std::fs::rename(&root, dir).with_context(|| format!("cannot move the data into {}", dir.display()))?;
     eprintln!("CIFAR-10 is in {}", dir.display());
     Ok(())

@@ -1,7 +1,7 @@
 //! Where csp-tch runs: device choice and the facts a result needs to be read honestly.
 
 use anyhow::{bail, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Cuda, Device};
 
@@ -95,11 +95,11 @@ pub fn device_name(device: Device) -> String {
 }
 
 /// Versions and hardware, as `csp-tch env` prints them and comparison.json records them.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Environment {
-    pub csp_tch: &'static str,
-    pub tch: &'static str,
-    pub libtorch: &'static str,
+    pub csp_tch: String,
+    pub tch: String,
+    pub libtorch: String,
     pub cuda_available: bool,
     pub cuda_devices: i64,
     pub cudnn_available: bool,
@@ -112,15 +112,42 @@ impl Environment {
     pub fn detect() -> Self {
         let cudnn = Cuda::cudnn_is_available();
         Environment {
-            csp_tch: env!("CARGO_PKG_VERSION"),
-            tch: env!("CSP_TCH_TCH_VERSION"),
-            libtorch: env!("CSP_TCH_LIBTORCH_VERSION"),
+            csp_tch: env!("CARGO_PKG_VERSION").into(),
+            tch: env!("CSP_TCH_TCH_VERSION").into(),
+            libtorch: env!("CSP_TCH_LIBTORCH_VERSION").into(),
             cuda_available: Cuda::is_available(),
             cuda_devices: Cuda::device_count(),
             cudnn_available: cudnn,
             cudnn_version: cudnn.then(tch::utils::version_cudnn),
             cpu_threads: tch::get_num_threads(),
             cpu: device_name(Device::Cpu),
+        }
+    }
+}
+
+/// Where a run ran (comparison.json's `environment`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunEnvironment {
+    pub device: String,
+    pub device_name: String,
+    /// What forward passes ran in (`--amp`).
+    pub precision: crate::amp::Precision,
+    #[serde(flatten)]
+    pub versions: Environment,
+    /// The run's peak resident memory so far, in MB (host memory only: libtorch's CUDA allocator is
+    /// not visible through tch).
+    #[serde(default)]
+    pub peak_resident_mb: Option<f64>,
+}
+
+impl RunEnvironment {
+    pub fn detect(device: Device, precision: crate::amp::Precision) -> RunEnvironment {
+        RunEnvironment {
+            device: device_label(device),
+            device_name: device_name(device),
+            precision,
+            versions: Environment::detect(),
+            peak_resident_mb: peak_resident_mb(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! csp-tch: DarkNet53 versus CSPDarkNet53 on CIFAR-10, on libtorch through tch.
 //!
-//! - [`models`]: the backbones, their registry and their layer-by-layer summary;
+//! - [`models`]: the backbones as architectures and modules, their registry and layer-by-layer summary;
+//! - [`fastpath`]: how their layers compute with less work (live taps, folded BatchNorm, dense matrices);
 //! - [`data`]: CIFAR-10's binary layout: check, download, load, subsets, synthetic sets;
 //! - [`transform`]: the per-batch resize and normalisation, on the training device;
 //! - [`optim`]: Adam (libtorch's fused kernels) with checkpointable state;
@@ -12,6 +13,7 @@
 //! - [`run`]: `run-all` and `train`, from configuration to output files;
 //! - [`bench`]: timing of train and eval steps;
 //! - [`report`]: metric CSVs, comparison.json / comparison.md, number formatting;
+//! - [`seeds`]: `--seeds`, what the spread over seeds says;
 //! - [`plot`]: the curves.svg figure;
 //! - [`environment`]: device choice, version facts, the allocator setting;
 //! - [`cli`]: the command line.
@@ -20,15 +22,22 @@ pub mod amp;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
+pub mod config;
 pub mod cuda_graph;
 pub mod data;
 pub mod environment;
+pub mod fastpath;
+pub mod files;
+pub mod geometry;
+pub mod metrics;
 pub mod models;
 pub mod onednn;
 pub mod optim;
 pub mod plot;
 pub mod report;
 pub mod run;
+pub mod seeds;
 mod shim;
 pub mod train;
 pub mod transform;
+pub mod tutorial;

@@ -7,26 +7,33 @@
 //! - CSP: the entry's output is split into a part that goes through `csp1 -> blocks -> csp3` and a
 //!   shortcut `csp2`; the two are concatenated and fused by a 1x1 ConvBNLayer.
 //!
-//! Layer paths mirror the tutorial's (and PaddleClas's) names, e.g. `stage.0.csp0`, `stage.2.5.1`.
-//! `describe` computes each layer's output shape, parameters and MACs from the same definitions that
-//! build the modules, so `csp-tch summary` can never disagree with what is trained.
+//! A model is first an [`Architecture`]: the layers' names and geometry alone, from which both the
+//! modules ([`build`]) and the layer table ([`Architecture::describe`]: shapes, parameters, MACs) are
+//! made, so `csp-tch summary` can never disagree with what is trained and describing a model
+//! allocates nothing. Layer names mirror the tutorial's (and PaddleClas's), e.g. `stage.0.csp0`,
+//! `stage.2.5.1`. How layers compute (kernel taps cut to the live ones, BatchNorm folded, dense
+//! matrices for the smallest maps) is kept apart, in [`crate::fastpath`].
 
 use anyhow::{bail, Result};
 use serde::Serialize;
-use std::cell::RefCell;
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
-use crate::onednn;
+use crate::fastpath::{self, FoldSlot, FoldedBatchNorm};
+pub use crate::geometry::ConvSpec;
 
 /// Width `C` and block count `n` of the five stages, shared by all backbones.
 pub const STAGES: [(i64, usize); 5] = [(64, 1), (128, 2), (256, 8), (512, 8), (1024, 4)];
 /// Channels out of the stem ConvBNLayer.
 const STEM_CHANNELS: i64 = 32;
+/// Channels into the linear head (the last stage's width).
+pub const HEAD_FEATURES: i64 = STAGES[STAGES.len() - 1].0;
+/// BatchNorm's epsilon (PaddleClas and PyTorch default).
+pub const BN_EPS: f64 = 1e-5;
 
-/// How a backbone's stages are laid out.
+/// How a backbone's stages continue after their entry convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Layout {
+pub enum StageKind {
     /// Residual blocks on the full stage width.
     DarkNet,
     /// Cross Stage Partial split; `pad_1x1` is the padding of the csp1, csp2 and fusion 1x1 convolutions
@@ -39,7 +46,7 @@ pub enum Layout {
 pub struct ModelInfo {
     pub name: &'static str,
     pub about: &'static str,
-    pub layout: Layout,
+    pub stages: StageKind,
 }
 
 /// Every backbone csp-tch knows. Adding one is one entry here.
@@ -47,17 +54,17 @@ pub const MODELS: [ModelInfo; 3] = [
     ModelInfo {
         name: "darknet53",
         about: "DarkNet53 as in PaddleClas (the tutorial's baseline)",
-        layout: Layout::DarkNet,
+        stages: StageKind::DarkNet,
     },
     ModelInfo {
         name: "cspdarknet53",
         about: "CSPDarkNet53 as the tutorial wrote it (1x1 convolutions padded by 1)",
-        layout: Layout::Csp { pad_1x1: 1 },
+        stages: StageKind::Csp { pad_1x1: 1 },
     },
     ModelInfo {
         name: "cspdarknet53-pad0",
         about: "CSPDarkNet53 with unpadded 1x1 convolutions (what the CSP split itself saves)",
-        layout: Layout::Csp { pad_1x1: 0 },
+        stages: StageKind::Csp { pad_1x1: 0 },
     },
 ];
 
@@ -103,6 +110,148 @@ pub struct Shape {
     pub w: i64,
 }
 
+/// One ConvBNLayer of an architecture: its dotted path (the variables' prefix) and its convolution.
+#[derive(Clone, Debug)]
+pub struct LayerSpec {
+    pub name: String,
+    pub conv: ConvSpec,
+}
+
+/// The tutorial's BasicBlock(cin, c): 1x1 ConvBNLayer to c, 3x3 ConvBNLayer to 2c, plus the input.
+/// `L` is [`LayerSpec`] in an [`Architecture`], [`ConvBnLayer`] in a built [`Backbone`].
+#[derive(Clone, Debug)]
+pub struct Block<L> {
+    pub conv1: L,
+    pub conv2: L,
+}
+
+/// What follows a stage's stride-2 entry convolution.
+// Five stages per model: the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug)]
+pub enum Body<L> {
+    Residual(Vec<Block<L>>),
+    Csp {
+        /// csp1: the part that goes through the blocks.
+        part: L,
+        blocks: Vec<Block<L>>,
+        /// csp3: transition after the blocks.
+        transition: L,
+        /// csp2: the part that skips the blocks.
+        shortcut: L,
+        /// "stage.k.downsample" in the text: 1x1 fusion of concat(csp3, csp2).
+        fusion: L,
+    },
+}
+
+/// One stage: stride-2 entry ConvBNLayer, then the body.
+#[derive(Clone, Debug)]
+pub struct Stage<L> {
+    pub entry: L,
+    pub body: Body<L>,
+}
+
+impl<L> Block<L> {
+    fn map<M>(&self, f: &mut dyn FnMut(&L) -> M) -> Block<M> {
+        Block { conv1: f(&self.conv1), conv2: f(&self.conv2) }
+    }
+}
+
+impl<L> Stage<L> {
+    /// Every ConvBNLayer of the stage, in forward order.
+    pub fn layers(&self) -> Vec<&L> {
+        let mut layers = vec![&self.entry];
+        match &self.body {
+            Body::Residual(blocks) => layers.extend(blocks.iter().flat_map(|b| [&b.conv1, &b.conv2])),
+            Body::Csp { part, blocks, transition, shortcut, fusion } => {
+                layers.push(part);
+                layers.extend(blocks.iter().flat_map(|b| [&b.conv1, &b.conv2]));
+                layers.extend([transition, shortcut, fusion]);
+            }
+        }
+        layers
+    }
+
+    /// The same stage with every layer replaced by `f` of it.
+    pub fn map<M>(&self, mut f: impl FnMut(&L) -> M) -> Stage<M> {
+        let blocks = |blocks: &[Block<L>], f: &mut dyn FnMut(&L) -> M| blocks.iter().map(|b| b.map(f)).collect();
+        let entry = f(&self.entry);
+        let body = match &self.body {
+            Body::Residual(bs) => Body::Residual(blocks(bs, &mut f)),
+            Body::Csp { part, blocks: bs, transition, shortcut, fusion } => Body::Csp {
+                part: f(part),
+                blocks: blocks(bs, &mut f),
+                transition: f(transition),
+                shortcut: f(shortcut),
+                fusion: f(fusion),
+            },
+        };
+        Stage { entry, body }
+    }
+}
+
+/// A whole network as names and geometry: stem, five stages, pool, linear head.
+#[derive(Clone, Debug)]
+pub struct Architecture {
+    pub info: &'static ModelInfo,
+    pub classes: i64,
+    pub stem: LayerSpec,
+    pub stages: Vec<Stage<LayerSpec>>,
+}
+
+fn layer(name: String, cin: i64, cout: i64, k: i64, stride: i64, pad: i64) -> LayerSpec {
+    LayerSpec { name, conv: ConvSpec::new(cin, cout, k, stride, pad) }
+}
+
+/// `n` BasicBlocks on width `c`, named `<prefix>.0 .. <prefix>.{n-1}`.
+fn blocks(prefix: &str, c: i64, n: usize) -> Vec<Block<LayerSpec>> {
+    (0..n)
+        .map(|i| Block {
+            conv1: layer(format!("{prefix}.{i}.0"), c, c / 2, 1, 1, 0),
+            conv2: layer(format!("{prefix}.{i}.1"), c / 2, c, 3, 1, 1),
+        })
+        .collect()
+}
+
+/// Stage `k` of width `c` with `n` blocks, fed `cin` channels.
+fn stage(kind: StageKind, k: usize, cin: i64, c: i64, n: usize) -> Stage<LayerSpec> {
+    let prefix = format!("stage.{k}");
+    match kind {
+        StageKind::DarkNet => {
+            // PaddleClas names the stride-2 convolution after the stage it leaves.
+            let entry =
+                if k == 0 { "yolo_input.downsample".to_string() } else { format!("stage.{}.downsample", k - 1) };
+            Stage { entry: layer(entry, cin, c, 3, 2, 1), body: Body::Residual(blocks(&prefix, c, n)) }
+        }
+        StageKind::Csp { pad_1x1 } => {
+            // Stage 0 keeps the full 64 channels in each part; later stages halve them.
+            let part_width = if k == 0 { c } else { c / 2 };
+            Stage {
+                entry: layer(format!("{prefix}.csp0"), cin, c, 3, 2, 1),
+                body: Body::Csp {
+                    part: layer(format!("{prefix}.csp1"), c, part_width, 1, 1, pad_1x1),
+                    blocks: blocks(&prefix, part_width, n),
+                    transition: layer(format!("{prefix}.csp3"), part_width, part_width, 1, 1, 0),
+                    shortcut: layer(format!("{prefix}.csp2"), c, part_width, 1, 1, pad_1x1),
+                    fusion: layer(format!("{prefix}.downsample"), 2 * part_width, c, 1, 1, pad_1x1),
+                },
+            }
+        }
+    }
+}
+
+/// The architecture of a registered model with a `classes`-way head.
+pub fn architecture(info: &'static ModelInfo, classes: i64) -> Architecture {
+    let stem = layer("yolo_input".into(), 3, STEM_CHANNELS, 3, 1, 1);
+    let mut cin = STEM_CHANNELS;
+    let mut stages = Vec::with_capacity(STAGES.len());
+    for (k, &(c, n)) in STAGES.iter().enumerate() {
+        stages.push(stage(info.stages, k, cin, c, n));
+        cin = c;
+    }
+    Architecture { info, classes, stem, stages }
+}
+
 /// One row of a model summary.
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerRow {
@@ -115,241 +264,28 @@ pub struct LayerRow {
     pub macs: i64,
 }
 
-fn path_name(p: &nn::Path) -> String {
-    p.components().collect::<Vec<_>>().join(".")
+/// A model's totals and layer table at one input size.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub model: &'static str,
+    pub image_size: i64,
+    pub classes: i64,
+    pub trainable_params: i64,
+    pub paddle_style_params: i64,
+    pub macs: i64,
+    #[serde(skip)]
+    pub stage_outputs: Vec<Shape>,
+    /// Side of the smallest feature map any convolution writes (e.g. 1 for DarkNet53 at 32 px).
+    #[serde(skip)]
+    pub smallest_map: i64,
+    pub layers: Vec<LayerRow>,
 }
 
-/// Geometry of one ConvBNLayer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvSpec {
-    pub cin: i64,
-    pub cout: i64,
-    pub k: i64,
-    pub stride: i64,
-    pub pad: i64,
-}
-
-impl ConvSpec {
-    pub fn new(cin: i64, cout: i64, k: i64, stride: i64, pad: i64) -> Self {
-        ConvSpec { cin, cout, k, stride, pad }
-    }
-
-    pub fn out_size(&self, size: i64) -> i64 {
-        // Floor division, as libtorch's: a kernel larger than the padded map leaves no output.
-        (size + 2 * self.pad - self.k).div_euclid(self.stride) + 1
-    }
-
-    /// On an `h x w` map, the kernel taps that touch a real pixel at some output position, as an
-    /// equivalent smaller convolution; `None` when that is the whole kernel. A 3x3 convolution
-    /// padded by 1 on a 1x1 map (DarkNet53's last stage at 32 px) multiplies 8 of its 9 taps by
-    /// padding zeros only: it is the 1x1 convolution with its centre tap.
-    pub fn live_taps(&self, h: i64, w: i64) -> Option<LiveTaps> {
-        let (rows, pad_h) = self.live_range(h);
-        let (cols, pad_w) = self.live_range(w);
-        (rows.1 < self.k || cols.1 < self.k).then_some(LiveTaps { rows, cols, padding: [pad_h, pad_w] })
-    }
-
-    /// Along one axis of `size` pixels: `((first tap, taps), padding)` of the live taps, or the
-    /// whole kernel when cutting it would change the outputs.
-    fn live_range(&self, size: i64) -> ((i64, i64), i64) {
-        let out = self.out_size(size);
-        let live = |tap: &i64| (0..out).any(|o| (0..size).contains(&(o * self.stride - self.pad + tap)));
-        let whole = ((0, self.k), self.pad);
-        let (Some(first), Some(last)) = ((0..self.k).find(live), (0..self.k).rev().find(live)) else {
-            return whole;
-        };
-        let (taps, pad) = (last - first + 1, self.pad - first);
-        let same_outputs = pad >= 0 && ConvSpec { k: taps, pad, ..*self }.out_size(size) == out;
-        if same_outputs {
-            ((first, taps), pad)
-        } else {
-            whole
-        }
-    }
-
-    /// Whether, on an `h x w` map, [`ConvSpec::dense_matrix`] needs no more multiply-adds than the
-    /// convolution: it multiplies every output pixel by all `h * w` input pixels, the convolution by
-    /// its live taps, so this holds on maps of a pixel or two (3x3 padded by 1 on 2x2: 4 against 9).
-    pub fn dense_is_no_larger(&self, h: i64, w: i64) -> bool {
-        let taps = self.live_taps(h, w).map_or(self.k * self.k, |live| live.rows.1 * live.cols.1);
-        h * w <= taps
-    }
-
-    /// The convolution on an `h x w` map as one `[cout*oh*ow, cin*h*w]` matrix: row `(o, i, j)`
-    /// holds the tap weights output pixel `(i, j)` of channel `o` gives each input value, so that
-    /// flattened NCHW images times its transpose are the flattened NCHW outputs.
-    pub fn dense_matrix(&self, weight: &Tensor, h: i64, w: i64) -> Tensor {
-        let (oh, ow) = (self.out_size(h), self.out_size(w));
-        let matrix = Tensor::zeros([self.cout, oh, ow, self.cin, h, w], (weight.kind(), weight.device()));
-        let taps = |i: i64| (0..self.k).map(move |tap| (tap, i * self.stride - self.pad + tap));
-        for (i, j) in (0..oh).flat_map(|i| (0..ow).map(move |j| (i, j))) {
-            for (tap_row, p) in taps(i).filter(|(_, p)| (0..h).contains(p)) {
-                for (tap_col, q) in taps(j).filter(|(_, q)| (0..w).contains(q)) {
-                    let mut pair = matrix.select(5, q).select(4, p).select(2, j).select(1, i);
-                    pair.copy_(&weight.select(3, tap_col).select(2, tap_row));
-                }
-            }
-        }
-        matrix.view([self.cout * oh * ow, self.cin * h * w])
-    }
-}
-
-/// The part of a kernel that can reach real pixels, from [`ConvSpec::live_taps`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LiveTaps {
-    /// `(first, count)` of the kernel rows and columns kept.
-    pub rows: (i64, i64),
-    pub cols: (i64, i64),
-    /// Padding of the cut convolution, `[rows, columns]`.
-    pub padding: [i64; 2],
-}
-
-impl LiveTaps {
-    /// `weight` (`[cout, cin, k, k]`) restricted to the live taps; a view, so gradients reach it.
-    pub fn cut(&self, weight: &Tensor) -> Tensor {
-        weight.narrow(2, self.rows.0, self.rows.1).narrow(3, self.cols.0, self.cols.1)
-    }
-}
-
-/// BatchNorm's epsilon (PaddleClas and PyTorch default).
-const BN_EPS: f64 = 1e-5;
-
-/// The tutorial's ConvBNLayer: Conv2d (no bias) -> BatchNorm -> ReLU, PaddleClas initialisation.
-#[derive(Debug)]
-pub struct ConvBnLayer {
-    name: String,
-    spec: ConvSpec,
-    conv: nn::Conv2D,
-    bn: nn::BatchNorm,
-    /// While a [`FoldedBatchNorm`] guard lives: the convolution with the BatchNorm's eval-mode
-    /// affine map folded in, so inference skips the BatchNorm pass.
-    folded: RefCell<Option<Folded>>,
-}
-
-/// A convolution with its BatchNorm folded in.
-#[derive(Debug)]
-struct Folded {
-    weight: Tensor,
-    bias: Tensor,
-    /// How the last input size is computed, kept so that evaluating batch after batch does not
-    /// rebuild it every time.
-    kernel: Option<(KernelKey, FoldedKernel)>,
-}
-
-/// What a [`FoldedKernel`] was built for: the input's `h x w`, and whether oneDNN's inner product
-/// applies to it ([`onednn::linear_relu_applies`]).
-type KernelKey = (i64, i64, bool);
-
-/// How a folded layer computes one input size.
-#[derive(Debug)]
-enum FoldedKernel {
-    /// The convolution, its weight cut to the live taps ([`ConvSpec::live_taps`]).
-    Conv { weight: Tensor, padding: [i64; 2] },
-    /// On the CPU, where [`ConvSpec::dense_is_no_larger`]: the whole convolution as one matrix
-    /// ([`ConvSpec::dense_matrix`]) through oneDNN's inner product, about twice as fast as its
-    /// convolution kernels on maps of a pixel or two (few output pixels leave them little to block).
-    Dense { matrix: Tensor, bias: Tensor, out: [i64; 3] },
-}
-
-impl Folded {
-    fn forward(&mut self, spec: ConvSpec, xs: &Tensor) -> Tensor {
-        let [n, _, h, w] = xs.size()[..] else { panic!("a convolution expects NCHW input, got {:?}", xs.size()) };
-        let key = (h, w, onednn::linear_relu_applies(xs));
-        if self.kernel.as_ref().is_none_or(|(built_for, _)| *built_for != key) {
-            self.kernel = Some((key, self.kernel_for(spec, key)));
-        }
-        match &self.kernel.as_ref().expect("just built").1 {
-            FoldedKernel::Conv { weight, padding } => {
-                xs.conv2d(weight, Some(&self.bias), [spec.stride], padding, [1], 1).relu()
-            }
-            FoldedKernel::Dense { matrix, bias, out } => {
-                onednn::linear_relu(&xs.flatten(1, -1), matrix, bias).view([n, out[0], out[1], out[2]])
-            }
-        }
-    }
-
-    fn kernel_for(&self, spec: ConvSpec, (h, w, onednn): KernelKey) -> FoldedKernel {
-        if onednn && spec.dense_is_no_larger(h, w) {
-            let out = [spec.cout, spec.out_size(h), spec.out_size(w)];
-            return FoldedKernel::Dense {
-                matrix: spec.dense_matrix(&self.weight, h, w),
-                bias: self.bias.repeat_interleave_self_int(out[1] * out[2], 0, None),
-                out,
-            };
-        }
-        match spec.live_taps(h, w) {
-            // A dense copy in the weight's own layout (NCHW or channels-last).
-            Some(live) => FoldedKernel::Conv { weight: live.cut(&self.weight).copy(), padding: live.padding },
-            None => FoldedKernel::Conv { weight: self.weight.shallow_clone(), padding: [spec.pad; 2] },
-        }
-    }
-}
-
-fn conv_bn(p: nn::Path, spec: ConvSpec) -> ConvBnLayer {
-    let conv_config = nn::ConvConfig {
-        stride: spec.stride,
-        padding: spec.pad,
-        bias: false,
-        // Normal(0, sqrt(2 / (k*k*cin))).
-        ws_init: nn::init::DEFAULT_KAIMING_NORMAL,
-        ..Default::default()
-    };
-    // eps 1e-5, momentum 0.1 in PyTorch's sense (Paddle's 0.9); weight 1, bias 0.
-    let bn_config = nn::BatchNormConfig {
-        eps: BN_EPS,
-        ws_init: nn::Init::Const(1.),
-        bs_init: nn::Init::Const(0.),
-        ..Default::default()
-    };
-    ConvBnLayer {
-        name: path_name(&p),
-        spec,
-        conv: nn::conv2d(&p / "conv", spec.cin, spec.cout, spec.k, conv_config),
-        bn: nn::batch_norm2d(&p / "bn", spec.cout, bn_config),
-        folded: RefCell::new(None),
-    }
-}
-
-impl ModuleT for ConvBnLayer {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let s = self.spec;
-        if !train {
-            if let Some(folded) = self.folded.borrow_mut().as_mut() {
-                return folded.forward(s, xs);
-            }
-        }
-        let conv = match s.live_taps(xs.size()[2], xs.size()[3]) {
-            Some(live) => xs.conv2d::<Tensor>(&live.cut(&self.conv.ws), None, [s.stride], live.padding, [1], 1),
-            None => xs.apply(&self.conv),
-        };
-        conv.apply_t(&self.bn, train).relu()
-    }
-}
-
-impl ConvBnLayer {
-    pub fn spec(&self) -> ConvSpec {
-        self.spec
-    }
-
-    /// Folds the eval-mode BatchNorm into the convolution:
-    /// `w' = w * gamma / sqrt(var + eps)`, `b' = beta - mean * gamma / sqrt(var + eps)`.
-    fn fold(&self) {
-        let bn = &self.bn;
-        let (gamma, beta) = (bn.ws.as_ref().expect("affine"), bn.bs.as_ref().expect("affine"));
-        let folded = tch::no_grad(|| {
-            let scale = gamma / (&bn.running_var + BN_EPS).sqrt();
-            let weight = &self.conv.ws * scale.view([-1, 1, 1, 1]);
-            Folded { weight, bias: beta - &bn.running_mean * scale, kernel: None }
-        });
-        *self.folded.borrow_mut() = Some(folded);
-    }
-
-    fn unfold(&self) {
-        *self.folded.borrow_mut() = None;
-    }
-
+impl LayerSpec {
+    /// Appends this ConvBNLayer's row (convolution weights plus BatchNorm's scale and shift) for
+    /// `input`; returns its output shape.
     fn describe(&self, input: Shape, rows: &mut Vec<LayerRow>) -> Shape {
-        let s = self.spec;
+        let s = self.conv;
         assert_eq!(input.c, s.cin, "{}: channel mismatch", self.name);
         let out = Shape { c: s.cout, h: s.out_size(input.h), w: s.out_size(input.w) };
         let weights = s.cout * s.cin * s.k * s.k;
@@ -363,102 +299,136 @@ impl ConvBnLayer {
     }
 }
 
-/// The tutorial's BasicBlock(cin, c): 1x1 ConvBNLayer to c, 3x3 ConvBNLayer to 2c, plus the input.
-#[derive(Debug)]
-pub struct BasicBlock {
-    conv1: ConvBnLayer,
-    conv2: ConvBnLayer,
+fn describe_blocks(blocks: &[Block<LayerSpec>], input: Shape, rows: &mut Vec<LayerRow>) -> Shape {
+    blocks.iter().fold(input, |x, b| b.conv2.describe(b.conv1.describe(x, rows), rows))
 }
 
-fn basic_block(p: nn::Path, cin: i64, c: i64) -> BasicBlock {
-    assert_eq!(cin, 2 * c, "BasicBlock adds its input: needs cin = 2c");
-    BasicBlock {
-        conv1: conv_bn(&p / "0", ConvSpec::new(cin, c, 1, 1, 0)),
-        conv2: conv_bn(&p / "1", ConvSpec::new(c, 2 * c, 3, 1, 1)),
+impl Architecture {
+    /// Output shape, parameters and MACs of every layer for a square `image_size` input.
+    pub fn describe(&self, image_size: i64) -> Summary {
+        let mut rows = Vec::new();
+        let mut x = self.stem.describe(Shape { c: 3, h: image_size, w: image_size }, &mut rows);
+        let mut stage_outputs = Vec::new();
+        for stage in &self.stages {
+            let entered = stage.entry.describe(x, &mut rows);
+            x = match &stage.body {
+                Body::Residual(blocks) => describe_blocks(blocks, entered, &mut rows),
+                Body::Csp { part, blocks, transition, shortcut, fusion } => {
+                    let p = describe_blocks(blocks, part.describe(entered, &mut rows), &mut rows);
+                    let p = transition.describe(p, &mut rows);
+                    let s = shortcut.describe(entered, &mut rows);
+                    assert_eq!((p.h, p.w), (s.h, s.w), "concat of mismatched maps");
+                    fusion.describe(Shape { c: p.c + s.c, ..p }, &mut rows)
+                }
+            };
+            stage_outputs.push(x);
+        }
+        rows.push(LayerRow { name: "pool".into(), output_shape: vec![x.c, 1, 1], params: 0, macs: 0 });
+        rows.push(LayerRow {
+            name: "fc".into(),
+            output_shape: vec![self.classes],
+            params: x.c * self.classes + self.classes,
+            macs: x.c * self.classes,
+        });
+        let conv_rows = &rows[..rows.len() - 2];
+        let smallest_map = conv_rows.iter().flat_map(|r| [r.output_shape[1], r.output_shape[2]]).min().unwrap_or(0);
+        let bn_channels: i64 = self.layers().iter().map(|l| l.conv.cout).sum();
+        let trainable_params = rows.iter().map(|r| r.params).sum::<i64>();
+        Summary {
+            model: self.info.name,
+            image_size,
+            classes: self.classes,
+            trainable_params,
+            // Paddle's summary also counts each BatchNorm's running mean and variance.
+            paddle_style_params: trainable_params + 2 * bn_channels,
+            macs: rows.iter().map(|r| r.macs).sum(),
+            stage_outputs,
+            smallest_map,
+            layers: rows,
+        }
+    }
+
+    /// Every ConvBNLayer in forward order.
+    pub fn layers(&self) -> Vec<&LayerSpec> {
+        std::iter::once(&self.stem).chain(self.stages.iter().flat_map(|s| s.layers())).collect()
     }
 }
 
-impl ModuleT for BasicBlock {
+/// The layer table and totals of a registered model at `image_size` (computed from its
+/// architecture; nothing is allocated).
+pub fn summary(info: &'static ModelInfo, classes: i64, image_size: i64) -> Summary {
+    architecture(info, classes).describe(image_size)
+}
+
+/// The tutorial's ConvBNLayer: Conv2d (no bias) -> BatchNorm -> ReLU, PaddleClas initialisation.
+#[derive(Debug)]
+pub struct ConvBnLayer {
+    spec: ConvSpec,
+    conv: nn::Conv2D,
+    bn: nn::BatchNorm,
+    /// While a [`FoldedBatchNorm`] guard lives: the layer with its BatchNorm folded in.
+    folded: FoldSlot,
+}
+
+/// The variable path of a dotted layer name under `root`.
+fn path<'a>(root: &nn::Path<'a>, name: &str) -> nn::Path<'a> {
+    name.split('.').fold(root.clone(), |p, part| p.sub(part))
+}
+
+fn conv_bn(root: &nn::Path, spec: &LayerSpec) -> ConvBnLayer {
+    let s = spec.conv;
+    let conv_config = nn::ConvConfig {
+        stride: s.stride,
+        padding: s.pad,
+        bias: false,
+        // Normal(0, sqrt(2 / (k*k*cin))).
+        ws_init: nn::init::DEFAULT_KAIMING_NORMAL,
+        ..Default::default()
+    };
+    // eps 1e-5, momentum 0.1 in PyTorch's sense (Paddle's 0.9); weight 1, bias 0.
+    let bn_config = nn::BatchNormConfig {
+        eps: BN_EPS,
+        ws_init: nn::Init::Const(1.),
+        bs_init: nn::Init::Const(0.),
+        ..Default::default()
+    };
+    let p = path(root, &spec.name);
+    ConvBnLayer {
+        spec: s,
+        conv: nn::conv2d(&p / "conv", s.cin, s.cout, s.k, conv_config),
+        bn: nn::batch_norm2d(&p / "bn", s.cout, bn_config),
+        folded: FoldSlot::default(),
+    }
+}
+
+impl ModuleT for ConvBnLayer {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        if !train {
+            if let Some(out) = self.folded.forward(self.spec, xs) {
+                return out;
+            }
+        }
+        fastpath::conv(xs, &self.conv.ws, self.spec).apply_t(&self.bn, train).relu()
+    }
+}
+
+impl ConvBnLayer {
+    pub fn spec(&self) -> ConvSpec {
+        self.spec
+    }
+}
+
+impl ModuleT for Block<ConvBnLayer> {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         xs + xs.apply_t(&self.conv1, train).apply_t(&self.conv2, train)
     }
 }
 
-impl BasicBlock {
-    fn layers(&self) -> [&ConvBnLayer; 2] {
-        [&self.conv1, &self.conv2]
-    }
-
-    fn describe(&self, input: Shape, rows: &mut Vec<LayerRow>) -> Shape {
-        let mid = self.conv1.describe(input, rows);
-        self.conv2.describe(mid, rows)
-    }
-}
-
-/// `n` BasicBlocks on width `c`, named `<p>.0 .. <p>.{n-1}`.
-fn blocks(p: &nn::Path, c: i64, n: usize) -> Vec<BasicBlock> {
-    (0..n).map(|i| basic_block(p / i, c, c / 2)).collect()
-}
-
-fn forward_blocks(blocks: &[BasicBlock], xs: Tensor, train: bool) -> Tensor {
+fn forward_blocks(blocks: &[Block<ConvBnLayer>], xs: Tensor, train: bool) -> Tensor {
     blocks.iter().fold(xs, |x, b| x.apply_t(b, train))
 }
 
-/// What follows a stage's stride-2 entry convolution.
-// Five stages per model: the size difference between the variants does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-enum Body {
-    Residual(Vec<BasicBlock>),
-    Csp {
-        /// csp1: the part that goes through the blocks.
-        part: ConvBnLayer,
-        blocks: Vec<BasicBlock>,
-        /// csp3: transition after the blocks.
-        transition: ConvBnLayer,
-        /// csp2: the part that skips the blocks.
-        shortcut: ConvBnLayer,
-        /// "stage.k.downsample" in the text: 1x1 fusion of concat(csp3, csp2).
-        fusion: ConvBnLayer,
-    },
-}
-
-/// One stage: stride-2 entry ConvBNLayer, then the body.
-#[derive(Debug)]
-pub struct Stage {
-    entry: ConvBnLayer,
-    body: Body,
-}
-
-/// Stage `k` of width `c` with `n` blocks, fed `cin` channels.
-fn stage(root: &nn::Path, layout: Layout, k: usize, cin: i64, c: i64, n: usize) -> Stage {
-    let p = root / "stage" / k;
-    let entry_spec = ConvSpec::new(cin, c, 3, 2, 1);
-    match layout {
-        Layout::DarkNet => {
-            // PaddleClas names the stride-2 convolution after the stage it leaves.
-            let entry_path =
-                if k == 0 { root / "yolo_input" / "downsample" } else { root / "stage" / (k - 1) / "downsample" };
-            Stage { entry: conv_bn(entry_path, entry_spec), body: Body::Residual(blocks(&p, c, n)) }
-        }
-        Layout::Csp { pad_1x1 } => {
-            // Stage 0 keeps the full 64 channels in each part; later stages halve them.
-            let h = if k == 0 { c } else { c / 2 };
-            Stage {
-                entry: conv_bn(&p / "csp0", entry_spec),
-                body: Body::Csp {
-                    part: conv_bn(&p / "csp1", ConvSpec::new(c, h, 1, 1, pad_1x1)),
-                    blocks: blocks(&p, h, n),
-                    transition: conv_bn(&p / "csp3", ConvSpec::new(h, h, 1, 1, 0)),
-                    shortcut: conv_bn(&p / "csp2", ConvSpec::new(c, h, 1, 1, pad_1x1)),
-                    fusion: conv_bn(&p / "downsample", ConvSpec::new(2 * h, c, 1, 1, pad_1x1)),
-                },
-            }
-        }
-    }
-}
-
-impl ModuleT for Stage {
+impl ModuleT for Stage<ConvBnLayer> {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let x = xs.apply_t(&self.entry, train);
         match &self.body {
@@ -472,71 +442,29 @@ impl ModuleT for Stage {
     }
 }
 
-impl Stage {
-    /// Every ConvBNLayer of the stage, in forward order.
-    pub fn layers(&self) -> Vec<&ConvBnLayer> {
-        let mut layers = vec![&self.entry];
-        match &self.body {
-            Body::Residual(blocks) => layers.extend(blocks.iter().flat_map(|b| b.layers())),
-            Body::Csp { part, blocks, transition, shortcut, fusion } => {
-                layers.push(part);
-                layers.extend(blocks.iter().flat_map(|b| b.layers()));
-                layers.extend([transition, shortcut, fusion]);
-            }
-        }
-        layers
-    }
-
-    fn describe(&self, input: Shape, rows: &mut Vec<LayerRow>) -> Shape {
-        let x = self.entry.describe(input, rows);
-        match &self.body {
-            Body::Residual(blocks) => blocks.iter().fold(x, |s, b| b.describe(s, rows)),
-            Body::Csp { part, blocks, transition, shortcut, fusion } => {
-                let p = blocks.iter().fold(part.describe(x, rows), |s, b| b.describe(s, rows));
-                let p = transition.describe(p, rows);
-                let s = shortcut.describe(x, rows);
-                assert_eq!((p.h, p.w), (s.h, s.w), "concat of mismatched maps");
-                fusion.describe(Shape { c: p.c + s.c, ..p }, rows)
-            }
-        }
-    }
-}
-
-/// A whole classification network: stem, five stages, pool, linear head.
+/// A whole classification network's modules.
 #[derive(Debug)]
 pub struct Backbone {
     pub info: &'static ModelInfo,
     pub classes: i64,
     stem: ConvBnLayer,
-    stages: Vec<Stage>,
+    stages: Vec<Stage<ConvBnLayer>>,
     head: nn::Linear,
 }
 
-/// The layer table and totals of a registered model at `image_size`, from a throwaway CPU build.
-pub fn summary(info: &'static ModelInfo, classes: i64, image_size: i64) -> Summary {
-    let vs = nn::VarStore::new(tch::Device::Cpu);
-    build(&vs.root(), info, classes).describe(image_size)
-}
-
-/// Channels into the linear head (the last stage's width).
-pub const HEAD_FEATURES: i64 = STAGES[STAGES.len() - 1].0;
-
-/// Builds a registered model under `p` with a `classes`-way head.
-pub fn build(p: &nn::Path, info: &'static ModelInfo, classes: i64) -> Backbone {
-    let stem = conv_bn(p / "yolo_input", ConvSpec::new(3, STEM_CHANNELS, 3, 1, 1));
-    let mut cin = STEM_CHANNELS;
-    let mut stages = Vec::with_capacity(STAGES.len());
-    for (k, &(c, n)) in STAGES.iter().enumerate() {
-        stages.push(stage(p, info.layout, k, cin, c, n));
-        cin = c;
-    }
-    let bound = 1.0 / (cin as f64).sqrt();
+/// Builds a registered model under `root` with a `classes`-way head.
+pub fn build(root: &nn::Path, info: &'static ModelInfo, classes: i64) -> Backbone {
+    let arch = architecture(info, classes);
+    let stem = conv_bn(root, &arch.stem);
+    let stages = arch.stages.iter().map(|s| s.map(|l| conv_bn(root, l))).collect();
+    // PyTorch's Linear initialisation of the weight, a zero bias (PaddleClas).
+    let bound = 1.0 / (HEAD_FEATURES as f64).sqrt();
     let head_config = nn::LinearConfig {
         ws_init: nn::Init::Uniform { lo: -bound, up: bound },
         bs_init: Some(nn::Init::Const(0.)),
         bias: true,
     };
-    let head = nn::linear(p / "fc", cin, classes, head_config);
+    let head = nn::linear(root / "fc", HEAD_FEATURES, classes, head_config);
     Backbone { info, classes, stem, stages, head }
 }
 
@@ -548,7 +476,7 @@ impl ModuleT for Backbone {
 }
 
 impl Backbone {
-    pub fn stages(&self) -> &[Stage] {
+    pub fn stages(&self) -> &[Stage<ConvBnLayer>] {
         &self.stages
     }
 
@@ -567,81 +495,15 @@ impl Backbone {
         std::iter::once(&self.stem).chain(self.stages.iter().flat_map(|s| s.layers())).collect()
     }
 
-    /// Folds every BatchNorm into its convolution for inference until the guard is dropped.
-    /// Eval-mode forwards then run one biased convolution per layer instead of convolution and
-    /// BatchNorm; train-mode forwards are unaffected. The fold is a snapshot of the current
-    /// weights and statistics: drop the guard before training again.
+    /// Folds every BatchNorm into its convolution for inference until the guard is dropped (see
+    /// [`crate::fastpath`]). Train-mode forwards are unaffected; the fold is a snapshot of the
+    /// current weights and statistics: drop the guard before training again.
     pub fn fold_batch_norm(&self) -> FoldedBatchNorm<'_> {
-        let layers = self.layers();
-        for layer in &layers {
-            layer.fold();
-        }
-        FoldedBatchNorm { layers }
+        FoldedBatchNorm::new(self.layers().into_iter().map(|l| (&l.folded, &l.conv.ws, &l.bn)), BN_EPS)
     }
 
     /// Output shape, parameters and MACs of every layer for a square `image_size` input.
     pub fn describe(&self, image_size: i64) -> Summary {
-        let mut rows = Vec::new();
-        let input = Shape { c: 3, h: image_size, w: image_size };
-        let mut stage_outputs = Vec::new();
-        let mut x = self.stem.describe(input, &mut rows);
-        for stage in &self.stages {
-            x = stage.describe(x, &mut rows);
-            stage_outputs.push(x);
-        }
-        rows.push(LayerRow { name: "pool".into(), output_shape: vec![x.c, 1, 1], params: 0, macs: 0 });
-        let head_params = x.c * self.classes + self.classes;
-        rows.push(LayerRow {
-            name: "fc".into(),
-            output_shape: vec![self.classes],
-            params: head_params,
-            macs: x.c * self.classes,
-        });
-        let bn_channels: i64 = self.layers().iter().map(|l| l.spec.cout).sum();
-        let conv_rows = &rows[..rows.len() - 2];
-        let smallest_map = conv_rows.iter().flat_map(|r| [r.output_shape[1], r.output_shape[2]]).min().unwrap_or(0);
-        let trainable_params = rows.iter().map(|r| r.params).sum::<i64>();
-        Summary {
-            model: self.info.name,
-            image_size,
-            classes: self.classes,
-            trainable_params,
-            // Paddle's summary also counts each BatchNorm's running mean and variance.
-            paddle_style_params: trainable_params + 2 * bn_channels,
-            macs: rows.iter().map(|r| r.macs).sum(),
-            stage_outputs,
-            smallest_map,
-            layers: rows,
-        }
+        summary(self.info, self.classes, image_size)
     }
-}
-
-/// Keeps a backbone's BatchNorms folded into its convolutions while it lives.
-pub struct FoldedBatchNorm<'a> {
-    layers: Vec<&'a ConvBnLayer>,
-}
-
-impl Drop for FoldedBatchNorm<'_> {
-    fn drop(&mut self) {
-        for layer in &self.layers {
-            layer.unfold();
-        }
-    }
-}
-
-/// A model's totals and layer table at one input size.
-#[derive(Clone, Debug, Serialize)]
-pub struct Summary {
-    pub model: &'static str,
-    pub image_size: i64,
-    pub classes: i64,
-    pub trainable_params: i64,
-    pub paddle_style_params: i64,
-    pub macs: i64,
-    #[serde(skip)]
-    pub stage_outputs: Vec<Shape>,
-    /// Side of the smallest feature map any convolution writes (e.g. 1 for DarkNet53 at 32 px).
-    #[serde(skip)]
-    pub smallest_map: i64,
-    pub layers: Vec<LayerRow>,
 }

@@ -1,12 +1,21 @@
-//! `curves.svg`: accuracy and loss per epoch for every model with the tutorial's points overlaid,
-//! and a panel comparing parameters, MACs and train step time. Plain SVG from plotters (text is
+//! `curves.svg`: accuracy and loss per epoch for every model with the tutorial's points overlaid
+//! (over seeds: the mean with a min-max band), and a panel comparing parameters, MACs and train step
+//! time. Plain SVG from plotters (text is
 //! laid out with estimated glyph widths, so no system font is needed to write it).
 
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use std::path::Path;
 
-use crate::report::{ModelReport, BASELINE, TUTORIAL_EPOCHS};
+use indexmap::IndexMap;
+
+use crate::files::write_atomic;
+use crate::report::{ModelReport, BASELINE};
+use crate::seeds::{ModelSpread, Spread};
+use crate::tutorial::TUTORIAL_EPOCHS;
+
+/// The figure's file name in a run's output folder.
+pub const SVG_FILE: &str = "curves.svg";
 
 const WIDTH: u32 = 1200;
 const HEIGHT: u32 = 940;
@@ -30,7 +39,11 @@ fn plot_error(e: impl std::fmt::Display) -> anyhow::Error {
 
 /// A strip above the panels: one colour per model, and what the line styles mean. Kept out of
 /// the panels so that it can never cover data.
-fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, names: &[&str]) -> Result<()>
+fn draw_legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    names: &[&str],
+    over_seeds: bool,
+) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
@@ -42,19 +55,107 @@ where
         area.draw(&Text::new(name.to_string(), (x + 30, 15), font.clone())).map_err(plot_error)?;
         x += 60 + 8 * name.len() as i32;
     }
-    let styles = "solid line: eval   dashed: train   triangles: the tutorial's logged values";
+    let styles = if over_seeds {
+        "solid line: eval (mean over seeds, band: min to max)   dashed: train mean   triangles: the tutorial's"
+    } else {
+        "solid line: eval   dashed: train   triangles: the tutorial's logged values"
+    };
     area.draw(&Text::new(styles, (x + 20, 15), font.color(&BLACK.mix(0.7)))).map_err(plot_error)?;
     Ok(())
 }
 
-/// One quantity per epoch: (label, value of an epoch, tutorial value of an epoch).
+/// A value per epoch and, over seeds, its range (`lo == hi` for a single run).
+#[derive(Clone, Copy, Debug)]
+pub struct Band {
+    pub value: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+impl Band {
+    fn single(value: f64) -> Band {
+        Band { value, lo: value, hi: value }
+    }
+
+    fn of(spread: Spread) -> Band {
+        Band { value: spread.mean, lo: spread.min, hi: spread.max }
+    }
+}
+
+/// One epoch of a model's curves.
+#[derive(Clone, Debug)]
+pub struct EpochBands {
+    pub epoch: usize,
+    pub train_acc: Band,
+    pub eval_acc: Band,
+    pub train_loss: Band,
+    pub eval_loss: Band,
+}
+
+/// What the figure shows of one model: its curves and its costs.
+#[derive(Clone, Debug)]
+pub struct ModelCurves {
+    pub name: String,
+    pub trainable_params: i64,
+    pub macs: i64,
+    pub train_ms_per_step: Option<f64>,
+    pub epochs: Vec<EpochBands>,
+}
+
+impl ModelCurves {
+    /// A model of a single run.
+    pub fn of_run(name: &str, r: &ModelReport) -> ModelCurves {
+        let epochs = r
+            .epochs
+            .iter()
+            .map(|e| EpochBands {
+                epoch: e.epoch,
+                train_acc: Band::single(e.train_acc),
+                eval_acc: Band::single(e.eval_acc),
+                train_loss: Band::single(e.train_loss),
+                eval_loss: Band::single(e.eval_loss),
+            })
+            .collect();
+        ModelCurves {
+            name: name.into(),
+            trainable_params: r.trainable_params,
+            macs: r.macs,
+            train_ms_per_step: r.mean_train_ms_per_step,
+            epochs,
+        }
+    }
+
+    /// A model over seeds: means with their min-max bands; costs from one seed's report `r`.
+    pub fn of_seeds(name: &str, spread: &ModelSpread, r: &ModelReport) -> ModelCurves {
+        let epochs = spread
+            .epochs
+            .iter()
+            .map(|e| EpochBands {
+                epoch: e.epoch,
+                train_acc: Band::of(e.train_acc),
+                eval_acc: Band::of(e.eval_acc),
+                train_loss: Band::of(e.train_loss),
+                eval_loss: Band::of(e.eval_loss),
+            })
+            .collect();
+        ModelCurves {
+            name: name.into(),
+            trainable_params: r.trainable_params,
+            macs: r.macs,
+            train_ms_per_step: spread.mean_train_ms_per_step.map(|s| s.mean),
+            epochs,
+        }
+    }
+}
+
+/// One quantity per epoch: its train and eval bands, and the tutorial's values.
 struct Metric {
     title: &'static str,
     y_label: &'static str,
-    train: fn(&crate::train::EpochMetrics) -> f64,
-    eval: fn(&crate::train::EpochMetrics) -> f64,
-    tutorial_train: fn(&crate::report::TutorialEpoch) -> Option<f64>,
-    tutorial_eval: fn(&crate::report::TutorialEpoch) -> Option<f64>,
+    train: fn(&EpochBands) -> Band,
+    eval: fn(&EpochBands) -> Band,
+    tutorial_train: fn(&crate::tutorial::TutorialEpoch) -> Option<f64>,
+    tutorial_eval: fn(&crate::tutorial::TutorialEpoch) -> Option<f64>,
 }
 
 const ACCURACY: Metric = Metric {
@@ -62,8 +163,8 @@ const ACCURACY: Metric = Metric {
     y_label: "top-1 accuracy",
     train: |e| e.train_acc,
     eval: |e| e.eval_acc,
-    tutorial_train: |t| Some(t.train_acc),
-    tutorial_eval: |t| t.eval_acc,
+    tutorial_train: |t| Some(t.figures.train_acc),
+    tutorial_eval: |t| t.figures.eval_acc,
 };
 
 const LOSS: Metric = Metric {
@@ -71,22 +172,22 @@ const LOSS: Metric = Metric {
     y_label: "mean cross-entropy (axis clipped at the 95th percentile)",
     train: |e| e.train_loss,
     eval: |e| e.eval_loss,
-    tutorial_train: |t| Some(t.last_train_loss),
-    tutorial_eval: |t| t.last_eval_loss,
+    tutorial_train: |t| Some(t.figures.last_train_loss),
+    tutorial_eval: |t| t.figures.last_eval_loss,
 };
 
 fn draw_metric<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     metric: &Metric,
-    reports: &[(String, ModelReport)],
+    models: &[ModelCurves],
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let max_epoch = reports.iter().map(|(_, r)| r.epochs.len()).max().unwrap_or(1).max(5) as f64;
-    let mut values: Vec<f64> = reports
+    let max_epoch = models.iter().map(|m| m.epochs.len()).max().unwrap_or(1).max(5) as f64;
+    let mut values: Vec<f64> = models
         .iter()
-        .flat_map(|(_, r)| r.epochs.iter().flat_map(|e| [(metric.train)(e), (metric.eval)(e)]))
+        .flat_map(|m| m.epochs.iter().flat_map(|e| [(metric.train)(e).hi, (metric.eval)(e).hi]))
         .chain(TUTORIAL_EPOCHS.iter().flat_map(|t| [(metric.tutorial_train)(t), (metric.tutorial_eval)(t)]).flatten())
         .filter(|v| v.is_finite())
         .collect();
@@ -109,14 +210,26 @@ where
         .draw()
         .map_err(plot_error)?;
     let clip = |v: f64| v.min(top);
-    for (i, (name, report)) in reports.iter().enumerate() {
+    for (i, model) in models.iter().enumerate() {
         let c = color(i);
-        let eval: Vec<(f64, f64)> = report.epochs.iter().map(|e| (e.epoch as f64, clip((metric.eval)(e)))).collect();
-        let train: Vec<(f64, f64)> = report.epochs.iter().map(|e| (e.epoch as f64, clip((metric.train)(e)))).collect();
-        chart.draw_series(LineSeries::new(eval.clone(), c.stroke_width(2))).map_err(plot_error)?;
-        chart.draw_series(eval.iter().map(|&p| Circle::new(p, 3, c.filled()))).map_err(plot_error)?;
-        chart.draw_series(DashedLineSeries::new(train, 6, 4, c.stroke_width(1))).map_err(plot_error)?;
-        let tutorial = TUTORIAL_EPOCHS.iter().filter(|t| t.model == name);
+        let points = |of: fn(&EpochBands) -> Band| -> Vec<(f64, Band)> {
+            model.epochs.iter().map(|e| (e.epoch as f64, of(e))).collect()
+        };
+        let (eval, train) = (points(metric.eval), points(metric.train));
+        // The eval range over seeds, as a shaded band (nothing for a single run).
+        if eval.iter().any(|(_, b)| b.hi > b.lo) {
+            let outline: Vec<(f64, f64)> = eval
+                .iter()
+                .map(|(x, b)| (*x, clip(b.hi)))
+                .chain(eval.iter().rev().map(|(x, b)| (*x, clip(b.lo))))
+                .collect();
+            chart.draw_series(std::iter::once(Polygon::new(outline, c.mix(0.18).filled()))).map_err(plot_error)?;
+        }
+        let line = |points: &[(f64, Band)]| points.iter().map(|(x, b)| (*x, clip(b.value))).collect::<Vec<_>>();
+        chart.draw_series(LineSeries::new(line(&eval), c.stroke_width(2))).map_err(plot_error)?;
+        chart.draw_series(line(&eval).into_iter().map(|p| Circle::new(p, 3, c.filled()))).map_err(plot_error)?;
+        chart.draw_series(DashedLineSeries::new(line(&train), 6, 4, c.stroke_width(1))).map_err(plot_error)?;
+        let tutorial = TUTORIAL_EPOCHS.iter().filter(|t| t.model == model.name);
         let marks: Vec<(f64, f64)> = tutorial
             .flat_map(|t| {
                 [(metric.tutorial_train)(t), (metric.tutorial_eval)(t)].map(|v| v.map(|v| (t.epoch as f64, clip(v))))
@@ -131,24 +244,21 @@ where
 }
 
 /// Grouped bars: params, MACs and train ms/step of each model relative to the baseline.
-fn draw_costs<DB: DrawingBackend>(
-    area: &DrawingArea<DB, plotters::coord::Shift>,
-    reports: &[(String, ModelReport)],
-) -> Result<()>
+fn draw_costs<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, models: &[ModelCurves]) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let base = reports.iter().find(|(n, _)| n == BASELINE).map(|(_, r)| r).unwrap_or(&reports[0].1);
-    type Measure = fn(&ModelReport) -> Option<f64>;
+    let base = models.iter().find(|m| m.name == BASELINE).unwrap_or(&models[0]);
+    let base_name = &base.name;
+    type Measure = fn(&ModelCurves) -> Option<f64>;
     let groups: [(&str, Measure); 3] = [
-        ("trainable params", |r| Some(r.trainable_params as f64)),
-        ("MACs per image", |r| Some(r.macs as f64)),
-        ("train ms/step", |r| r.mean_train_ms_per_step),
+        ("trainable params", |m| Some(m.trainable_params as f64)),
+        ("MACs per image", |m| Some(m.macs as f64)),
+        ("train ms/step", |m| m.train_ms_per_step),
     ];
     let ratios: Vec<Vec<Option<f64>>> =
-        reports.iter().map(|(_, r)| groups.iter().map(|(_, f)| Some(f(r)? / f(base)?)).collect()).collect();
+        models.iter().map(|m| groups.iter().map(|(_, f)| Some(f(m)? / f(base)?)).collect()).collect();
     let top = ratios.iter().flatten().flatten().fold(1.0f64, |a, &b| a.max(b)) * 1.15;
-    let base_name = reports.iter().find(|(n, _)| n == BASELINE).map_or(reports[0].0.as_str(), |(n, _)| n);
     let mut chart = ChartBuilder::on(area)
         .caption(format!("Cost relative to {base_name} (= 1.0)"), ("sans-serif", 15))
         .margin(12)
@@ -171,7 +281,7 @@ where
         .y_desc("ratio")
         .draw()
         .map_err(plot_error)?;
-    let width = 0.8 / reports.len() as f64;
+    let width = 0.8 / models.len() as f64;
     for (i, row) in ratios.iter().enumerate() {
         let c = color(i);
         let bars = row.iter().enumerate().filter_map(|(g, v)| {
@@ -189,27 +299,34 @@ where
 }
 
 /// The SVG text of the figure.
-pub fn render(reports: &[(String, ModelReport)]) -> Result<String> {
+pub fn render(models: &[ModelCurves]) -> Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_error)?;
         let (legend, panels) = root.split_vertically(LEGEND_HEIGHT);
-        let names: Vec<&str> = reports.iter().map(|(n, _)| n.as_str()).collect();
-        draw_legend(&legend, &names)?;
+        let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+        let over_seeds = models.iter().flat_map(|m| &m.epochs).any(|e| e.eval_acc.hi > e.eval_acc.lo);
+        draw_legend(&legend, &names, over_seeds)?;
         let (top, bottom) = panels.split_vertically((HEIGHT - LEGEND_HEIGHT) / 2);
         let (left, right) = top.split_horizontally(WIDTH / 2);
-        draw_metric(&left, &ACCURACY, reports)?;
-        draw_metric(&right, &LOSS, reports)?;
-        if !reports.is_empty() {
-            draw_costs(&bottom, reports)?;
+        draw_metric(&left, &ACCURACY, models)?;
+        draw_metric(&right, &LOSS, models)?;
+        if !models.is_empty() {
+            draw_costs(&bottom, models)?;
         }
         root.present().map_err(plot_error)?;
     }
     Ok(svg)
 }
 
-/// Writes `curves.svg` into `out`.
-pub fn write(out: &Path, reports: &[(String, ModelReport)]) -> Result<()> {
-    crate::report::write_atomic(&out.join("curves.svg"), render(reports)?.as_bytes())
+/// Writes `curves.svg` of a single run's models into `out`.
+pub fn write(out: &Path, models: &IndexMap<String, ModelReport>) -> Result<()> {
+    let curves: Vec<ModelCurves> = models.iter().map(|(name, r)| ModelCurves::of_run(name, r)).collect();
+    write_curves(out, &curves)
+}
+
+/// Writes `curves.svg` of `models` into `out`.
+pub fn write_curves(out: &Path, models: &[ModelCurves]) -> Result<()> {
+    write_atomic(&out.join(SVG_FILE), render(models)?.as_bytes())
 }

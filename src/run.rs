@@ -1,85 +1,22 @@
-//! `run-all` and `train`: data, every requested model, and the files a run leaves in `--out`.
+//! `run-all` and `train`: data, every requested model, and the files a run leaves in `--out`;
+//! `report`, which rebuilds a run's report from those files.
 
-use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
-use std::path::{Path, PathBuf};
+use anyhow::{bail, ensure, Context, Result};
+use indexmap::IndexMap;
+use std::path::Path;
 use tch::Device;
 
 use crate::checkpoint;
+use crate::config::{Preset, RunConfig};
 use crate::data::{self, Cifar, Source};
-use crate::environment::{device_label, device_name, parse_device, peak_resident_mb, Environment};
+use crate::environment::{parse_device, peak_resident_mb, RunEnvironment};
+use crate::files::{self, OutputLock};
+use crate::metrics::EpochMetrics;
 use crate::models;
-use crate::report::{self, ModelReport};
-use crate::train::{self, Interrupted, Progress, Recipe, Trainer};
-
-/// Named sets of defaults; explicit flags override them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Preset {
-    /// The tutorial's recipe: full CIFAR-10, 224 px, 5 epochs, batch 64 (needs a GPU).
-    Tutorial,
-    /// CPU-sized: 32 px, 1500/500-image balanced subsets, 5 epochs (about 5 minutes for all models on 2 cores).
-    Quick,
-}
-
-/// Defaults a preset gives to flags left unset.
-pub struct PresetDefaults {
-    pub image_size: i64,
-    pub epochs: usize,
-    pub train_limit: Option<usize>,
-    pub test_limit: Option<usize>,
-}
-
-impl Preset {
-    pub fn defaults(self) -> PresetDefaults {
-        match self {
-            Preset::Tutorial => {
-                let recipe = Recipe::tutorial();
-                PresetDefaults {
-                    image_size: recipe.image_size,
-                    epochs: recipe.epochs,
-                    train_limit: None,
-                    test_limit: None,
-                }
-            }
-            Preset::Quick => {
-                PresetDefaults { image_size: 32, epochs: 5, train_limit: Some(1500), test_limit: Some(500) }
-            }
-        }
-    }
-}
-
-/// A resolved run: what comparison.json records under `config`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RunConfig {
-    pub preset: Preset,
-    pub models: Vec<String>,
-    #[serde(flatten)]
-    pub recipe: Recipe,
-    pub classes: i64,
-    pub data_dir: PathBuf,
-    pub train_limit: Option<usize>,
-    pub test_limit: Option<usize>,
-    pub device: String,
-    pub out: PathBuf,
-}
-
-impl RunConfig {
-    /// Whether this run follows the tutorial's recipe on its full data, so that its numbers can be
-    /// set beside the tutorial's.
-    pub fn comparable_to_tutorial(&self) -> bool {
-        let tutorial = Recipe {
-            seed: self.recipe.seed,
-            // Execution details, not part of the recipe.
-            amp: self.recipe.amp,
-            memory_format: self.recipe.memory_format,
-            cuda_graphs: self.recipe.cuda_graphs,
-            ..Recipe::tutorial()
-        };
-        self.recipe == tutorial && self.train_limit.is_none() && self.test_limit.is_none()
-    }
-}
+use crate::plot::{self, ModelCurves};
+use crate::report::{self, Comparison, ModelReport, RecordedRun};
+use crate::seeds::{self, SeedsReport};
+use crate::train::{self, Interrupted, Progress, Trainer};
 
 /// Loads the data for a run: fetched when the folder is missing, checked, subset, moved to the device.
 fn load_data(config: &RunConfig, source: &Source, device: Device) -> Result<Cifar> {
@@ -96,22 +33,30 @@ fn load_data(config: &RunConfig, source: &Source, device: Device) -> Result<Cifa
     Ok(cifar.to_device(device))
 }
 
-/// Trains and evaluates every model of `config`, writing `<model>.csv` and the model's checkpoint
-/// after each epoch and comparison.json / comparison.md after each model. A model that fails is
-/// recorded as failed and the others still run; the result is an error when any failed.
-/// With `resume`, each model continues from its checkpoint, and finished models are not retrained.
+/// Runs `config`: once, or once per seed of `config.seeds` ([`run_seeds`]).
 pub fn run(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
+    if config.seeds.is_empty() {
+        run_one(config, source, resume).map(drop)
+    } else {
+        run_seeds(config, source, resume)
+    }
+}
+
+/// Trains and evaluates every model of `config`, writing `<model>.csv` and the model's checkpoint
+/// after each epoch and the report (comparison.json / .md, curves.svg) after each model. A model that
+/// fails is recorded as failed and the others still run; the result is an error when any failed.
+/// With `resume`, each model continues from its checkpoint, and finished models are not retrained.
+/// The output folder is locked for the whole run, and checked to be writable before any data loads.
+fn run_one(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
     let device = parse_device(&config.device)?;
     for name in &config.models {
         models::model_info(name)?.check_image_size(config.recipe.image_size)?;
     }
+    let _lock = OutputLock::acquire(&config.out)?;
+    files::remove_leftovers(&config.out)?;
+    files::remove_leftovers(&config.out.join(checkpoint::FOLDER))?;
     let data = load_data(config, source, device)?;
-    let mut environment = serde_json::to_value(report::RunEnvironment {
-        device: device_label(device),
-        device_name: device_name(device),
-        precision: config.recipe.precision(device),
-        versions: Environment::detect(),
-    })?;
+    let mut environment = RunEnvironment::detect(device, config.recipe.precision(device));
     if resume {
         // Refuse a mismatched checkpoint before any training.
         for name in &config.models {
@@ -125,27 +70,28 @@ pub fn run(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
     }
     train::stop_on_ctrl_c();
     let progress = Progress::detect();
-    let mut reports: Vec<(String, ModelReport)> = Vec::new();
-    let mut summary = Value::Null;
+    let mut reports: IndexMap<String, ModelReport> = IndexMap::new();
+    let mut comparison = None;
     for name in &config.models {
         let mut trainer = Trainer::new(name, config.classes, &config.recipe, device)?;
         let result = train_model(config, &mut trainer, &data, progress, reports.is_empty(), resume, &environment);
         if let Err(err) = &result {
             if err.is::<Interrupted>() {
-                eprintln!("{}", resume_hint(config, name, trainer.history.len()));
+                eprintln!("{}", stop_message(config, name, trainer.history.len(), !reports.is_empty()));
                 return result;
             }
             eprintln!("error: {name} failed: {err:#}");
         }
         let cuda_graphs = trainer.replays_cuda_graphs();
-        let mut report = ModelReport::new(name, config, trainer.history, result.err())?;
+        let mut report = ModelReport::new(name, config, trainer.history, result.err().map(|e| format!("{e:#}")))?;
         report.cuda_graphs = Some(cuda_graphs);
-        reports.push((name.clone(), report));
-        // Host memory only: libtorch's CUDA allocator is not visible through tch.
-        environment["peak_resident_mb"] = serde_json::json!(peak_resident_mb());
-        summary = report::write_comparison(&config.out, config, &environment, &reports)?;
+        reports.insert(name.clone(), report);
+        environment.peak_resident_mb = peak_resident_mb();
+        comparison = Some(write_report(&config.out, Comparison::new(config, &environment, reports.clone()))?);
     }
-    println!("{}", report::models_markdown(&summary));
+    if let Some(comparison) = &comparison {
+        println!("{}", comparison.models_markdown());
+    }
     eprintln!("results in {}", config.out.display());
     let failed: Vec<&str> = reports.iter().filter(|(_, r)| r.error.is_some()).map(|(n, _)| n.as_str()).collect();
     if !failed.is_empty() {
@@ -154,14 +100,103 @@ pub fn run(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
             failed.len(),
             reports.len(),
             failed.join(", "),
-            config.out.join("comparison.md").display()
+            config.out.join(report::MARKDOWN_FILE).display()
         );
     }
     Ok(())
 }
 
+/// Every model once per seed of `config.seeds`, each seed's run in `out/seed-<s>/` exactly as a
+/// single run writes it, and after each seed the report over the seeds so far in `out`. A seed whose
+/// models failed does not stop the others; Ctrl-C does, and `--resume` continues where it stopped
+/// (finished seeds and models are not retrained).
+fn run_seeds(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
+    let _lock = OutputLock::acquire(&config.out)?;
+    if !resume {
+        remove_previous_outputs(&config.out)?;
+        remove_seed_folders(&config.out)?;
+    }
+    let mut failures = Vec::new();
+    for &seed in &config.seeds {
+        eprintln!(
+            "seed {seed} ({} of {}): {}",
+            seed_position(config, seed),
+            config.seeds.len(),
+            config.for_seed(seed).out.display()
+        );
+        match run_one(&config.for_seed(seed), source, resume) {
+            Err(err) if err.is::<Interrupted>() => return Err(err),
+            Err(err) => failures.push(format!("seed {seed}: {err:#}")),
+            Ok(()) => {}
+        }
+        let report = write_seeds_report(config)?;
+        if seed == *config.seeds.last().expect("seeds") {
+            println!("{}", report.markdown());
+        }
+    }
+    if !failures.is_empty() {
+        bail!("{}", failures.join("; "));
+    }
+    Ok(())
+}
+
+fn seed_position(config: &RunConfig, seed: u64) -> usize {
+    config.seeds.iter().position(|&s| s == seed).map_or(0, |i| i + 1)
+}
+
+/// Removes the seed folders an earlier multi-seed run left in `out` (their csp-tch files only).
+fn remove_seed_folders(out: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
+    for entry in entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("seed-")) {
+        remove_previous_outputs(&entry.path())?;
+        let _ = std::fs::remove_dir(entry.path().join(checkpoint::FOLDER));
+        let _ = std::fs::remove_dir(entry.path());
+    }
+    Ok(())
+}
+
+/// The report over the seeds of `config` that have one so far, written into `config.out`.
+fn write_seeds_report(config: &RunConfig) -> Result<SeedsReport> {
+    let mut runs = Vec::new();
+    let mut folders = IndexMap::new();
+    let mut environment = None;
+    for &seed in &config.seeds {
+        let child = config.for_seed(seed);
+        let has_results = child.out.join(report::JSON_FILE).exists()
+            || config.models.iter().any(|m| report::csv_path(&child.out, m).exists());
+        if !has_results {
+            continue;
+        }
+        let collected = collect(&child.out)?;
+        environment.get_or_insert(collected.environment);
+        folders.insert(seed.to_string(), format!("seed-{seed}"));
+        runs.push((seed, collected.models));
+    }
+    let Some(environment) = environment else { bail!("no seed of {} has results yet", config.out.display()) };
+    let section = seeds::aggregate(&runs);
+    let curves: Vec<ModelCurves> = section
+        .models
+        .iter()
+        .filter_map(|(name, spread)| {
+            let any = runs.iter().find_map(|(_, models)| models.get(name))?;
+            Some(ModelCurves::of_seeds(name, spread, any))
+        })
+        .collect();
+    let report = SeedsReport { config: config.clone(), environment, runs: folders, seeds: section };
+    report.write(&config.out)?;
+    plot::write_curves(&config.out, &curves)?;
+    Ok(report)
+}
+
+/// Writes comparison.json, comparison.md and curves.svg into `out`.
+fn write_report(out: &Path, comparison: Comparison) -> Result<Comparison> {
+    comparison.write(out)?;
+    plot::write(out, &comparison.models)?;
+    Ok(comparison)
+}
+
 /// The checkpoint metadata of `name` in this run, with `trainer`'s progress filled in by the caller.
-fn run_meta(config: &RunConfig, name: &str, data: &Cifar, environment: &serde_json::Value) -> checkpoint::Meta {
+fn run_meta(config: &RunConfig, name: &str, data: &Cifar, environment: &RunEnvironment) -> checkpoint::Meta {
     checkpoint::Meta {
         format: checkpoint::FORMAT,
         model: name.to_string(),
@@ -186,13 +221,13 @@ fn train_model(
     progress: Progress,
     first_model: bool,
     resume: bool,
-    environment: &serde_json::Value,
+    environment: &RunEnvironment,
 ) -> Result<()> {
     let name = trainer.name.clone();
     let file = checkpoint::path(&config.out, &name);
-    let csv = config.out.join(format!("{name}.csv"));
+    let csv = report::csv_path(&config.out, &name);
     if resume && file.exists() {
-        let meta = checkpoint::restore(&file, trainer)?;
+        let meta = trainer.restore_checkpoint(&file)?;
         eprintln!("{name}: resuming after epoch {} from {}", meta.epochs_done, file.display());
         report::write_csv(&csv, &trainer.history)?;
     }
@@ -206,14 +241,15 @@ fn train_model(
         meta.loss_scaler = trainer.scaler.clone();
         meta.history = trainer.history.clone();
         meta.cuda_graphs = Some(trainer.replays_cuda_graphs());
-        checkpoint::save(&file, trainer, &meta)?;
+        trainer.save_checkpoint(&file, &meta)?;
         report::write_csv(&csv, &trainer.history)?;
     }
     Ok(())
 }
 
-/// What to tell a user who pressed Ctrl-C.
-fn resume_hint(config: &RunConfig, name: &str, epochs_done: usize) -> String {
+/// What to tell a user who pressed Ctrl-C while `name` trained with `epochs_done` epochs
+/// checkpointed; `earlier_done`: models before it in this run finished.
+fn stop_message(config: &RunConfig, name: &str, epochs_done: usize, earlier_done: bool) -> String {
     let mut args: Vec<String> = std::env::args().collect();
     if !args.iter().any(|a| a == "--resume") {
         args.push("--resume".into());
@@ -228,11 +264,16 @@ fn resume_hint(config: &RunConfig, name: &str, epochs_done: usize) -> String {
             }
         })
         .collect();
-    format!(
-        "stopped: {name} keeps its checkpoint after epoch {epochs_done} in {}; resume with:\n  {}",
-        checkpoint::path(&config.out, name).display(),
-        quoted.join(" ")
-    )
+    let kept = if epochs_done > 0 {
+        format!(
+            "{name} keeps its checkpoint after epoch {epochs_done} in {}",
+            checkpoint::path(&config.out, name).display()
+        )
+    } else {
+        let earlier = if earlier_done { "; the models before it are finished and kept" } else { "" };
+        format!("{name} had not finished an epoch, so nothing of it was saved{earlier}")
+    };
+    format!("stopped: {kept}; resume with:\n  {}", quoted.join(" "))
 }
 
 /// On a CPU with the tutorial preset: how long the whole run will take, from the first steps.
@@ -269,14 +310,92 @@ fn cpu_estimate(config: &RunConfig, data: &Cifar, ms_per_step: f64) -> String {
 /// Removes what an earlier run left in `out` (every model's CSV and checkpoint, the report files),
 /// so that a folder never mixes two runs' results.
 fn remove_previous_outputs(out: &Path) -> Result<()> {
-    let per_model = models::model_names()
-        .into_iter()
-        .flat_map(|name| [out.join(format!("{name}.csv")), checkpoint::path(out, name)]);
-    let reports = report::REPORT_FILES.iter().map(|f| out.join(f));
+    let per_model =
+        models::model_names().into_iter().flat_map(|name| [report::csv_path(out, name), checkpoint::path(out, name)]);
+    let reports = [report::JSON_FILE, report::MARKDOWN_FILE, plot::SVG_FILE, seeds::CSV_FILE].map(|f| out.join(f));
     for path in per_model.chain(reports) {
         if path.exists() {
             std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
         }
     }
     Ok(())
+}
+
+/// What a run's output folder holds: its configuration, environment and models.
+struct Collected {
+    config: RunConfig,
+    environment: RunEnvironment,
+    models: IndexMap<String, ModelReport>,
+}
+
+/// Rebuilds comparison.json, comparison.md and curves.svg in `out` from the per-model CSVs there;
+/// returns the models it found. For a multi-seed run, each seed's folder is rebuilt and then the
+/// report over the seeds.
+pub fn rebuild(out: &Path) -> Result<Vec<String>> {
+    if let Some(recorded) = RecordedRun::read(out)?.filter(|r| !r.config.seeds.is_empty()) {
+        let mut config = recorded.config;
+        config.out = out.to_path_buf();
+        let mut names = Vec::new();
+        for &seed in &config.seeds {
+            let folder = config.for_seed(seed).out;
+            if folder.exists() {
+                names = rebuild(&folder)?;
+            }
+        }
+        write_seeds_report(&config)?;
+        return Ok(names);
+    }
+    let collected = collect(out)?;
+    let names = collected.models.keys().cloned().collect();
+    write_report(out, Comparison::new(&collected.config, &collected.environment, collected.models))?;
+    Ok(names)
+}
+
+/// Reads a run's models back from the per-model CSVs in `out`. The run's configuration, environment
+/// and each model's status come from the comparison.json already there, or else from the models'
+/// checkpoints. A model recorded as failed stays failed (with or without a CSV), one with a
+/// non-finite metric or no epoch is failed, and one with fewer epochs than configured is incomplete.
+fn collect(out: &Path) -> Result<Collected> {
+    let previous = RecordedRun::read(out)?;
+    let mut found: IndexMap<String, (Option<Vec<EpochMetrics>>, Option<checkpoint::Meta>)> = IndexMap::new();
+    for name in models::model_names() {
+        let csv = report::csv_path(out, name);
+        let recorded = previous.as_ref().is_some_and(|p| p.models.contains_key(name));
+        if !csv.exists() && !recorded {
+            continue;
+        }
+        let epochs = if csv.exists() { Some(report::read_csv(&csv)?) } else { None };
+        let file = checkpoint::path(out, name);
+        let meta = if file.exists() { Some(checkpoint::read_meta(&file)?) } else { None };
+        found.insert(name.to_string(), (epochs, meta));
+    }
+    ensure!(
+        !found.is_empty(),
+        "{} holds no model CSV (darknet53.csv, ...) and no comparison.json; point --out at a run's output folder",
+        out.display()
+    );
+    let (config, environment) = match (&previous, found.values().find_map(|(_, meta)| meta.as_ref())) {
+        (Some(p), _) => (p.config.clone(), p.environment.clone()),
+        (None, Some(meta)) => (meta.config.clone(), meta.environment.clone()),
+        (None, None) => bail!(
+            "cannot tell the run's configuration: no {} and no checkpoint in {}",
+            out.join(report::JSON_FILE).display(),
+            out.join(checkpoint::FOLDER).display()
+        ),
+    };
+    let mut reports = IndexMap::new();
+    for (name, (epochs, meta)) in found {
+        let recorded = previous.as_ref().and_then(|p| p.models.get(&name));
+        // What the CSV shows now comes first; then what the run recorded (a model that failed in
+        // its first epoch has no CSV at all).
+        let from_csv = epochs.as_deref().and_then(|epochs| match epochs {
+            [] => Some(format!("{name}.csv holds no epoch: the model trained none, or the file was emptied")),
+            epochs => report::non_finite(epochs),
+        });
+        let error = from_csv.or_else(|| recorded.and_then(|r| r.error.clone()));
+        let mut report = ModelReport::new(&name, &config, epochs.unwrap_or_default(), error)?;
+        report.cuda_graphs = meta.and_then(|m| m.cuda_graphs).or_else(|| recorded.and_then(|r| r.cuda_graphs));
+        reports.insert(name, report);
+    }
+    Ok(Collected { config, environment, models: reports })
 }

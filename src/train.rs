@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -14,12 +14,16 @@ use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
 use crate::amp::{self, Precision};
+use crate::checkpoint;
+use crate::config::{CudaGraphs, Recipe};
 use crate::cuda_graph::{self, Replayer};
 use crate::data::{self, Cifar};
 use crate::environment::synchronize;
-use crate::models::{Backbone, FoldedBatchNorm};
-use crate::optim::{Adam, AdamConfig, LossScaler};
-use crate::transform::{self, Normalize};
+use crate::fastpath::FoldedBatchNorm;
+use crate::metrics::EpochMetrics;
+use crate::models::Backbone;
+use crate::optim::{Adam, LossScaler};
+use crate::transform;
 
 /// Set by the Ctrl-C handler; training stops before the next step.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -42,171 +46,23 @@ pub fn stop_on_ctrl_c() {
     // Only one handler per process: a second call (several runs in one process) keeps the first.
     let _ = ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
+            // At once means without destructors: `exit` would tear libtorch down under the
+            // convolution the main thread is running (a segfault). Every file csp-tch writes is
+            // complete or absent, so there is nothing to flush.
+            unsafe { libc::_exit(130) };
         }
         eprintln!("\ninterrupt: stopping before the next step (Ctrl-C again quits at once)");
     });
 }
 
-/// Everything that decides what a training run computes (timings aside).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Recipe {
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub adam: AdamConfig,
-    pub image_size: i64,
-    pub normalize: Normalize,
-    pub seed: u64,
-    /// Mixed precision on CUDA: bf16 autocast where supported, else fp16 with dynamic loss scaling
-    /// (no effect on the CPU); see [`crate::amp`].
-    #[serde(default)]
-    pub amp: bool,
-    /// Memory layout of weights and activations.
-    #[serde(default)]
-    pub memory_format: MemoryFormat,
-    /// Whether CUDA runs replay recorded CUDA graphs (`--cuda-graphs`).
-    #[serde(default)]
-    pub cuda_graphs: CudaGraphs,
-}
-
-/// `--cuda-graphs`: whether full-batch steps are recorded once as CUDA graphs and replayed. The
-/// graph runs the same kernels on the same data as the eager step: results agree to float rounding.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum CudaGraphs {
-    /// On for CUDA runs, except in fp16 (its loss scaler reads the device every step); a capture
-    /// that fails is reported and the run continues eagerly. Off on the CPU.
-    #[default]
-    Auto,
-    /// On for CUDA runs; a capture that fails is an error, and so is fp16. Off on the CPU, which
-    /// has no graphs.
-    On,
-    /// Every step runs eagerly.
-    Off,
-}
-
-impl CudaGraphs {
-    /// Whether a run on `device` in `precision` replays graphs.
-    pub fn resolve(self, device: Device, precision: Precision) -> Result<bool> {
-        if self == CudaGraphs::Off || !device.is_cuda() {
-            return Ok(false);
-        }
-        if precision.needs_loss_scaling() {
-            if self == CudaGraphs::On {
-                bail!(
-                    "--cuda-graphs on: this GPU trains --amp in fp16, whose loss scaler reads the device \
-                     every step and cannot be recorded; use --cuda-graphs auto (fp16 then runs eagerly) or off"
-                );
-            }
-            return Ok(false);
-        }
-        if !cuda_graph::built_with_cuda_graphs() {
-            if self == CudaGraphs::On {
-                bail!("--cuda-graphs on: this csp-tch was built without the CUDA headers; rebuild it or use auto");
-            }
-            return Ok(false);
-        }
-        Ok(true)
+/// The input of `model` for the images at `index`: the recipe's transform, in the model's layout.
+fn model_input(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &Recipe) -> Tensor {
+    let xs = transform::batch(images, index, recipe.image_size, recipe.normalize);
+    if model.is_channels_last() {
+        transform::to_channels_last(&xs)
+    } else {
+        xs
     }
-}
-
-/// Memory layout of weights and activations. The layout changes how libtorch's kernels round, not
-/// what is computed; `auto` is a fixed rule, so that runs reproduce one another.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum MemoryFormat {
-    /// Channels-last when every feature map of the model is at least 4 px at the run's input size,
-    /// NCHW otherwise: on this project's CPU, channels-last is 10-20% faster on such maps and slower
-    /// on the 1x1 and 2x2 maps of DarkNet53 at 32 px.
-    #[default]
-    Auto,
-    /// NCHW, libtorch's default.
-    Contiguous,
-    /// NHWC.
-    ChannelsLast,
-}
-
-impl MemoryFormat {
-    /// Smallest feature map for which `auto` picks channels-last.
-    pub const CHANNELS_LAST_MIN_MAP: i64 = 4;
-
-    /// Whether a model runs channels-last; `smallest_map` gives its [`Summary::smallest_map`] at the
-    /// run's input size, and is asked only by `auto`.
-    ///
-    /// [`Summary::smallest_map`]: crate::models::Summary::smallest_map
-    pub fn channels_last(self, smallest_map: impl FnOnce() -> i64) -> bool {
-        match self {
-            MemoryFormat::Contiguous => false,
-            MemoryFormat::ChannelsLast => true,
-            MemoryFormat::Auto => smallest_map() >= Self::CHANNELS_LAST_MIN_MAP,
-        }
-    }
-
-    pub fn label(channels_last: bool) -> &'static str {
-        if channels_last {
-            "channels-last"
-        } else {
-            "contiguous"
-        }
-    }
-}
-
-impl Recipe {
-    /// The tutorial's recipe: 5 epochs of batch 64 at 224 px, Adam at 1e-3, Normalize(0.5, 0.5) on raw
-    /// pixels, seed 0; fp32, `auto` layout and CUDA graphs.
-    pub fn tutorial() -> Recipe {
-        Recipe {
-            epochs: 5,
-            batch_size: 64,
-            adam: AdamConfig::default(),
-            image_size: 224,
-            normalize: Normalize::Tutorial,
-            seed: 0,
-            amp: false,
-            memory_format: MemoryFormat::Auto,
-            cuda_graphs: CudaGraphs::Auto,
-        }
-    }
-
-    /// The input of `model` for the images at `index`: the tutorial's transform, in the model's layout.
-    fn input(&self, model: &Backbone, images: &Tensor, index: &Tensor) -> Tensor {
-        let xs = transform::batch(images, index, self.image_size, self.normalize);
-        if model.is_channels_last() {
-            transform::to_channels_last(&xs)
-        } else {
-            xs
-        }
-    }
-
-    /// The precision forward passes run in on `device`.
-    pub fn precision(&self, device: Device) -> Precision {
-        Precision::for_run(self.amp, device)
-    }
-}
-
-/// One row of `<model>.csv`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EpochMetrics {
-    pub epoch: usize,
-    /// Mean training loss over the epoch.
-    pub train_loss: f64,
-    /// Running accuracy over the epoch's batches, as the tutorial's log reports it.
-    pub train_acc: f64,
-    /// Mean loss over the whole test set.
-    pub eval_loss: f64,
-    pub eval_acc: f64,
-    pub train_ms_per_step: f64,
-    pub eval_ms_per_step: f64,
-    pub epoch_seconds: f64,
-    pub train_images_per_s: f64,
-    /// The epoch's last training batch loss (what the tutorial's log prints as `loss`).
-    pub last_train_loss: f64,
-    /// The last test batch's loss (what the tutorial's eval log prints as `loss`).
-    pub last_eval_loss: f64,
-    /// Time the epoch's first training and evaluation steps took beyond the epoch's steady rate:
-    /// cuDNN's algorithm search, the allocator's growth, CUDA graph capture ([`warmup_seconds`]).
-    #[serde(default)]
-    pub warmup_seconds: f64,
 }
 
 /// Steps timed at the start of each training and evaluation loop: the warm-up steps, then the one
@@ -394,6 +250,64 @@ pub struct StepGraphs {
     eval: Replayer,
 }
 
+/// What an epoch's training measured.
+struct TrainedEpoch {
+    /// Mean batch loss, weighted by batch size.
+    loss: f64,
+    accuracy: f64,
+    last_loss: f64,
+    steps: usize,
+    images: i64,
+    seconds: f64,
+    warmup_seconds: f64,
+}
+
+/// Reads an epoch's running loss from the device now and then, for the progress bar and to stop a
+/// diverged run early: at most twice a second on a terminal, every [`Watch::CHECK_EVERY`] steps, and
+/// after the last step (reading waits for the device, so not every step).
+struct Watch<'a> {
+    bar: &'a ProgressBar,
+    started: Instant,
+    last_read: Instant,
+}
+
+impl<'a> Watch<'a> {
+    const CHECK_EVERY: usize = 50;
+
+    fn new(bar: &'a ProgressBar) -> Watch<'a> {
+        Watch { bar, started: Instant::now(), last_read: Instant::now() }
+    }
+
+    /// A line above the bar (or on stderr when there is no bar).
+    fn show(&self, line: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    /// After `done` of `steps` steps and `images` images: `Err(loss)` when the loss is not finite.
+    fn after_step(&mut self, done: usize, steps: usize, images: i64, sums: &TrainSums) -> std::result::Result<(), f64> {
+        let refresh = !self.bar.is_hidden() && self.last_read.elapsed() > Duration::from_millis(500);
+        if !(done == steps || refresh || done.is_multiple_of(Self::CHECK_EVERY)) {
+            return Ok(());
+        }
+        let loss = sums.last_loss.double_value(&[]);
+        if !loss.is_finite() {
+            return Err(loss);
+        }
+        self.bar.set_position(done as u64);
+        self.bar.set_message(format!(
+            "loss {loss:.4} acc {:.4} {:.0} ms/step",
+            sums.correct.double_value(&[]) / images as f64,
+            self.started.elapsed().as_secs_f64() * 1e3 / done as f64
+        ));
+        self.last_read = Instant::now();
+        Ok(())
+    }
+}
+
 /// A model, its optimizer and the metrics so far: what a checkpoint holds.
 pub struct Trainer {
     pub name: String,
@@ -418,7 +332,6 @@ impl Trainer {
         info.check_image_size(recipe.image_size)?;
         let precision = recipe.precision(device);
         let graphs = recipe.cuda_graphs.resolve(device, precision)?;
-        // Before seeding: `auto` describes a throwaway model, which draws random numbers.
         let channels_last = recipe
             .memory_format
             .channels_last(|| crate::models::summary(info, classes, recipe.image_size).smallest_map);
@@ -472,6 +385,22 @@ impl Trainer {
         self.graphs.as_ref().is_some_and(|g| !g.train.failed())
     }
 
+    /// Writes the trainer's state to `file` with `meta` (see [`checkpoint`]).
+    pub fn save_checkpoint(&self, file: &std::path::Path, meta: &checkpoint::Meta) -> Result<()> {
+        checkpoint::save(file, &self.vs, &self.adam, meta)
+    }
+
+    /// Continues from the checkpoint in `file`: weights, statistics, Adam's state, the metrics so far
+    /// and, when training in fp16, the loss scale it had reached. Returns its metadata.
+    pub fn restore_checkpoint(&mut self, file: &std::path::Path) -> Result<checkpoint::Meta> {
+        let meta = checkpoint::restore(file, &self.name, &self.vs, &mut self.adam)?;
+        if let (Some(scaler), Some(saved)) = (self.scaler.as_mut(), &meta.loss_scaler) {
+            *scaler = saved.clone();
+        }
+        self.history = meta.history.clone();
+        Ok(meta)
+    }
+
     /// Trains in `precision` from the next step: [`Recipe::precision`] sets it; tests set bf16
     /// or fp16 on the CPU to exercise mixed precision without a GPU. fp16 brings a fresh loss scaler.
     pub fn set_precision(&mut self, precision: Precision) {
@@ -492,7 +421,7 @@ impl Trainer {
     ) -> (Tensor, Tensor, Tensor) {
         let device = images.device();
         let mut clock = PhaseClock { times: phases, device, last: Instant::now() };
-        let xs = recipe.input(&self.model, images, index);
+        let xs = model_input(&self.model, images, index, recipe);
         let ys = labels.index_select(0, index);
         clock.lap(|t| &mut t.transform_ms);
         let (logits, loss) = amp::autocast(device, self.precision, || {
@@ -536,9 +465,9 @@ impl Trainer {
         }
     }
 
-    /// Trains one epoch (number `history.len() + 1`) and evaluates on the test split.
-    /// `first_steps` is called once, with the mean ms/step of the first epoch's first few steps;
-    /// a line it returns is shown above the progress bar.
+    /// Trains one epoch (number `history.len() + 1`), evaluates on the test split, logs a line and
+    /// records the epoch's metrics. `first_steps` is called once, with the mean ms/step of the first
+    /// epoch's first few steps; a line it returns is shown above the progress bar.
     pub fn run_epoch(
         &mut self,
         data: &Cifar,
@@ -547,17 +476,75 @@ impl Trainer {
         first_steps: &mut dyn FnMut(f64) -> Option<String>,
     ) -> Result<EpochMetrics> {
         let epoch = self.history.len() + 1;
+        let started = Instant::now();
+        let bar = progress
+            .bar(batch_bounds(data.train_len(), recipe.batch_size, true).len(), self.epoch_label(epoch, recipe));
+        let trained = self.train_epoch(data, recipe, epoch, &bar, first_steps)?;
+        bar.finish_and_clear();
+        let (eval, eval_warmup) = self.evaluate(&data.test_images, &data.test_labels, recipe)?;
+        let metrics = EpochMetrics {
+            epoch,
+            train_loss: trained.loss,
+            train_acc: trained.accuracy,
+            eval_loss: eval.loss,
+            eval_acc: eval.accuracy,
+            train_ms_per_step: trained.seconds * 1e3 / trained.steps as f64,
+            eval_ms_per_step: eval.ms_per_step,
+            epoch_seconds: started.elapsed().as_secs_f64(),
+            train_images_per_s: trained.images as f64 / trained.seconds,
+            last_train_loss: trained.last_loss,
+            last_eval_loss: eval.last_batch_loss,
+            warmup_seconds: trained.warmup_seconds + eval_warmup,
+        };
+        if !metrics.eval_loss.is_finite() {
+            bail!("{}: the evaluation loss is {} after epoch {epoch}; training stopped", self.name, metrics.eval_loss);
+        }
+        progress.line(&bar, self.epoch_line(&metrics, recipe));
+        self.history.push(metrics.clone());
+        Ok(metrics)
+    }
+
+    /// `darknet53 2/5`.
+    fn epoch_label(&self, epoch: usize, recipe: &Recipe) -> String {
+        format!("{} {epoch}/{}", self.name, recipe.epochs)
+    }
+
+    /// The log line of a finished epoch.
+    fn epoch_line(&self, m: &EpochMetrics, recipe: &Recipe) -> String {
+        format!(
+            "{} epoch {}/{}: train loss {:.4} acc {:.4} | eval loss {:.4} acc {:.4} | {:.0} ms/step train, {:.0} \
+             ms/step eval, {:.1} s",
+            self.name,
+            m.epoch,
+            recipe.epochs,
+            m.train_loss,
+            m.train_acc,
+            m.eval_loss,
+            m.eval_acc,
+            m.train_ms_per_step,
+            m.eval_ms_per_step,
+            m.epoch_seconds
+        )
+    }
+
+    /// The training half of epoch `epoch`: every batch of its shuffle, with the progress shown on
+    /// `bar` and the loss checked for divergence on the way.
+    fn train_epoch(
+        &mut self,
+        data: &Cifar,
+        recipe: &Recipe,
+        epoch: usize,
+        bar: &ProgressBar,
+        first_steps: &mut dyn FnMut(f64) -> Option<String>,
+    ) -> Result<TrainedEpoch> {
         let device = self.vs.device();
         let started = Instant::now();
         let order = data::epoch_permutation(data.train_len(), recipe.seed, epoch);
         let order = Tensor::from_slice(&order).to_device(device);
         let bounds = batch_bounds(data.train_len(), recipe.batch_size, true);
-        let bar = progress.bar(bounds.len(), format!("{} {epoch}/{}", self.name, recipe.epochs));
-
         self.train_sums.zero();
-        let mut seen = 0i64;
-        let mut last_refresh = Instant::now();
-        let (mut timed_from, mut head_seconds) = (started, 0.0);
+        let mut watch = Watch::new(bar);
+        let (mut images, mut timed_from, mut head_seconds) = (0i64, started, 0.0);
         for (step, &(start, len)) in bounds.iter().enumerate() {
             if INTERRUPTED.load(Ordering::SeqCst) {
                 bar.abandon();
@@ -567,84 +554,36 @@ impl Trainer {
                 timed_from = Instant::now();
             }
             self.train_batch(&data.train_images, &data.train_labels, &order.narrow(0, start, len), recipe)?;
-            seen += len;
+            images += len;
             if step + 1 == HEAD_STEPS {
                 synchronize(device);
                 head_seconds = started.elapsed().as_secs_f64();
                 // The steps after the first time the run, for the estimate of its length.
                 let ms_per_step = timed_from.elapsed().as_secs_f64() * 1e3 / (HEAD_STEPS - 1) as f64;
                 if let Some(line) = (epoch == 1).then(|| first_steps(ms_per_step)).flatten() {
-                    progress.line(&bar, line);
+                    watch.show(line);
                 }
             }
-            let last = step + 1 == bounds.len();
-            // Reading the loss waits for the device: at most twice a second on a terminal, and every
-            // CHECK_EVERY steps anyway so that a diverged run stops early.
-            const CHECK_EVERY: usize = 50;
-            let refresh = progress.terminal && last_refresh.elapsed() > Duration::from_millis(500);
-            if last || refresh || (step + 1) % CHECK_EVERY == 0 {
-                let loss_now = self.train_sums.last_loss.double_value(&[]);
-                if !loss_now.is_finite() {
-                    bar.abandon();
-                    bail!(
-                        "{}: the training loss became {loss_now} in epoch {epoch} (step {}); \
-                         training stopped (try a lower --lr)",
-                        self.name,
-                        step + 1
-                    );
-                }
-                let elapsed = started.elapsed().as_secs_f64();
-                bar.set_position(step as u64 + 1);
-                bar.set_message(format!(
-                    "loss {loss_now:.4} acc {:.4} {:.0} ms/step",
-                    self.train_sums.correct.double_value(&[]) / seen as f64,
-                    elapsed * 1e3 / (step + 1) as f64
-                ));
-                last_refresh = Instant::now();
-            }
+            watch.after_step(step + 1, bounds.len(), images, &self.train_sums).map_err(|loss| {
+                bar.abandon();
+                anyhow::anyhow!(
+                    "{}: the training loss became {loss} in epoch {epoch} (step {}); training stopped (try a \
+                     lower --lr)",
+                    self.name,
+                    step + 1
+                )
+            })?;
         }
-        let train_loss = self.train_sums.loss.double_value(&[]) / seen as f64;
-        let train_acc = self.train_sums.correct.double_value(&[]) / seen as f64;
-        let train_seconds = started.elapsed().as_secs_f64();
-        let train_warmup = warmup_seconds(head_seconds, HEAD_STEPS, train_seconds, bounds.len());
-        bar.finish_and_clear();
-
-        let (eval, eval_warmup) = self.evaluate(&data.test_images, &data.test_labels, recipe)?;
-        let metrics = EpochMetrics {
-            epoch,
-            train_loss,
-            train_acc,
-            eval_loss: eval.loss,
-            eval_acc: eval.accuracy,
-            train_ms_per_step: train_seconds * 1e3 / bounds.len() as f64,
-            eval_ms_per_step: eval.ms_per_step,
-            epoch_seconds: started.elapsed().as_secs_f64(),
-            train_images_per_s: seen as f64 / train_seconds,
-            last_train_loss: self.train_sums.last_loss.double_value(&[]),
-            last_eval_loss: eval.last_batch_loss,
-            warmup_seconds: train_warmup + eval_warmup,
-        };
-        if !metrics.eval_loss.is_finite() {
-            bail!("{}: the evaluation loss is {} after epoch {epoch}; training stopped", self.name, metrics.eval_loss);
-        }
-        progress.line(
-            &bar,
-            format!(
-                "{} epoch {epoch}/{}: train loss {:.4} acc {:.4} | eval loss {:.4} acc {:.4} | \
-                 {:.0} ms/step train, {:.0} ms/step eval, {:.1} s",
-                self.name,
-                recipe.epochs,
-                metrics.train_loss,
-                metrics.train_acc,
-                metrics.eval_loss,
-                metrics.eval_acc,
-                metrics.train_ms_per_step,
-                metrics.eval_ms_per_step,
-                metrics.epoch_seconds
-            ),
-        );
-        self.history.push(metrics.clone());
-        Ok(metrics)
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(TrainedEpoch {
+            loss: self.train_sums.loss.double_value(&[]) / images as f64,
+            accuracy: self.train_sums.correct.double_value(&[]) / images as f64,
+            last_loss: self.train_sums.last_loss.double_value(&[]),
+            steps: bounds.len(),
+            images,
+            seconds,
+            warmup_seconds: warmup_seconds(head_seconds, HEAD_STEPS, seconds, bounds.len()),
+        })
     }
 
     /// Evaluates on all of `images` as [`evaluate`] does, replaying a recorded step for full batches
@@ -674,7 +613,7 @@ fn partial_batch(device: Device, full: bool, step: impl FnOnce()) {
 /// Logits of the images at `index` with BatchNorm in eval mode (call under `no_grad`, and with
 /// the model's BatchNorms folded for speed).
 pub fn eval_logits(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &Recipe) -> Tensor {
-    let xs = recipe.input(model, images, index);
+    let xs = model_input(model, images, index, recipe);
     let device = images.device();
     amp::autocast(device, recipe.precision(device), || model.forward_t(&xs, false)).to_kind(Kind::Float)
 }

@@ -6,8 +6,9 @@ mod common;
 
 use csp_tch::amp::{self, Precision};
 use csp_tch::checkpoint::{self, Meta};
-use csp_tch::run::{Preset, RunConfig};
-use csp_tch::train::{MemoryFormat, Recipe, Trainer};
+use csp_tch::config::{MemoryFormat, Preset, Recipe, RunConfig};
+use csp_tch::environment::RunEnvironment;
+use csp_tch::train::Trainer;
 use tch::{Device, Kind, Tensor};
 
 fn recipe() -> Recipe {
@@ -86,6 +87,7 @@ fn checkpoints_keep_the_loss_scale() {
         test_limit: None,
         device: "cpu".into(),
         out: dir.clone(),
+        seeds: Vec::new(),
     };
     let meta = Meta {
         format: checkpoint::FORMAT,
@@ -97,13 +99,13 @@ fn checkpoints_keep_the_loss_scale() {
         adam_steps: trained.adam.steps(),
         loss_scaler: trained.scaler.clone(),
         history: Vec::new(),
-        environment: serde_json::Value::Null,
+        environment: RunEnvironment::detect(Device::Cpu, Precision::Fp16),
         cuda_graphs: None,
     };
-    checkpoint::save(&file, &trained, &meta).unwrap();
+    trained.save_checkpoint(&file, &meta).unwrap();
     let mut resumed = Trainer::new("cspdarknet53-pad0", 10, &recipe(), Device::Cpu).unwrap();
     resumed.set_precision(Precision::Fp16);
-    checkpoint::restore(&file, &mut resumed).unwrap();
+    resumed.restore_checkpoint(&file).unwrap();
     assert_eq!(resumed.scaler.as_ref(), Some(&scaler));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -4,8 +4,8 @@
 //! change with it is in run_all.rs.)
 
 use csp_tch::amp::Precision;
+use csp_tch::config::CudaGraphs;
 use csp_tch::cuda_graph::{built_with_cuda_graphs, Graph};
-use csp_tch::train::CudaGraphs;
 use std::path::Path;
 use tch::Device;
 

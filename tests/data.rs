@@ -17,10 +17,9 @@ fn leftovers(parent: &Path) -> Vec<String> {
 
 #[test]
 fn synthetic_set_loads_through_tch_with_balanced_labels() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = common::synth(tmp.path());
-    data::check_layout(&dir).unwrap();
-    let cifar = data::load(&dir).unwrap();
+    let dir = common::synth();
+    data::check_layout(dir).unwrap();
+    let cifar = data::load(dir).unwrap();
     assert_eq!(cifar.train_images.size(), [50_000, 3, 32, 32]);
     assert_eq!(cifar.train_images.kind(), tch::Kind::Uint8);
     assert_eq!(cifar.test_labels.size(), [10_000]);
@@ -66,7 +65,7 @@ fn epoch_permutations_are_seeded_permutations() {
 #[test]
 fn missing_truncated_and_corrupt_files_are_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = common::synth(tmp.path());
+    let dir = common::synth_copy(tmp.path());
 
     // A bad label byte: record 5 of data_batch_3.bin says 10.
     let batch3 = dir.join("data_batch_3.bin");
@@ -87,6 +86,8 @@ fn missing_truncated_and_corrupt_files_are_named() {
     std::fs::remove_file(&batch3).unwrap();
     let err = format!("{:#}", data::check_layout(&dir).unwrap_err());
     assert!(err.contains("data_batch_3.bin is missing") && err.contains("csp-tch data download"), "{err}");
+    // `data download` wants a folder that does not exist yet: the advice says to remove this one.
+    assert!(err.contains(&format!("remove {} and", dir.display())), "{err}");
 
     let err = format!("{:#}", data::check_layout(&tmp.path().join("nowhere")).unwrap_err());
     assert!(err.contains("does not exist"), "{err}");
@@ -104,9 +105,9 @@ fn make_archive(src: &Path, archive: &Path) -> String {
 #[test]
 fn download_from_a_file_url_verifies_and_extracts_atomically() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = common::synth(tmp.path());
+    let src = common::synth();
     let archive = tmp.path().join("cifar-10-binary.tar.gz");
-    let md5 = make_archive(&src, &archive);
+    let md5 = make_archive(src, &archive);
     let url = format!("file://{}", archive.display());
     let parent = tmp.path().join("data");
 
@@ -129,7 +130,19 @@ fn download_from_a_file_url_verifies_and_extracts_atomically() {
     std::fs::write(&junk, b"not a tarball").unwrap();
     let junk_md5 = format!("{:x}", md5::compute(b"not a tarball"));
     let bad = Source { url: format!("file://{}", junk.display()), md5: junk_md5 };
-    assert!(data::ensure(&dest, &bad).is_err());
+    let err = format!("{:#}", data::ensure(&dest, &bad).unwrap_err());
+    assert!(err.contains("not a .tar.gz archive") && !err.contains("partial"), "names no deleted temp path: {err}");
+    assert!(!dest.exists() && leftovers(&parent).is_empty());
+
+    // An archive without test_batch.bin: incomplete, named by the archive, not by where it was unpacked.
+    let part = tmp.path().join("part");
+    std::fs::create_dir(&part).unwrap();
+    std::fs::copy(src.join("data_batch_1.bin"), part.join("data_batch_1.bin")).unwrap();
+    let incomplete = tmp.path().join("incomplete.tar.gz");
+    let incomplete_md5 = make_archive(&part, &incomplete);
+    let source = Source { url: format!("file://{}", incomplete.display()), md5: incomplete_md5 };
+    let err = format!("{:#}", data::ensure(&dest, &source).unwrap_err());
+    assert!(err.contains("is incomplete: data_batch_2.bin is missing") && !err.contains("partial"), "{err}");
     assert!(!dest.exists() && leftovers(&parent).is_empty());
 
     // The real thing.

@@ -1,5 +1,7 @@
 //! The backbones against TUTORIAL.md, to the unit.
 
+mod common;
+
 use csp_tch::models::{self, Backbone, Shape};
 use tch::nn;
 use tch::{Device, Kind, Tensor};
@@ -109,6 +111,7 @@ fn layer_paths_mirror_the_tutorial_names() {
 
 #[test]
 fn forward_and_backward_reach_every_parameter() {
+    let _rng = common::rng_turn();
     tch::manual_seed(0);
     for name in models::model_names() {
         let (vs, model) = build(name, 10);
@@ -132,6 +135,7 @@ fn forward_and_backward_reach_every_parameter() {
 
 #[test]
 fn initialisation_follows_paddleclas() {
+    let _rng = common::rng_turn();
     tch::manual_seed(1);
     let (vs, _model) = build("darknet53", 10);
     let vars = vs.variables();
@@ -174,6 +178,7 @@ fn min_image_size_is_the_total_stride() {
 #[test]
 fn folded_batch_norm_matches_batch_norm_in_eval_mode() {
     use csp_tch::transform::to_channels_last;
+    let _rng = common::rng_turn();
     tch::manual_seed(4);
     for (name, channels_last) in models::model_names().into_iter().flat_map(|n| [(n, false), (n, true)]) {
         let case = format!("{name}, {}", if channels_last { "NHWC" } else { "NCHW" });
@@ -222,6 +227,7 @@ fn live_taps_cut_only_kernel_taps_that_see_padding_alone() {
 
 #[test]
 fn cut_convolutions_compute_the_full_ones() {
+    let _rng = common::rng_turn();
     tch::manual_seed(5);
     let mut cut = 0;
     for (k, stride, pad) in [(3, 1, 1), (3, 2, 1), (3, 1, 0), (3, 2, 0), (1, 1, 1), (5, 1, 2), (5, 2, 2)] {
@@ -266,6 +272,7 @@ fn dense_matrices_are_the_convolutions() {
         assert_eq!(spec.dense_is_no_larger(h, w), no_larger, "{spec:?} on {h}x{w}");
     }
     // And it computes the convolution on NCHW-flattened images, whatever the geometry.
+    let _rng = common::rng_turn();
     tch::manual_seed(8);
     let mut cases = 0;
     for (k, stride, pad) in [(3, 1, 1), (3, 2, 1), (3, 1, 0), (1, 1, 0), (1, 1, 1), (5, 2, 2)] {
@@ -290,6 +297,7 @@ fn dense_matrices_are_the_convolutions() {
 #[test]
 fn onednn_inner_product_is_relu_of_the_linear_map() {
     use csp_tch::onednn;
+    let _rng = common::rng_turn();
     tch::manual_seed(9);
     let xs = Tensor::randn([6, 20], (Kind::Float, Device::Cpu));
     let (weight, bias) =
@@ -310,6 +318,7 @@ fn onednn_inner_product_is_relu_of_the_linear_map() {
 #[test]
 fn folded_evaluation_follows_the_input_size() {
     // The folded path keeps the kernel cut for the last input size: another size must not reuse it.
+    let _rng = common::rng_turn();
     tch::manual_seed(6);
     let (_vs, model) = build("darknet53", 10);
     // Stage 4 maps of 1x1, 1x2 and 1x1: a kernel cut to its centre, then its centre row.
@@ -324,4 +333,18 @@ fn folded_evaluation_follows_the_input_size() {
         let diff = (plain - &folded).abs().max().double_value(&[]);
         assert!(diff <= 1e-5 * plain.abs().max().double_value(&[]), "{:?}: folded differs by {diff}", xs.size());
     }
+}
+
+#[test]
+fn describing_a_model_builds_nothing_and_draws_no_random_number() {
+    // `summary` reads the architecture alone: building the modules would initialise 40 M parameters
+    // from libtorch's global generator, shifting every seeded run that described a model first.
+    let _rng = common::rng_turn();
+    tch::manual_seed(3);
+    let expected = Tensor::randn([4], (Kind::Float, Device::Cpu));
+    tch::manual_seed(3);
+    for name in models::model_names() {
+        assert!(models::summary(models::model_info(name).unwrap(), 10, 224).trainable_params > 0);
+    }
+    assert!(Tensor::randn([4], (Kind::Float, Device::Cpu)).equal(&expected), "summary drew from the generator");
 }

@@ -1,5 +1,7 @@
 //! Our Adam against tch's `nn::Adam` (libtorch's torch::optim::Adam), step for step.
 
+mod common;
+
 use csp_tch::optim::{Adam, AdamConfig, AdamKernel};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -21,6 +23,7 @@ fn adam_matches_tch_adam_step_for_step() {
 
 fn adam_matches_tch_adam(kernel: AdamKernel) {
     let config = AdamConfig { lr: 3e-3, ..Default::default() };
+    let _rng = common::rng_turn();
     tch::manual_seed(11);
     let vs_ours = nn::VarStore::new(Device::Cpu);
     let model_ours = net(&vs_ours);
@@ -95,6 +98,7 @@ fn loss_scaler_unscales_skips_overflows_and_adapts_the_scale() {
 fn the_fused_step_handles_channels_last_and_gradients_in_another_layout() {
     // Two copies of a channels-last parameter set: one updated by the fused loop, one by tensor ops.
     let (vs_fused, vs_tensor) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let _rng = common::rng_turn();
     tch::manual_seed(12);
     for vs in [&vs_fused, &vs_tensor] {
         for (name, shape) in [("a", [8i64, 4, 3, 3]), ("b", [8, 4, 2, 2])] {

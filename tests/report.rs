@@ -8,10 +8,10 @@ use serde_json::Value;
 #[test]
 fn eval_report_and_curves_agree_with_the_training_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = common::synth(tmp.path());
+    let data = common::synth();
     let out = tmp.path().join("out");
     let mut args =
-        common::small_run(&["run-all", "--models", "darknet53,cspdarknet53-pad0"], &data, &out, ["2", "640", "200"]);
+        common::small_run(&["run-all", "--models", "darknet53,cspdarknet53-pad0"], data, &out, ["2", "640", "200"]);
     args.extend(["--normalize", "unit"]);
     csp_tch_ok(&args);
     let original = read_json(&out.join("comparison.json"));
@@ -38,7 +38,13 @@ fn eval_report_and_curves_agree_with_the_training_run() {
         "{table}"
     );
 
-    // report rebuilds the same models section from the CSVs and checkpoint metadata alone.
+    // report rebuilds the same report from the CSVs and the comparison.json there, peak memory included.
+    csp_tch_ok(&["report", "--out", s(&out)]);
+    let rebuilt = read_json(&out.join("comparison.json"));
+    assert_eq!(rebuilt, original);
+    assert!(rebuilt["environment"]["peak_resident_mb"].as_f64().unwrap() > 100.0);
+
+    // ... and the same models section from the CSVs and checkpoint metadata alone.
     for file in ["comparison.json", "comparison.md", "curves.svg"] {
         std::fs::remove_file(out.join(file)).unwrap();
     }
@@ -69,6 +75,24 @@ fn eval_report_and_curves_agree_with_the_training_run() {
             .count();
         assert!(lines >= 2, "{model}: eval curves in the accuracy and loss panels");
     }
+
+    // An emptied CSV or a non-finite metric in one is a failed model, not an "ok" one.
+    let csv = out.join("cspdarknet53-pad0.csv");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut rows: Vec<String> = text.lines().map(String::from).collect();
+    rows[2] = rows[2].replacen(&rows[2].split(',').nth(3).unwrap().to_string(), "NaN", 1);
+    std::fs::write(&csv, rows.join("\n") + "\n").unwrap();
+    csp_tch_ok(&["report", "--out", s(&out)]);
+    let m = &read_json(&out.join("comparison.json"))["models"]["cspdarknet53-pad0"];
+    assert_eq!(m["status"], "failed", "{m}");
+    assert!(m["error"].as_str().unwrap().contains("epoch 2 has a non-finite metric"), "{m}");
+    std::fs::write(&csv, "").unwrap();
+    csp_tch_ok(&["report", "--out", s(&out)]);
+    let report = read_json(&out.join("comparison.json"));
+    let m = &report["models"]["cspdarknet53-pad0"];
+    assert_eq!(m["status"], "failed", "{m}");
+    assert!(m["error"].as_str().unwrap().contains("holds no epoch"), "{m}");
+    assert_eq!(report["models"]["darknet53"]["status"], "ok");
 
     // A folder without CSVs is a clear error.
     let empty = tmp.path().join("empty");

@@ -48,20 +48,20 @@ fn checkpoint(out: &Path, model: &str) -> PathBuf {
 #[test]
 fn sigkill_mid_epoch_then_resume_ends_exactly_where_an_uninterrupted_run_does() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = common::synth(tmp.path());
+    let data = common::synth();
     let (straight, killed) = (tmp.path().join("straight"), tmp.path().join("killed"));
-    csp_tch_ok(&args(&data, &straight, &[]));
+    csp_tch_ok(&args(data, &straight, &[]));
 
-    let mut child = spawn(&args(&data, &killed, &[]));
-    // Epoch 1 of the first model is checkpointed; kill during its epoch 2.
+    let mut child = spawn(&args(data, &killed, &[]));
+    // The CSV is written after the checkpoint: once it is there, epoch 1 is saved and epoch 2 has
+    // begun, and a kill at once lands long before epoch 2 can end.
     wait_for(&killed.join("cspdarknet53-pad0.csv"));
-    std::thread::sleep(Duration::from_millis(700));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert_eq!(metrics(&killed, "cspdarknet53-pad0").len(), 2, "killed after one epoch (header + 1 row)");
     assert!(!killed.join("darknet53.csv").exists());
 
-    let resumed = csp_tch_ok(&args(&data, &killed, &["--resume"]));
+    let resumed = csp_tch_ok(&args(data, &killed, &["--resume"]));
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("cspdarknet53-pad0: resuming after epoch 1"));
     for model in ["cspdarknet53-pad0", "darknet53"] {
         assert_eq!(metrics(&killed, model), metrics(&straight, model), "{model}: per-epoch metrics");
@@ -69,7 +69,7 @@ fn sigkill_mid_epoch_then_resume_ends_exactly_where_an_uninterrupted_run_does() 
     }
 
     // Resuming a finished run trains nothing and keeps the results.
-    let again = csp_tch_ok(&args(&data, &killed, &["--resume"]));
+    let again = csp_tch_ok(&args(data, &killed, &["--resume"]));
     let log = String::from_utf8_lossy(&again.stderr);
     assert!(log.contains("resuming after epoch 2") && !log.contains("epoch 2/2:"), "{log}");
     assert_eq!(metrics(&killed, "darknet53"), metrics(&straight, "darknet53"));
@@ -78,9 +78,9 @@ fn sigkill_mid_epoch_then_resume_ends_exactly_where_an_uninterrupted_run_does() 
 #[test]
 fn ctrl_c_keeps_the_checkpoint_and_prints_the_resume_command() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = common::synth(tmp.path());
+    let data = common::synth();
     let out = tmp.path().join("out");
-    let child = spawn(&args(&data, &out, &[]));
+    let child = spawn(&args(data, &out, &[]));
     wait_for(&out.join("cspdarknet53-pad0.csv"));
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
@@ -90,7 +90,7 @@ fn ctrl_c_keeps_the_checkpoint_and_prints_the_resume_command() {
     assert_eq!(done.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("resume with:") && stderr.contains("--resume"), "{stderr}");
     assert!(checkpoint(&out, "cspdarknet53-pad0").exists());
-    let resumed = csp_tch_ok(&args(&data, &out, &["--resume"]));
+    let resumed = csp_tch_ok(&args(data, &out, &["--resume"]));
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming after epoch"));
     assert_eq!(metrics(&out, "darknet53").len(), 3);
 }
@@ -98,10 +98,10 @@ fn ctrl_c_keeps_the_checkpoint_and_prints_the_resume_command() {
 #[test]
 fn mismatched_and_corrupt_checkpoints_are_refused_clearly() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = common::synth(tmp.path());
+    let data = common::synth();
     let out = tmp.path().join("out");
     let one = |extra: &[&str]| {
-        let mut a = common::small_run(&["train", "--model", "cspdarknet53-pad0"], &data, &out, ["1", "200", "100"]);
+        let mut a = common::small_run(&["train", "--model", "cspdarknet53-pad0"], data, &out, ["1", "200", "100"]);
         a.extend_from_slice(extra);
         csp_tch(&a)
     };
@@ -115,7 +115,7 @@ fn mismatched_and_corrupt_checkpoints_are_refused_clearly() {
 
     // Another model's checkpoint under this model's name.
     let file = checkpoint(&out, "cspdarknet53-pad0");
-    let mut a = common::small_run(&["train", "--model", "darknet53"], &data, &out, ["1", "200", "100"]);
+    let mut a = common::small_run(&["train", "--model", "darknet53"], data, &out, ["1", "200", "100"]);
     a.push("--resume");
     std::fs::copy(&file, checkpoint(&out, "darknet53")).unwrap();
     let wrong = csp_tch(&a);

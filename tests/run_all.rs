@@ -17,9 +17,9 @@ fn small_run<'a>(command: &[&'a str], data: &'a std::path::Path, out: &'a std::p
 #[test]
 fn run_all_writes_every_csv_column_and_json_key_and_learns() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = common::synth(tmp.path());
+    let data = common::synth();
     let out = tmp.path().join("out");
-    let run = csp_tch_ok(&small_run(&["run-all"], &data, &out));
+    let run = csp_tch_ok(&small_run(&["run-all"], data, &out));
     let log = String::from_utf8_lossy(&run.stderr);
     assert!(log.contains("darknet53 epoch 2/2: train loss"), "one plain line per epoch when piped:\n{log}");
     let summary = String::from_utf8_lossy(&run.stdout);
@@ -134,7 +134,7 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
     assert!(md.contains("## Beside the tutorial"));
 
     // A second run into the same folder replaces the first's files instead of mixing with them.
-    csp_tch_ok(&small_run(&["train", "--model", "cspdarknet53-pad0"], &data, &out));
+    csp_tch_ok(&small_run(&["train", "--model", "cspdarknet53-pad0"], data, &out));
     assert!(!out.join("darknet53.csv").exists() && out.join("cspdarknet53-pad0.csv").exists());
     let report = read_json(&out.join("comparison.json"));
     assert_eq!(report["models"].as_object().unwrap().len(), 1);
@@ -149,12 +149,12 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
 #[test]
 fn same_seed_same_metrics() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = common::synth(tmp.path());
+    let data = common::synth();
     let mut csvs = Vec::new();
     // Run b also asks for CUDA graphs, which change nothing on the CPU.
     for (run, seed, graphs) in [("a", "3", "off"), ("b", "3", "on"), ("c", "4", "off")] {
         let out = tmp.path().join(run);
-        let mut args = small_run(&["train", "--model", "cspdarknet53-pad0"], &data, &out);
+        let mut args = small_run(&["train", "--model", "cspdarknet53-pad0"], data, &out);
         *args.last_mut().unwrap() = seed;
         args.extend(["--cuda-graphs", graphs]);
         csp_tch_ok(&args);
@@ -170,9 +170,9 @@ fn same_seed_same_metrics() {
 #[test]
 fn a_diverging_model_is_marked_failed_and_the_next_still_runs() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = common::synth(tmp.path());
+    let data = common::synth();
     let out = tmp.path().join("out");
-    let run = csp_tch(&small_run(&["run-all", "--models", "cspdarknet53-pad0,darknet53", "--lr", "1e30"], &data, &out));
+    let run = csp_tch(&small_run(&["run-all", "--models", "cspdarknet53-pad0,darknet53", "--lr", "1e30"], data, &out));
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success());
     assert!(stderr.contains("2 of 2 models failed"), "{stderr}");
@@ -183,7 +183,17 @@ fn a_diverging_model_is_marked_failed_and_the_next_still_runs() {
         let error = m["error"].as_str().unwrap();
         assert!(error.contains("loss became NaN") || error.contains("loss became inf"), "{error}");
     }
-    assert!(std::fs::read_to_string(out.join("comparison.md")).unwrap().contains("**darknet53 failed:**"));
+    let md = std::fs::read_to_string(out.join("comparison.md")).unwrap();
+    assert!(md.contains("**darknet53 failed:**"), "{md}");
+    assert!(!md.contains("-0.0"), "no epoch is 0.0 seconds, not -0.0: {md}");
+
+    // Rebuilt, with no CSV and no checkpoint (both failed in their first epoch), they stay failed.
+    assert!(!out.join("darknet53.csv").exists());
+    std::fs::remove_file(out.join("comparison.md")).unwrap();
+    csp_tch_ok(&["report", "--out", s(&out)]);
+    let rebuilt = read_json(&out.join("comparison.json"));
+    assert_eq!(rebuilt["models"], report["models"]);
+    assert_eq!(rebuilt["environment"], report["environment"]);
 }
 
 #[test]

@@ -3,7 +3,8 @@
 
 mod common;
 
-use csp_tch::train::{MemoryFormat, Recipe, Trainer};
+use csp_tch::config::{MemoryFormat, Recipe};
+use csp_tch::train::Trainer;
 use tch::Device;
 
 fn recipe(amp: bool, memory_format: MemoryFormat) -> Recipe {

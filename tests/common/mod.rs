@@ -1,11 +1,12 @@
 //! Helpers shared by the integration tests: run the binary, make small synthetic data.
 #![allow(dead_code)]
 
-use csp_tch::train::{MemoryFormat, Recipe, Trainer};
+use csp_tch::config::{MemoryFormat, Recipe};
+use csp_tch::train::Trainer;
 use csp_tch::transform::Normalize;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use tch::{Device, Kind, Tensor};
 
 pub fn csp_tch(args: &[&str]) -> Output {
@@ -19,10 +20,33 @@ pub fn csp_tch_ok(args: &[&str]) -> Output {
     out
 }
 
-/// A synthetic CIFAR-10 layout (2,000 / 500 distinct images) under `root`.
-pub fn synth(root: &Path) -> PathBuf {
+/// The synthetic CIFAR-10 layout (2,000 / 500 distinct images, seed 7) the tests share, read-only:
+/// written once into cargo's temporary folder for tests, under a name that changes with the
+/// generator's source, and reused by every test and test binary after that.
+pub fn synth() -> &'static Path {
+    static SHARED: OnceLock<PathBuf> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let generator = include_str!("../../src/data.rs");
+        let version =
+            generator.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("synth-2000-500-7-{version:016x}"));
+        if !dir.exists() {
+            // Written to a staging folder and renamed: another test binary may race us to it.
+            if let Err(err) = csp_tch::data::write_synthetic(&dir, 2000, 500, 7) {
+                assert!(dir.exists(), "synthetic data: {err:#}");
+            }
+        }
+        dir
+    })
+}
+
+/// A private copy of [`synth`] under `root`, for a test that damages it.
+pub fn synth_copy(root: &Path) -> PathBuf {
     let dir = root.join("synth");
-    csp_tch::data::write_synthetic(&dir, 2000, 500, 7).expect("synthetic data");
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(synth()).unwrap().flatten() {
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
     dir
 }
 
@@ -104,4 +128,61 @@ pub fn train_on_one_batch(trainer: &mut Trainer, recipe: &Recipe, steps: usize, 
     let labels = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
     let index = Tensor::arange(8, (Kind::Int64, Device::Cpu));
     (0..steps).map(|_| trainer.train_step(&images, &labels, &index, recipe, None).0.double_value(&[])).collect()
+}
+
+/// A csp-tch process running in the background, its stderr collected line by line.
+pub struct Running {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: String,
+}
+
+impl Running {
+    pub fn spawn(args: &[&str]) -> Running {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_csp-tch"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run csp-tch");
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || stderr.lines().map_while(Result::ok).try_for_each(|l| send.send(l)));
+        Running { child, lines, log: String::new() }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until a line of stderr contains `needle` (panics after five minutes or at the end of the output).
+    pub fn wait_for_line(&mut self, needle: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("no line with {needle:?} ({e}):\n{}", self.log));
+            self.log += &line;
+            self.log.push('\n');
+            if line.contains(needle) {
+                return;
+            }
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    /// Waits for the process to end: its exit status and all of its stderr.
+    pub fn finish(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.wait().unwrap();
+        self.log.extend(self.lines.iter().map(|l| l + "\n"));
+        (status, self.log)
+    }
 }

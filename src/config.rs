@@ -1,0 +1,224 @@
+//! The configuration a run is made of: presets, the recipe, execution options (memory format, CUDA
+//! graphs) and the resolved run that comparison.json and checkpoints record. Types only, with the
+//! rules that resolve them; nothing here runs anything.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use tch::Device;
+
+use crate::amp::Precision;
+use crate::cuda_graph;
+use crate::optim::AdamConfig;
+use crate::transform::Normalize;
+
+/// Named sets of defaults; explicit flags override them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// The tutorial's recipe: full CIFAR-10, 224 px, 5 epochs, batch 64 (needs a GPU).
+    Tutorial,
+    /// CPU-sized: 32 px, 1500/500-image balanced subsets, 5 epochs (about 5 minutes for all models on 2 cores).
+    Quick,
+}
+
+/// Defaults a preset gives to flags left unset.
+pub struct PresetDefaults {
+    pub image_size: i64,
+    pub epochs: usize,
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
+}
+
+impl Preset {
+    pub fn defaults(self) -> PresetDefaults {
+        match self {
+            Preset::Tutorial => {
+                let recipe = Recipe::tutorial();
+                PresetDefaults {
+                    image_size: recipe.image_size,
+                    epochs: recipe.epochs,
+                    train_limit: None,
+                    test_limit: None,
+                }
+            }
+            Preset::Quick => PresetDefaults {
+                image_size: 32,
+                epochs: Recipe::tutorial().epochs,
+                train_limit: Some(1500),
+                test_limit: Some(500),
+            },
+        }
+    }
+}
+
+/// A resolved run: what comparison.json records under `config`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub preset: Preset,
+    pub models: Vec<String>,
+    #[serde(flatten)]
+    pub recipe: Recipe,
+    pub classes: i64,
+    pub data_dir: PathBuf,
+    pub train_limit: Option<usize>,
+    pub test_limit: Option<usize>,
+    pub device: String,
+    pub out: PathBuf,
+    /// `--seeds`: every model trained once per seed, each seed's run in `out/seed-<s>/`
+    /// ([`RunConfig::for_seed`]); empty for a single run (`recipe.seed`, files in `out`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<u64>,
+}
+
+impl RunConfig {
+    /// The single run of seed `seed` within a multi-seed run.
+    pub fn for_seed(&self, seed: u64) -> RunConfig {
+        RunConfig {
+            recipe: Recipe { seed, ..self.recipe.clone() },
+            out: self.out.join(format!("seed-{seed}")),
+            seeds: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// Whether this run follows the tutorial's recipe on its full data, so that its numbers can be
+    /// set beside the tutorial's.
+    pub fn comparable_to_tutorial(&self) -> bool {
+        let tutorial = Recipe {
+            seed: self.recipe.seed,
+            // Execution details, not part of the recipe.
+            amp: self.recipe.amp,
+            memory_format: self.recipe.memory_format,
+            cuda_graphs: self.recipe.cuda_graphs,
+            ..Recipe::tutorial()
+        };
+        self.recipe == tutorial && self.train_limit.is_none() && self.test_limit.is_none()
+    }
+}
+
+/// Everything that decides what a training run computes (timings aside).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub adam: AdamConfig,
+    pub image_size: i64,
+    pub normalize: Normalize,
+    pub seed: u64,
+    /// Mixed precision on CUDA: bf16 autocast where supported, else fp16 with dynamic loss scaling
+    /// (no effect on the CPU); see [`crate::amp`].
+    #[serde(default)]
+    pub amp: bool,
+    /// Memory layout of weights and activations.
+    #[serde(default)]
+    pub memory_format: MemoryFormat,
+    /// Whether CUDA runs replay recorded CUDA graphs (`--cuda-graphs`).
+    #[serde(default)]
+    pub cuda_graphs: CudaGraphs,
+}
+
+/// `--cuda-graphs`: whether full-batch steps are recorded once as CUDA graphs and replayed. The
+/// graph runs the same kernels on the same data as the eager step: results agree to float rounding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CudaGraphs {
+    /// On for CUDA runs, except in fp16 (its loss scaler reads the device every step); a capture
+    /// that fails is reported and the run continues eagerly. Off on the CPU.
+    #[default]
+    Auto,
+    /// On for CUDA runs; a capture that fails is an error, and so is fp16. Off on the CPU, which
+    /// has no graphs.
+    On,
+    /// Every step runs eagerly.
+    Off,
+}
+
+impl CudaGraphs {
+    /// Whether a run on `device` in `precision` replays graphs.
+    pub fn resolve(self, device: Device, precision: Precision) -> Result<bool> {
+        if self == CudaGraphs::Off || !device.is_cuda() {
+            return Ok(false);
+        }
+        if precision.needs_loss_scaling() {
+            if self == CudaGraphs::On {
+                bail!(
+                    "--cuda-graphs on: this GPU trains --amp in fp16, whose loss scaler reads the device \
+                     every step and cannot be recorded; use --cuda-graphs auto (fp16 then runs eagerly) or off"
+                );
+            }
+            return Ok(false);
+        }
+        if !cuda_graph::built_with_cuda_graphs() {
+            if self == CudaGraphs::On {
+                bail!("--cuda-graphs on: this csp-tch was built without the CUDA headers; rebuild it or use auto");
+            }
+            return Ok(false);
+        }
+        Ok(true)
+    }
+}
+
+/// Memory layout of weights and activations. The layout changes how libtorch's kernels round, not
+/// what is computed; `auto` is a fixed rule, so that runs reproduce one another.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryFormat {
+    /// Channels-last when every feature map of the model is at least 4 px at the run's input size,
+    /// NCHW otherwise: on this project's CPU, channels-last is 10-20% faster on such maps and slower
+    /// on the 1x1 and 2x2 maps of DarkNet53 at 32 px.
+    #[default]
+    Auto,
+    /// NCHW, libtorch's default.
+    Contiguous,
+    /// NHWC.
+    ChannelsLast,
+}
+
+impl MemoryFormat {
+    /// Smallest feature map for which `auto` picks channels-last.
+    pub const CHANNELS_LAST_MIN_MAP: i64 = 4;
+
+    /// Whether a model runs channels-last; `smallest_map` gives its [`Summary::smallest_map`] at the
+    /// run's input size, and is asked only by `auto`.
+    ///
+    /// [`Summary::smallest_map`]: crate::models::Summary::smallest_map
+    pub fn channels_last(self, smallest_map: impl FnOnce() -> i64) -> bool {
+        match self {
+            MemoryFormat::Contiguous => false,
+            MemoryFormat::ChannelsLast => true,
+            MemoryFormat::Auto => smallest_map() >= Self::CHANNELS_LAST_MIN_MAP,
+        }
+    }
+
+    pub fn label(channels_last: bool) -> &'static str {
+        if channels_last {
+            "channels-last"
+        } else {
+            "contiguous"
+        }
+    }
+}
+
+impl Recipe {
+    /// The tutorial's recipe: 5 epochs of batch 64 at 224 px, Adam at 1e-3, Normalize(0.5, 0.5) on raw
+    /// pixels, seed 0; fp32, `auto` layout and CUDA graphs.
+    pub fn tutorial() -> Recipe {
+        Recipe {
+            epochs: 5,
+            batch_size: 64,
+            adam: AdamConfig::default(),
+            image_size: 224,
+            normalize: Normalize::Tutorial,
+            seed: 0,
+            amp: false,
+            memory_format: MemoryFormat::Auto,
+            cuda_graphs: CudaGraphs::Auto,
+        }
+    }
+
+    /// The precision forward passes run in on `device`.
+    pub fn precision(&self, device: Device) -> Precision {
+        Precision::for_run(self.amp, device)
+    }
+}
