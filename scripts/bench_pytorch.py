@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""The PyTorch peer of csp-tch: the same three backbones, initialisation, transform and Adam recipe in
-PyTorch eager, timed the same way as `csp-tch bench` (median ms/step after warm-up), and a check that
-a csp-tch checkpoint gives the same logits here.
+"""The PyTorch peer of csp-tch: the same backbones, initialisation, transform and Adam recipe in
+PyTorch eager (the tutorial's three written out here, the CSPNet paper's models from timm itself),
+timed the same way as `csp-tch bench` (median ms/step after warm-up), and a check that a csp-tch
+checkpoint gives the same logits here.
 
   bench_pytorch.py bench --model darknet53 [--image-size 32] [--batch-size 64] [--steps 10]
                          [--warmup 3] [--mode train|eval] [--device cpu] [--amp] [--channels-last]
@@ -13,10 +14,14 @@ a csp-tch checkpoint gives the same logits here.
       compilation happens in the warm-up steps, whose wall time the JSON reports as warmup_s.
       --keep-freed-memory sets glibc's allocator as csp-tch sets its own at start-up
       (src/environment.rs).
-  bench_pytorch.py equiv --checkpoint CKPT.safetensors --io IO.safetensors
-      IO holds `input` (NCHW float) and `logits` computed by csp-tch (eval mode); exits 1 when the
+  bench_pytorch.py equiv --checkpoint CKPT.safetensors --io IO.safetensors [--io ...] [--against peer|timm]
+      Each IO holds `input` (NCHW float) and `logits` computed by csp-tch (eval mode); one JSON line
+      per IO, and the exit status is 1 when any differs: when the
       largest absolute difference of the logits is 1e-4 or more, for logits of magnitude 1 or less;
       beyond that the bound scales with the largest logit (fp32 rounds a logit of 300 to 3e-5).
+      The checkpoint is loaded into this file's network (`peer`, the tutorial's models) or into
+      timm's own model (`timm`: always for the CSPNet paper's models, whose variable names are
+      timm's; for darknet53, timm's `darknet53` with ReLU, through a map of PaddleClas's names).
 """
 import argparse
 import ctypes
@@ -33,6 +38,34 @@ import torch.nn.functional as F
 
 STAGES = [(64, 1), (128, 2), (256, 8), (512, 8), (1024, 4)]
 LAYOUTS = {"darknet53": None, "cspdarknet53": 1, "cspdarknet53-pad0": 0}  # CSP 1x1 padding
+# csp-tch's names of the CSPNet paper's models -> timm's.
+TIMM_MODELS = {"cspdarknet53-paper": "cspdarknet53", "resnet50": "resnet50", "cspresnet50": "cspresnet50",
+               "resnext50": "resnext50_32x4d", "cspresnext50": "cspresnext50"}
+
+
+def timm_model(name, classes, **kwargs):
+    import timm  # installed by scripts/setup.sh; needed for the CSPNet paper's models only
+    return timm.create_model(name, num_classes=classes, pretrained=False, **kwargs)
+
+
+def make_model(name, classes=10):
+    """The network csp-tch calls `name`: this file's for the tutorial's three, timm's for the others."""
+    return Backbone(name, classes) if name in LAYOUTS else timm_model(TIMM_MODELS[name], classes)
+
+
+def darknet53_timm_name(path):
+    """timm's `darknet53` name of a csp-tch darknet53 variable (PaddleClas's naming)."""
+    parts = path.split(".")
+    if parts[0] == "fc":
+        return "head." + path
+    if parts[0] == "yolo_input" and parts[1] in ("conv", "bn"):
+        return "stem.conv1." + ".".join(parts[1:])
+    if parts[:2] == ["yolo_input", "downsample"]:
+        return "stages.0.conv_down." + ".".join(parts[2:])
+    if parts[0] == "stage" and parts[2] == "downsample":  # stage k's downsample opens stage k + 1
+        return f"stages.{int(parts[1]) + 1}.conv_down." + ".".join(parts[3:])
+    k, block, conv = parts[1], parts[2], {"0": "conv1", "1": "conv2"}[parts[3]]
+    return f"stages.{k}.blocks.{block}.{conv}." + ".".join(parts[4:])
 
 
 class ConvBN(nn.Module):
@@ -167,14 +200,15 @@ def macs(model, size):
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             hooks.append(m.register_forward_hook(conv_hook))
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, 3, size, size, device=model.fc.weight.device))
+        model(torch.zeros(1, 3, size, size, device=head.weight.device))
     model.train(was_training)
     for h in hooks:
         h.remove()
-    return total + model.fc.weight.numel()
+    return total + head.weight.numel()
 
 
 def keep_freed_memory():
@@ -191,7 +225,7 @@ def bench(args):
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = Backbone(args.model).to(device, memory_format=layout)
+    model = make_model(args.model).to(device, memory_format=layout)
     # The eager module stays for macs(); `net` is what the steps run.
     net = torch.compile(model, mode=args.compile) if args.compile else model
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
@@ -246,28 +280,53 @@ def bench(args):
               f"{'torch.compile ' + args.compile if args.compile else 'eager'})")
 
 
+def load_into_timm(tensors, name, classes):
+    """timm's network of csp-tch's `name` with the checkpoint's variables (renamed for darknet53)."""
+    rename = darknet53_timm_name if name == "darknet53" else (lambda path: path)
+    model = timm_model("darknet53", classes, act_layer="relu") if name == "darknet53" else \
+        timm_model(TIMM_MODELS[name], classes)
+    state = {rename(k[len("model/"):]): v for k, v in tensors.items() if k.startswith("model/")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # tch's BatchNorm keeps no batch counter; everything else must match one to one.
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise SystemExit(f"{name}: timm's model and the checkpoint differ: missing {missing}, unexpected {unexpected}")
+    return model
+
+
 def equiv(args):
     tensors = read_safetensors(args.checkpoint)
     with open(args.checkpoint, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         meta = json.loads(json.loads(f.read(n))["__metadata__"]["csp_tch"])
-    model = Backbone(meta["model"], meta["config"]["classes"])
-    model.load_csp_tch(tensors)
+    name, classes = meta["model"], meta["config"]["classes"]
+    if args.against == "timm" or name not in LAYOUTS:
+        if name not in TIMM_MODELS and name != "darknet53":
+            raise SystemExit(f"{name} has no timm counterpart")
+        model = load_into_timm(tensors, name, classes)
+    else:
+        model = Backbone(name, classes)
+        model.load_csp_tch(tensors)
     model.eval()
-    io = read_safetensors(args.io)
-    with torch.no_grad():
-        logits = model(io["input"])
-    diff = (logits - io["logits"]).abs().max().item()
-    bound = 1e-4 * max(1.0, io["logits"].abs().max().item())
-    print(json.dumps({"model": meta["model"], "max_abs_diff": diff, "bound": bound, "ok": diff < bound}))
-    return 0 if diff < bound else 1
+    against = "peer" if isinstance(model, Backbone) else "timm"
+    failed = False
+    for path in args.io:
+        io = read_safetensors(path)
+        with torch.no_grad():
+            logits = model(io["input"])
+        diff = (logits - io["logits"]).abs().max().item()
+        bound = 1e-4 * max(1.0, io["logits"].abs().max().item())
+        failed |= not diff < bound
+        print(json.dumps({"model": name, "io": path, "against": against, "max_abs_diff": diff, "bound": bound,
+                          "ok": diff < bound}))
+    return 1 if failed else 0
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench")
-    b.add_argument("--model", required=True, choices=sorted(LAYOUTS))
+    b.add_argument("--model", required=True, choices=sorted(LAYOUTS) + sorted(TIMM_MODELS))
     b.add_argument("--image-size", type=int, default=32)
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--steps", type=int, default=10)
@@ -282,7 +341,8 @@ def main():
     b.add_argument("--json", action="store_true")
     e = sub.add_parser("equiv")
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--io", required=True)
+    e.add_argument("--io", required=True, action="append", help="one or more IO files, one JSON line each")
+    e.add_argument("--against", choices=["peer", "timm"], default="peer")
     args = parser.parse_args()
     return bench(args) if args.command == "bench" else equiv(args)
 

@@ -10,6 +10,9 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 torch_version=2.13.0
+# timm, for the PyTorch peer: the CSPNet paper's models are timm's own, and csp-tch's are checked against them.
+timm_version=1.0.31
+torchvision_version=0.28.0
 config="$repo/.cargo/config.toml"
 home=${CSP_TCH_TORCH_HOME:-$HOME/.cache/csp-tch}
 venv="$home/venv"
@@ -41,6 +44,14 @@ install_torch() {
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$torch_version" numpy
   fi
+  local site
+  site=$(site_packages)
+  if ! grep -q "__version__ = '$timm_version'" "$site/timm/version.py" 2>/dev/null; then
+    echo "setup: installing timm==$timm_version into $venv (for the PyTorch peer)"
+    # torch and the torchvision built for it pinned in the same call: left free, pip upgrades torch for timm.
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$torch_version" \
+      "torchvision==$torchvision_version" "timm==$timm_version"
+  fi
 }
 
 if [ -n "${LIBTORCH:-}" ]; then
@@ -48,7 +59,7 @@ if [ -n "${LIBTORCH:-}" ]; then
     echo "setup: LIBTORCH=$LIBTORCH has no lib/libtorch.so; unset LIBTORCH to let this script install libtorch $torch_version" >&2
     exit 1
   fi
-  if python3 -c 'import torch' 2>/dev/null; then
+  if python3 -c 'import torch, timm' 2>/dev/null; then
     python=$(command -v python3)
   else
     install_torch

@@ -321,8 +321,9 @@ struct CheckGraphsArgs {
 
 #[derive(Args, Debug)]
 struct RunAllArgs {
-    /// Comma-separated backbones to run [all].
-    #[arg(long, value_delimiter = ',', value_parser = model_name_parser())]
+    /// Comma-separated backbones to run, or `all` [the tutorial's three: darknet53, cspdarknet53,
+    /// cspdarknet53-pad0]. Each CSP model is compared with its plain network when that runs too.
+    #[arg(long, value_delimiter = ',', value_parser = models_parser())]
     models: Vec<String>,
     #[command(flatten)]
     recipe: RecipeArgs,
@@ -358,6 +359,11 @@ fn model_name_parser() -> clap::builder::PossibleValuesParser {
     clap::builder::PossibleValuesParser::new(models::model_names())
 }
 
+/// Registered model names and `all`.
+fn models_parser() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(models::model_names().into_iter().chain(["all"]))
+}
+
 /// Parses the arguments, runs the command, prints any error without a backtrace; returns the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -376,10 +382,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Summary(args) => summary(args),
         Command::Env => env(),
         Command::RunAll(args) => {
-            let models = if args.models.is_empty() {
-                models::model_names().into_iter().map(String::from).collect()
-            } else {
-                args.models
+            let models: Vec<String> = match args.models.as_slice() {
+                [] => models::default_models().into_iter().map(String::from).collect(),
+                names if names.iter().any(|n| n == "all") => {
+                    models::model_names().into_iter().map(String::from).collect()
+                }
+                names => names.to_vec(),
             };
             if let Some(twice) = models.iter().enumerate().find_map(|(i, m)| models[..i].contains(m).then_some(m)) {
                 bail!("--models lists {twice} twice; name each model once");

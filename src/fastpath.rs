@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use tch::nn;
 use tch::Tensor;
 
-use crate::geometry::ConvSpec;
+use crate::geometry::{Act, ConvSpec};
 use crate::onednn;
 
 impl ConvSpec {
@@ -92,11 +92,11 @@ impl LiveTaps {
 
 /// `xs` convolved (no bias) with `weight` of geometry `spec`, the kernel cut to its live taps.
 pub fn conv(xs: &Tensor, weight: &Tensor, spec: ConvSpec) -> Tensor {
-    let padding = match spec.live_taps(xs.size()[2], xs.size()[3]) {
-        Some(live) => return xs.conv2d::<Tensor>(&live.cut(weight), None, [spec.stride], live.padding, [1], 1),
-        None => [spec.pad; 2],
+    let (weight, padding) = match spec.live_taps(xs.size()[2], xs.size()[3]) {
+        Some(live) => (live.cut(weight), live.padding),
+        None => (weight.shallow_clone(), [spec.pad; 2]),
     };
-    xs.conv2d::<Tensor>(weight, None, [spec.stride], padding, [1], 1)
+    xs.conv2d::<Tensor>(&weight, None, [spec.stride], padding, [1], spec.groups)
 }
 
 /// Where a layer keeps its folded form while a [`FoldedBatchNorm`] guard lives.
@@ -104,9 +104,9 @@ pub fn conv(xs: &Tensor, weight: &Tensor, spec: ConvSpec) -> Tensor {
 pub struct FoldSlot(RefCell<Option<Folded>>);
 
 impl FoldSlot {
-    /// The eval-mode output of the folded layer (convolution, bias, ReLU), when folded.
-    pub fn forward(&self, spec: ConvSpec, xs: &Tensor) -> Option<Tensor> {
-        self.0.borrow_mut().as_mut().map(|folded| folded.forward(spec, xs))
+    /// The eval-mode output of the folded layer (convolution, bias, `act`), when folded.
+    pub fn forward(&self, spec: ConvSpec, act: Act, xs: &Tensor) -> Option<Tensor> {
+        self.0.borrow_mut().as_mut().map(|folded| folded.forward(spec, act, xs))
     }
 
     /// Folds the eval-mode BatchNorm `bn` (epsilon `eps`) into the convolution `weight`:
@@ -163,8 +163,8 @@ struct Folded {
     kernel: Option<(KernelKey, FoldedKernel)>,
 }
 
-/// What a [`FoldedKernel`] was built for: the input's `h x w`, and whether oneDNN's inner product
-/// applies to it ([`onednn::linear_relu_applies`]).
+/// What a [`FoldedKernel`] was built for: the input's `h x w`, and whether the dense path may take it
+/// (oneDNN's inner product applies, [`onednn::linear_relu_applies`], to an ungrouped ReLU layer).
 type KernelKey = (i64, i64, bool);
 
 /// How a folded layer computes one input size.
@@ -179,15 +179,17 @@ enum FoldedKernel {
 }
 
 impl Folded {
-    fn forward(&mut self, spec: ConvSpec, xs: &Tensor) -> Tensor {
+    fn forward(&mut self, spec: ConvSpec, act: Act, xs: &Tensor) -> Tensor {
         let [n, _, h, w] = xs.size()[..] else { panic!("a convolution expects NCHW input, got {:?}", xs.size()) };
-        let key = (h, w, onednn::linear_relu_applies(xs));
+        // oneDNN's inner product fuses a ReLU; the dense matrix is built for ungrouped convolutions.
+        let dense = act == Act::Relu && spec.groups == 1 && onednn::linear_relu_applies(xs);
+        let key = (h, w, dense);
         if self.kernel.as_ref().is_none_or(|(built_for, _)| *built_for != key) {
             self.kernel = Some((key, self.kernel_for(spec, key)));
         }
         match &self.kernel.as_ref().expect("just built").1 {
             FoldedKernel::Conv { weight, padding } => {
-                xs.conv2d(weight, Some(&self.bias), [spec.stride], padding, [1], 1).relu()
+                act.apply(xs.conv2d(weight, Some(&self.bias), [spec.stride], padding, [1], spec.groups))
             }
             FoldedKernel::Dense { matrix, bias, out } => {
                 onednn::linear_relu(&xs.flatten(1, -1), matrix, bias).view([n, out[0], out[1], out[2]])
@@ -195,8 +197,8 @@ impl Folded {
         }
     }
 
-    fn kernel_for(&self, spec: ConvSpec, (h, w, onednn): KernelKey) -> FoldedKernel {
-        if onednn && spec.dense_is_no_larger(h, w) {
+    fn kernel_for(&self, spec: ConvSpec, (h, w, dense): KernelKey) -> FoldedKernel {
+        if dense && spec.dense_is_no_larger(h, w) {
             let out = [spec.cout, spec.out_size(h), spec.out_size(w)];
             return FoldedKernel::Dense {
                 matrix: spec.dense_matrix(&self.weight, h, w),

@@ -10,7 +10,7 @@ use std::path::Path;
 use indexmap::IndexMap;
 
 use crate::files::write_atomic;
-use crate::report::{ModelReport, BASELINE};
+use crate::report::ModelReport;
 use crate::seeds::{ModelSpread, Spread};
 use crate::tutorial::TUTORIAL_EPOCHS;
 
@@ -243,13 +243,18 @@ where
     Ok(())
 }
 
-/// Grouped bars: params, MACs and train ms/step of each model relative to the baseline.
+/// Grouped bars: params, MACs and train ms/step of each model relative to its plain network (a
+/// plain network is 1.0; a CSP model whose plain network is not in the run has no bars).
 fn draw_costs<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, models: &[ModelCurves]) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let base = models.iter().find(|m| m.name == BASELINE).unwrap_or(&models[0]);
-    let base_name = &base.name;
+    fn base_of<'a>(m: &'a ModelCurves, models: &'a [ModelCurves]) -> Option<&'a ModelCurves> {
+        match crate::models::base_of(&m.name) {
+            None => Some(m),
+            Some(base) => models.iter().find(|b| b.name == base),
+        }
+    }
     type Measure = fn(&ModelCurves) -> Option<f64>;
     let groups: [(&str, Measure); 3] = [
         ("trainable params", |m| Some(m.trainable_params as f64)),
@@ -257,10 +262,19 @@ where
         ("train ms/step", |m| m.train_ms_per_step),
     ];
     let ratios: Vec<Vec<Option<f64>>> =
-        models.iter().map(|m| groups.iter().map(|(_, f)| Some(f(m)? / f(base)?)).collect()).collect();
+        models.iter().map(|m| groups.iter().map(|(_, f)| Some(f(m)? / f(base_of(m, models)?)?)).collect()).collect();
     let top = ratios.iter().flatten().flatten().fold(1.0f64, |a, &b| a.max(b)) * 1.15;
+    let mut bases: Vec<&str> = Vec::new();
+    for base in models.iter().filter_map(|m| base_of(m, models)) {
+        if !bases.contains(&base.name.as_str()) {
+            bases.push(&base.name);
+        }
+    }
     let mut chart = ChartBuilder::on(area)
-        .caption(format!("Cost relative to {base_name} (= 1.0)"), ("sans-serif", 15))
+        .caption(
+            format!("Cost relative to each model's plain network ({} = 1.0)", bases.join(", ")),
+            ("sans-serif", 15),
+        )
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(52)

@@ -43,8 +43,6 @@ pub fn si(n: f64) -> String {
 /// The report's file names in a run's output folder.
 pub const JSON_FILE: &str = "comparison.json";
 pub const MARKDOWN_FILE: &str = "comparison.md";
-/// The baseline every other model is compared with.
-pub const BASELINE: &str = "darknet53";
 
 /// A model's metrics CSV in a run's output folder.
 pub fn csv_path(out: &Path, model: &str) -> std::path::PathBuf {
@@ -167,11 +165,6 @@ impl ModelReport {
             epochs,
         })
     }
-
-    /// Paddle-style parameters with a `classes`-way head (the tutorial's figures use 1000).
-    fn paddle_style_params_with(&self, classes: i64, own_classes: i64) -> i64 {
-        self.paddle_style_params + (classes - own_classes) * (models::HEAD_FEATURES + 1)
-    }
 }
 
 /// A model against the baseline.
@@ -229,7 +222,7 @@ pub struct Comparison {
     pub config: RunConfig,
     pub environment: RunEnvironment,
     pub models: IndexMap<String, ModelReport>,
-    /// Each model against [`BASELINE`], when the run has it.
+    /// Each CSP model against its plain network ([`crate::models::ModelInfo::base`]), when the run has it.
     pub comparison: IndexMap<String, AgainstBaseline>,
     pub tutorial: TutorialSection,
 }
@@ -290,13 +283,12 @@ impl Comparison {
             md += &format!("\n**{name} failed:** {error}\n");
         }
         if !self.comparison.is_empty() {
-            md += &format!(
-                "\n## Against {BASELINE}\n\n| model | param ratio | MAC ratio | eval acc difference | train \
-                 step-time ratio |\n|---|---:|---:|---:|---:|\n"
-            );
+            md += "\n## Against the plain networks\n\n| model | against | param ratio | MAC ratio | eval acc difference | \
+                   train step-time ratio |\n|---|---|---:|---:|---:|---:|\n";
             for (name, c) in &self.comparison {
                 md += &format!(
-                    "| {name} | {:.3} | {:.3} | {} | {} |\n",
+                    "| {name} | {} | {:.3} | {:.3} | {} | {} |\n",
+                    c.baseline,
                     c.param_ratio,
                     c.mac_ratio,
                     opt(c.eval_acc_difference, 4),
@@ -432,21 +424,22 @@ fn opt(value: Option<f64>, digits: usize) -> String {
     value.map_or_else(|| "—".into(), |v| format!("{v:.digits$}"))
 }
 
-/// Every model but the baseline against it: ratios of params, MACs and step time, accuracy difference.
+/// Every CSP model whose plain network is in the run against it: ratios of params, MACs and step
+/// time, accuracy difference.
 fn against_baseline(models: &IndexMap<String, ModelReport>) -> IndexMap<String, AgainstBaseline> {
-    let Some(base) = models.get(BASELINE) else { return IndexMap::new() };
     models
         .iter()
-        .filter(|(name, _)| *name != BASELINE)
-        .map(|(name, r)| {
+        .filter_map(|(name, r)| {
+            let base_name = models::base_of(name)?;
+            let base = models.get(base_name)?;
             let against = AgainstBaseline {
-                baseline: BASELINE.into(),
+                baseline: base_name.into(),
                 param_ratio: r.trainable_params as f64 / base.trainable_params as f64,
                 mac_ratio: r.macs as f64 / base.macs as f64,
                 eval_acc_difference: difference(r.final_eval_acc, base.final_eval_acc),
                 train_step_time_ratio: ratio(r.mean_train_ms_per_step, base.mean_train_ms_per_step),
             };
-            (name.clone(), against)
+            Some((name.clone(), against))
         })
         .collect()
 }
@@ -458,7 +451,9 @@ fn tutorial_section(config: &RunConfig, models: &IndexMap<String, ModelReport>) 
         .iter()
         .map(|(name, report)| {
             let stated = TUTORIAL_PARAMS.iter().find(|(n, _)| n == name).map(|&(_, p)| p);
-            let ours_1000 = report.paddle_style_params_with(1000, config.classes);
+            // The tutorial states Paddle-style counts with a 1000-class head.
+            let ours_1000 = models::model_info(name)
+                .map_or(0, |info| models::summary(info, 1000, config.recipe.image_size).paddle_style_params);
             let epochs = TUTORIAL_EPOCHS
                 .iter()
                 .filter(|t| t.model == name)

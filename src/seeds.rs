@@ -16,7 +16,8 @@ use crate::config::RunConfig;
 use crate::environment::RunEnvironment;
 use crate::files::write_atomic;
 use crate::metrics::EpochMetrics;
-use crate::report::{self, ModelReport, Status, BASELINE};
+use crate::models;
+use crate::report::{self, ModelReport, Status};
 use crate::tutorial::TUTORIAL_EPOCHS;
 
 /// Mean, sample standard deviation (0 for one value), minimum and maximum of `n` values.
@@ -135,7 +136,7 @@ pub struct ModelSpread {
     pub mean_train_ms_per_step: Option<Spread>,
 }
 
-/// A CSP model against the baseline over seeds.
+/// A CSP model against its plain network over seeds.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AgainstBaseline {
     pub baseline: String,
@@ -185,9 +186,10 @@ pub fn aggregate(runs: &[(u64, IndexMap<String, ModelReport>)]) -> SeedsSection 
     let models: IndexMap<String, ModelSpread> =
         names.iter().map(|name| ((*name).clone(), model_spread(&finished(name)))).collect();
     let mut against_baseline = IndexMap::new();
-    if names.iter().any(|n| *n == BASELINE) {
-        let base: IndexMap<u64, &ModelReport> = finished(BASELINE).into_iter().collect();
-        for name in names.iter().filter(|n| **n != BASELINE) {
+    for name in &names {
+        let Some(base_name) = models::base_of(name).filter(|b| names.iter().any(|n| n == b)) else { continue };
+        {
+            let base: IndexMap<u64, &ModelReport> = finished(base_name).into_iter().collect();
             let pairs: Vec<(u64, &ModelReport, &ModelReport)> =
                 finished(name).into_iter().filter_map(|(seed, r)| Some((seed, r, *base.get(&seed)?))).collect();
             let paired = |metric: fn(&ModelReport) -> Option<f64>| {
@@ -202,7 +204,7 @@ pub fn aggregate(runs: &[(u64, IndexMap<String, ModelReport>)]) -> SeedsSection 
             against_baseline.insert(
                 (*name).clone(),
                 AgainstBaseline {
-                    baseline: BASELINE.into(),
+                    baseline: base_name.into(),
                     final_eval_acc: paired(|r| r.final_eval_acc),
                     best_eval_acc: paired(|r| r.best_eval_acc),
                     train_step_time_ratio: Spread::of(&ratios),
@@ -362,14 +364,14 @@ impl SeedsReport {
             );
         }
         if !seeds.against_baseline.is_empty() {
-            md += &format!(
-                "\n## Against {BASELINE}, paired by seed\n\nDifferences in percentage points of accuracy; the \
-                 interval is the 95% interval of the mean difference (Student's t over the seeds).\n\n\
-                 | model | final eval acc | best eval acc | train step-time ratio |\n|---|---|---|---:|\n"
-            );
+            md += "\n## Against the plain networks, paired by seed\n\nDifferences in percentage points of \
+                   accuracy; the interval is the 95% interval of the mean difference (Student's t over the \
+                   seeds).\n\n| model | against | final eval acc | best eval acc | train step-time ratio |\n\
+                   |---|---|---|---|---:|\n";
             for (name, a) in &seeds.against_baseline {
                 md += &format!(
-                    "| {name} | {} | {} | {} |\n",
+                    "| {name} | {} | {} | {} | {} |\n",
+                    a.baseline,
                     a.final_eval_acc.verdict,
                     a.best_eval_acc.verdict,
                     spread_cell(a.train_step_time_ratio, 3)

@@ -1,4 +1,5 @@
-//! The backbones against TUTORIAL.md, to the unit.
+//! The backbones against their references (the tutorial, timm), to the unit. Every test builds a
+//! model or seeds libtorch's global generator, so each takes its turn with it.
 
 mod common;
 
@@ -18,6 +19,7 @@ fn numel(tensors: impl IntoIterator<Item = Tensor>) -> i64 {
 
 #[test]
 fn parameter_counts_match_the_tutorial() {
+    let _rng = common::rng_turn();
     // (model, trainable at 10 classes, Paddle-style at 1000 classes)
     let expected = [
         ("darknet53", 40_595_178, 41_645_640),
@@ -37,7 +39,75 @@ fn parameter_counts_match_the_tutorial() {
 }
 
 #[test]
+fn the_cspnet_papers_models_have_timms_parameter_counts() {
+    let _rng = common::rng_turn();
+    // timm 1.0.31's trainable parameters (`sum(p.numel() for p in m.parameters())`), at 1000 and 10
+    // classes; darknet53 is the tutorial's, which timm's `darknet53` equals.
+    let expected = [
+        ("resnet50", 25_557_032, 23_528_522),
+        ("resnext50", 25_028_904, 23_000_394),
+        ("cspresnet50", 21_616_168, 20_601_418),
+        ("cspresnext50", 20_569_896, 18_541_386),
+        ("cspdarknet53-paper", 27_642_184, 26_627_434),
+        ("darknet53", 41_609_928, 40_595_178),
+    ];
+    for (name, at1000, at10) in expected {
+        let info = models::model_info(name).unwrap();
+        assert_eq!(models::summary(info, 1000, 224).trainable_params, at1000, "{name}, 1000 classes");
+        assert_eq!(models::summary(info, 10, 224).trainable_params, at10, "{name}, 10 classes");
+        let (vs, _model) = build(name, 10);
+        assert_eq!(numel(vs.trainable_variables()), at10, "{name}: var store");
+    }
+    // Each CSP model knows the plain network it is compared with.
+    for (csp, base) in [
+        ("cspresnet50", "resnet50"),
+        ("cspresnext50", "resnext50"),
+        ("cspdarknet53-paper", "darknet53"),
+        ("cspdarknet53", "darknet53"),
+        ("cspdarknet53-pad0", "darknet53"),
+    ] {
+        assert_eq!(models::base_of(csp), Some(base));
+    }
+    assert_eq!(models::base_of("resnet50"), None);
+    assert_eq!(models::default_models(), ["darknet53", "cspdarknet53", "cspdarknet53-pad0"]);
+}
+
+#[test]
+fn timm_models_use_timms_variable_names() {
+    let _rng = common::rng_turn();
+    let (vs, _model) = build("resnet50", 10);
+    for expected in [
+        "conv1.weight",
+        "bn1.running_var",
+        "layer1.0.conv2.weight",
+        "layer1.0.bn3.weight",
+        "layer1.0.downsample.0.weight",
+        "layer4.2.bn3.bias",
+        "fc.bias",
+    ] {
+        assert!(vs.variables().contains_key(expected), "resnet50: missing {expected}");
+    }
+    let (vs, _model) = build("cspresnext50", 10);
+    for expected in [
+        "stem.conv1.conv.weight",
+        "stages.0.conv_exp.bn.weight",
+        "stages.1.conv_down.conv.weight",
+        "stages.3.blocks.1.conv3.bn.weight",
+        "stages.2.conv_transition_b.conv.weight",
+        "head.fc.weight",
+    ] {
+        assert!(vs.variables().contains_key(expected), "cspresnext50: missing {expected}");
+    }
+    assert!(!vs.variables().contains_key("stages.0.conv_down.conv.weight"), "stage 0 keeps the stem's stride");
+    // ResNeXt's 3x3 convolutions are grouped: 32 groups of 4 channels in.
+    assert_eq!(vs.variables()["stages.0.blocks.0.conv2.conv.weight"].size(), [128, 4, 3, 3]);
+    // The last BatchNorm of every residual branch starts at zero (timm's zero_init_last).
+    assert!(vs.variables()["stages.0.blocks.0.conv3.bn.weight"].abs().sum(Kind::Float).double_value(&[]) == 0.0);
+}
+
+#[test]
 fn macs_match_the_tutorial() {
+    let _rng = common::rng_turn();
     // TUTORIAL.md's figures in GMAC, as it prints them (three decimals), at 10 classes.
     let expected =
         [("darknet53", "0.145", "7.108"), ("cspdarknet53", "0.902", "6.113"), ("cspdarknet53-pad0", "0.073", "3.589")];
@@ -55,6 +125,7 @@ fn square(c: i64, s: i64) -> Shape {
 
 #[test]
 fn stage_output_shapes_match_the_tutorial() {
+    let _rng = common::rng_turn();
     let widths = [64, 128, 256, 512, 1024];
     let cases = [
         ("darknet53", 224, [112, 56, 28, 14, 7]),
@@ -73,10 +144,15 @@ fn stage_output_shapes_match_the_tutorial() {
 
 #[test]
 fn described_shapes_are_the_shapes_the_modules_compute() {
+    let _rng = common::rng_turn();
     for name in models::model_names() {
         let (_vs, model) = build(name, 10);
         let summary = model.describe(32);
-        let mut x = Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu)).apply_t(model.stem(), false);
+        let input = Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let mut x = model.stem().iter().fold(input, |x, layer| x.apply_t(layer, false));
+        if model.stem().len() == 1 && summary.layers.iter().any(|r| r.name == "stem pool") {
+            x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        }
         for (stage, shape) in model.stages().iter().zip(&summary.stage_outputs) {
             x = x.apply_t(stage, false);
             assert_eq!(x.size(), [2, shape.c, shape.h, shape.w], "{name}");
@@ -88,6 +164,7 @@ fn described_shapes_are_the_shapes_the_modules_compute() {
 
 #[test]
 fn layer_paths_mirror_the_tutorial_names() {
+    let _rng = common::rng_turn();
     let (vs, _model) = build("cspdarknet53", 10);
     let names = vs.variables();
     for expected in [
@@ -115,6 +192,15 @@ fn forward_and_backward_reach_every_parameter() {
     tch::manual_seed(0);
     for name in models::model_names() {
         let (vs, model) = build(name, 10);
+        // timm starts the last BatchNorm of each residual branch at zero, which stops the gradient of
+        // the layers before it at initialisation: give those a scale so that every path carries one.
+        tch::no_grad(|| {
+            for (var, mut t) in vs.variables() {
+                if t.dim() == 1 && var.ends_with("weight") {
+                    let _ = t.fill_(1.0);
+                }
+            }
+        });
         let xs = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
         let labels = Tensor::from_slice(&[0i64, 3, 7, 9]);
         let loss = xs.apply_t(&model, true).cross_entropy_for_logits(&labels);
@@ -157,28 +243,59 @@ fn initialisation_follows_paddleclas() {
 }
 
 #[test]
+fn initialisation_follows_timm_for_its_models() {
+    let _rng = common::rng_turn();
+    tch::manual_seed(2);
+    let (vs, _model) = build("cspresnet50", 10);
+    let vars = vs.variables();
+    // Normal(0, sqrt(2 / fan_out)): 3x3, 512 -> 512 at stage 3's entry, fan_out = 9 * 512.
+    let w = &vars["stages.3.conv_down.conv.weight"];
+    let (std, expected) = (w.std(true).double_value(&[]), (2.0 / (9.0 * 512.0f64)).sqrt());
+    assert!((std / expected - 1.0).abs() < 0.05, "conv std {std}, expected {expected}");
+    // The CSPNet head: Normal(0, 0.01), zero bias.
+    let head_std = vars["head.fc.weight"].std(true).double_value(&[]);
+    assert!((head_std / 0.01 - 1.0).abs() < 0.1, "head std {head_std}");
+    assert_eq!(vars["head.fc.bias"].abs().sum(Kind::Double).double_value(&[]), 0.0);
+    // Zero-initialised last BatchNorm of each residual branch; the others at one.
+    assert_eq!(vars["stages.2.blocks.4.conv3.bn.weight"].abs().max().double_value(&[]), 0.0);
+    assert_eq!(vars["stages.2.blocks.4.conv2.bn.weight"].min().double_value(&[]), 1.0);
+    // ResNet's head keeps nn.Linear's start: weight and bias Uniform(-1/sqrt(2048), 1/sqrt(2048)).
+    let (vs, _model) = build("resnet50", 10);
+    let bound = 1.0 / 2048f64.sqrt();
+    for var in ["fc.weight", "fc.bias"] {
+        let largest = vs.variables()[var].abs().max().double_value(&[]);
+        assert!(largest <= bound && largest > 0.5 * bound, "{var} spans ±{largest}");
+    }
+    assert_eq!(vs.variables()["layer3.5.bn3.weight"].abs().max().double_value(&[]), 0.0);
+}
+
+#[test]
 fn unknown_model_lists_the_valid_ones() {
-    let err = models::model_info("resnet50").unwrap_err().to_string();
+    let _rng = common::rng_turn();
+    let err = models::model_info("vgg16").unwrap_err().to_string();
     for name in models::model_names() {
         assert!(err.contains(name), "{err}");
     }
 }
 
 #[test]
-fn min_image_size_is_the_total_stride() {
+fn min_image_size_gives_a_one_pixel_final_map() {
+    let _rng = common::rng_turn();
     for name in models::model_names() {
-        let (_vs, model) = build(name, 10);
-        let total_stride: i64 = model.layers().iter().map(|l| l.spec().stride).product();
-        assert_eq!(total_stride, 32, "{name}");
-        assert_eq!(model.info.min_image_size(), total_stride, "{name}");
-        assert!(model.info.check_image_size(31).is_err() && model.info.check_image_size(32).is_ok());
+        let info = models::model_info(name).unwrap();
+        assert_eq!(info.min_image_size(), 32, "{name}");
+        let last = *models::summary(info, 10, 32).stage_outputs.last().unwrap();
+        // The tutorial's padded CSP model grows its maps; the others end at one pixel.
+        let expected = if name == "cspdarknet53" { 9 } else { 1 };
+        assert_eq!((last.h, last.w), (expected, expected), "{name} at 32 px");
+        assert!(info.check_image_size(31).is_err() && info.check_image_size(32).is_ok());
     }
 }
 
 #[test]
 fn folded_batch_norm_matches_batch_norm_in_eval_mode() {
-    use csp_tch::transform::to_channels_last;
     let _rng = common::rng_turn();
+    use csp_tch::transform::to_channels_last;
     tch::manual_seed(4);
     for (name, channels_last) in models::model_names().into_iter().flat_map(|n| [(n, false), (n, true)]) {
         let case = format!("{name}, {}", if channels_last { "NHWC" } else { "NCHW" });
@@ -214,6 +331,7 @@ fn folded_batch_norm_matches_batch_norm_in_eval_mode() {
 
 #[test]
 fn live_taps_cut_only_kernel_taps_that_see_padding_alone() {
+    let _rng = common::rng_turn();
     use models::ConvSpec;
     let centre = ConvSpec::new(4, 4, 3, 1, 1).live_taps(1, 1).expect("3x3 on 1x1 keeps its centre");
     assert_eq!((centre.rows, centre.cols, centre.padding), ((1, 1), (1, 1), [0, 0]));
@@ -257,6 +375,7 @@ fn cut_convolutions_compute_the_full_ones() {
 
 #[test]
 fn dense_matrices_are_the_convolutions() {
+    let _rng = common::rng_turn();
     use models::ConvSpec;
     // The matrix is used where it needs no more multiply-adds than the convolution's live taps.
     for (spec, h, w, no_larger) in [
@@ -272,7 +391,6 @@ fn dense_matrices_are_the_convolutions() {
         assert_eq!(spec.dense_is_no_larger(h, w), no_larger, "{spec:?} on {h}x{w}");
     }
     // And it computes the convolution on NCHW-flattened images, whatever the geometry.
-    let _rng = common::rng_turn();
     tch::manual_seed(8);
     let mut cases = 0;
     for (k, stride, pad) in [(3, 1, 1), (3, 2, 1), (3, 1, 0), (1, 1, 0), (1, 1, 1), (5, 2, 2)] {
@@ -296,8 +414,8 @@ fn dense_matrices_are_the_convolutions() {
 
 #[test]
 fn onednn_inner_product_is_relu_of_the_linear_map() {
-    use csp_tch::onednn;
     let _rng = common::rng_turn();
+    use csp_tch::onednn;
     tch::manual_seed(9);
     let xs = Tensor::randn([6, 20], (Kind::Float, Device::Cpu));
     let (weight, bias) =
@@ -317,8 +435,8 @@ fn onednn_inner_product_is_relu_of_the_linear_map() {
 
 #[test]
 fn folded_evaluation_follows_the_input_size() {
-    // The folded path keeps the kernel cut for the last input size: another size must not reuse it.
     let _rng = common::rng_turn();
+    // The folded path keeps the kernel cut for the last input size: another size must not reuse it.
     tch::manual_seed(6);
     let (_vs, model) = build("darknet53", 10);
     // Stage 4 maps of 1x1, 1x2 and 1x1: a kernel cut to its centre, then its centre row.
@@ -337,9 +455,9 @@ fn folded_evaluation_follows_the_input_size() {
 
 #[test]
 fn describing_a_model_builds_nothing_and_draws_no_random_number() {
+    let _rng = common::rng_turn();
     // `summary` reads the architecture alone: building the modules would initialise 40 M parameters
     // from libtorch's global generator, shifting every seeded run that described a model first.
-    let _rng = common::rng_turn();
     tch::manual_seed(3);
     let expected = Tensor::randn([4], (Kind::Float, Device::Cpu));
     tch::manual_seed(3);

@@ -101,3 +101,58 @@ fn eval_report_and_curves_agree_with_the_training_run() {
     assert!(!failed.status.success());
     assert!(String::from_utf8_lossy(&failed.stderr).contains("holds no model CSV"));
 }
+
+#[test]
+fn each_csp_model_is_compared_with_its_own_plain_network() {
+    use csp_tch::config::{Preset, Recipe, RunConfig};
+    use csp_tch::environment::RunEnvironment;
+    use csp_tch::metrics::EpochMetrics;
+    use csp_tch::report::{Comparison, ModelReport};
+    let names = ["darknet53", "cspdarknet53", "resnet50", "cspresnet50", "cspresnext50"];
+    let config = RunConfig {
+        preset: Preset::Quick,
+        models: names.iter().map(|n| n.to_string()).collect(),
+        recipe: Recipe { epochs: 1, image_size: 32, ..Recipe::tutorial() },
+        classes: 10,
+        data_dir: "data".into(),
+        train_limit: None,
+        test_limit: None,
+        device: "cpu".into(),
+        out: "out".into(),
+        seeds: Vec::new(),
+    };
+    let epoch = |eval_acc: f64, train_ms_per_step: f64| EpochMetrics {
+        epoch: 1,
+        train_loss: 2.0,
+        train_acc: 0.2,
+        eval_loss: 2.0,
+        eval_acc,
+        train_ms_per_step,
+        eval_ms_per_step: 10.0,
+        epoch_seconds: 1.0,
+        train_images_per_s: 64.0,
+        last_train_loss: 2.0,
+        last_eval_loss: 2.0,
+        warmup_seconds: 0.0,
+    };
+    let accuracy = [0.30, 0.35, 0.40, 0.43, 0.50];
+    let models = names
+        .iter()
+        .zip(accuracy)
+        .map(|(name, acc)| {
+            (name.to_string(), ModelReport::new(name, &config, vec![epoch(acc, 100.0 * acc)], None).unwrap())
+        })
+        .collect();
+    let environment = RunEnvironment::detect(tch::Device::Cpu, csp_tch::amp::Precision::Fp32);
+    let report = Comparison::new(&config, &environment, models);
+    let csp_resnet = &report.comparison["cspresnet50"];
+    assert_eq!(csp_resnet.baseline, "resnet50");
+    assert_eq!(csp_resnet.param_ratio, 20_601_418.0 / 23_528_522.0);
+    assert!((csp_resnet.eval_acc_difference.unwrap() - 0.03).abs() < 1e-12);
+    assert!((csp_resnet.train_step_time_ratio.unwrap() - 43.0 / 40.0).abs() < 1e-12);
+    assert_eq!(report.comparison["cspdarknet53"].baseline, "darknet53");
+    assert!(!report.comparison.contains_key("resnet50"), "a plain network has nothing to be compared with");
+    assert!(!report.comparison.contains_key("cspresnext50"), "resnext50 did not run");
+    let md = report.markdown();
+    assert!(md.contains("| cspresnet50 | resnet50 | 0.876 |"), "{md}");
+}

@@ -24,7 +24,9 @@ fn run_all_writes_every_csv_column_and_json_key_and_learns() {
     assert!(log.contains("darknet53 epoch 2/2: train loss"), "one plain line per epoch when piped:\n{log}");
     let summary = String::from_utf8_lossy(&run.stdout);
     assert!(
-        summary.contains("| cspdarknet53-pad0 | ok | 18,061,546 |") && summary.contains("## Against darknet53"),
+        summary.contains("| cspdarknet53-pad0 | ok | 18,061,546 |")
+            && summary.contains("## Against the plain networks")
+            && summary.contains("| cspdarknet53 | darknet53 |"),
         "{summary}"
     );
 

@@ -110,7 +110,7 @@ fn a_multi_seed_run_writes_every_seed_and_aggregates_what_their_csvs_say() {
     // The Markdown and the printed summary say it in words; the plot has a band per model.
     let md = std::fs::read_to_string(out.join("comparison.md")).unwrap();
     assert!(md.contains("over 2 seeds (0, 1)") && md.contains("paired by seed"), "{md}");
-    assert!(String::from_utf8_lossy(&run.stdout).contains("## Against darknet53, paired by seed"));
+    assert!(String::from_utf8_lossy(&run.stdout).contains("## Against the plain networks, paired by seed"));
     let svg = std::fs::read_to_string(out.join("curves.svg")).unwrap();
     assert!(svg.contains("band: min to max"), "the legend explains the bands");
 
