@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # csp-tch's GPU measurements in one call, for the device machine (one GPU, PyTorch in python3, no
 # Rust): build the binary here with ../shared/gpu/prepare-device (it lands in .device/), then on the
-# device, from the checkout root:
+# device, from the checkout root (the device tool allows 600 s a command, so give it timeout_s 600):
 #   OUT=$OUT bash scripts/gpu-check.sh
-# Parts, in order (PARTS, default "graphs bench run"):
-#   graphs  `csp-tch check-graphs` for each model at 224 px, fp32 and --amp: eager and replayed steps agree;
-#   bench   train steps, 224 px, batch 64, median of BENCH_STEPS after warm-up, alternating: csp-tch with
-#           CUDA graphs (the default) and without, PyTorch eager (NHWC, cuDNN benchmark mode, foreach Adam),
-#           and PyTorch torch.compile (COMPILE_MODES, default "default"; "" skips), each in fp32 and --amp;
-#   run     `csp-tch run-all --preset tutorial --amp` (RUN_ARGS) of all three models under a cap of RUN_S s.
+# Parts, in order of what matters most (PARTS, default "graphs bench run compile"):
+#   graphs   `csp-tch check-graphs` for each model at 224 px, fp32 and --amp: eager and replayed steps agree;
+#   bench    train steps, 224 px, batch 64, median of BENCH_STEPS after warm-up, alternating: csp-tch with
+#            CUDA graphs (the default) and without, PyTorch eager (NHWC, cuDNN benchmark mode, foreach Adam),
+#            each in fp32 and --amp;
+#   run      `csp-tch run-all --preset tutorial --amp` (RUN_ARGS: the tutorial's three), capped at RUN_S s;
+#   compile  PyTorch torch.compile (COMPILE_MODES, default "default") of COMPILE_MODELS (default darknet53),
+#            fp32 and --amp: the strongest PyTorch a user could pick, slow to compile, so last.
+# MODELS (default the tutorial's three) takes any csp-tch model, e.g. "resnet50 cspresnet50".
+# No step starts after UNTIL s (default 540) from the start, and the run's cap shrinks to fit, so that
+# the results come back within the device's limit; what was skipped is said in the log.
 # Results in $OUT: log.txt, graphs.jsonl, bench.jsonl (one JSON object per line, as `bench --json`
-# writes them), run/ (the run's CSVs and report, without checkpoints).
+# writes them; the table at the end of the log reads it), run/ (the run's CSVs and report, no checkpoints).
 # Try it here first with tiny settings:
 #   OUT=/tmp/g DEVICE=cpu BIN=target/release/csp-tch SIZE=32 BENCH_STEPS=2 RUN_ARGS="--preset quick --epochs 1 \
 #     --train-limit 256 --test-limit 128" DATA=data/cifar-10-batches-bin PY=$CSP_TCH_PYTHON bash scripts/gpu-check.sh
@@ -20,10 +25,12 @@ BIN=${BIN:-.device/csp-tch}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 MODELS=${MODELS:-darknet53 cspdarknet53 cspdarknet53-pad0}
-PARTS=${PARTS:-graphs bench run}
+PARTS=${PARTS:-graphs bench run compile}
 SIZE=${SIZE:-224}
 BENCH_STEPS=${BENCH_STEPS:-20}
 COMPILE_MODES=${COMPILE_MODES-default}
+COMPILE_MODELS=${COMPILE_MODELS-darknet53}
+UNTIL=${UNTIL:-540}
 RUN_S=${RUN_S:-300}
 RUN_ARGS=${RUN_ARGS:---preset tutorial --amp}
 DATA=${DATA:-/tmp/cifar10/cifar-10-batches-bin}
@@ -32,6 +39,9 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 T0=$(date +%s)
 say() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
 wants() { [[ " $PARTS " == *" $1 "* ]]; }
+left() { echo $(( UNTIL - ($(date +%s) - T0) )); }
+# Whether there is time for a step that may take $1 s; says what it skips when there is not.
+time_for() { [ "$(left)" -ge "$1" ] || { say "skipped (${1} s needed, $(left) s left): ${*:2}"; false; }; }
 # csp-tch built against the device's libtorch finds it through the PyTorch installed there.
 torch_lib=$($PY -c 'import torch, os; print(os.path.dirname(torch.__file__) + "/lib")') || { say "no torch in $PY"; exit 1; }
 export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -43,6 +53,7 @@ $PY -c 'import torch; print("PyTorch", torch.__version__, "CUDA", torch.version.
 if wants graphs; then
   for model in $MODELS; do
     for amp in "" --amp; do
+      time_for 60 "check-graphs $model $amp" || continue
       say "check-graphs $model $amp"
       timeout 120 "$BIN" check-graphs --model "$model" --image-size "$SIZE" --device "$DEVICE" $amp --json \
         >>"$OUT/graphs.jsonl" || say "check-graphs $model $amp failed"
@@ -50,22 +61,51 @@ if wants graphs; then
   done
 fi
 
+common=(--image-size "$SIZE" --mode train --steps "$BENCH_STEPS" --warmup 5 --device "$DEVICE" --json)
 if wants bench; then
-  common=(--image-size "$SIZE" --mode train --steps "$BENCH_STEPS" --warmup 5 --device "$DEVICE" --json)
   for model in $MODELS; do
     for amp in "" --amp; do
+      time_for 90 "bench $model ${amp:-fp32}" || continue
       say "bench $model ${amp:-fp32}"
       timeout 120 "$BIN" bench --model "$model" "${common[@]}" $amp >>"$OUT/bench.jsonl" || say "csp-tch bench failed"
       timeout 120 $PY scripts/bench_pytorch.py bench --model "$model" "${common[@]}" $amp --channels-last \
         >>"$OUT/bench.jsonl" || say "PyTorch eager bench failed"
       timeout 120 "$BIN" bench --model "$model" "${common[@]}" $amp --cuda-graphs off >>"$OUT/bench.jsonl" \
         || say "csp-tch eager bench failed"
+    done
+  done
+fi
+
+if wants run && time_for 90 "run-all $RUN_ARGS"; then
+  if [ ! -f "$DATA/test_batch.bin" ]; then
+    say "data: decoding CIFAR-10 into $DATA"
+    tmp=$(mktemp -d) && tar xzf .device/cifar10-jpeg.tar.gz -C "$tmp" && $PY .device/jpeg_to_cifar_bin.py "$tmp" "$DATA" \
+      && rm -rf "$tmp" || { say "data failed"; exit 1; }
+  fi
+  cap=$(( $(left) - 20 < RUN_S ? $(left) - 20 : RUN_S ))
+  say "run-all $RUN_ARGS (cap ${cap}s)"
+  run=$(mktemp -d)
+  started=$(date +%s)
+  timeout -s INT -k 15 "$cap" "$BIN" run-all $RUN_ARGS --device "$DEVICE" --data-dir "$DATA" --out "$run"
+  say "run-all exit $? after $(( $(date +%s) - started )) s wall time"
+  "$BIN" report --out "$run" >/dev/null 2>&1 || true
+  mkdir -p "$OUT/run" && (cd "$run" && cp ./*.csv ./comparison.* ./curves.svg "$OUT/run/" 2>/dev/null)
+fi
+
+if wants compile; then
+  for model in $COMPILE_MODELS; do
+    for amp in "" --amp; do
       for mode in $COMPILE_MODES; do
-        timeout 300 $PY scripts/bench_pytorch.py bench --model "$model" "${common[@]}" $amp --channels-last \
+        time_for 150 "torch.compile $mode $model ${amp:-fp32}" || continue
+        say "torch.compile $mode $model ${amp:-fp32}"
+        timeout 240 $PY scripts/bench_pytorch.py bench --model "$model" "${common[@]}" $amp --channels-last \
           --compile "$mode" >>"$OUT/bench.jsonl" || say "PyTorch compile $mode bench failed"
       done
     done
   done
+fi
+
+if [ -s "$OUT/bench.jsonl" ]; then
   $PY - "$OUT/bench.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
@@ -80,20 +120,5 @@ for r in rows:
     ratio = f"{base[0] / r['ms_per_step']:.2f}x" if base else "-"
     print(f"| {r['model']} | {r['precision']} | {who(r)} | {r['ms_per_step']:.2f} | {r.get('warmup_s', float('nan')):.1f} | {ratio} |")
 PY
-fi
-
-if wants run; then
-  if [ ! -f "$DATA/test_batch.bin" ]; then
-    say "data: decoding CIFAR-10 into $DATA"
-    tmp=$(mktemp -d) && tar xzf .device/cifar10-jpeg.tar.gz -C "$tmp" && $PY .device/jpeg_to_cifar_bin.py "$tmp" "$DATA" \
-      && rm -rf "$tmp" || { say "data failed"; exit 1; }
-  fi
-  say "run-all $RUN_ARGS (cap ${RUN_S}s)"
-  run=$(mktemp -d)
-  started=$(date +%s)
-  timeout -s INT -k 30 "$RUN_S" "$BIN" run-all $RUN_ARGS --device "$DEVICE" --data-dir "$DATA" --out "$run"
-  say "run-all exit $? after $(( $(date +%s) - started )) s wall time"
-  "$BIN" report --out "$run" >/dev/null 2>&1 || true
-  mkdir -p "$OUT/run" && (cd "$run" && cp ./*.csv ./comparison.* ./curves.svg "$OUT/run/" 2>/dev/null)
 fi
 say done

@@ -1,10 +1,8 @@
 //! `csp-tch summary`, `env` and `bench` as a user runs them.
 
-use std::process::{Command, Output};
+mod common;
 
-fn csp_tch(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_csp-tch")).args(args).output().expect("run csp-tch")
-}
+use common::csp_tch;
 
 #[test]
 fn summary_json_has_the_documented_keys_and_totals() {

@@ -3,6 +3,8 @@
 //! on the CPU every setting of the flag resolves to eager steps. (That a CPU run's results do not
 //! change with it is in run_all.rs.)
 
+mod common;
+
 use csp_tch::amp::Precision;
 use csp_tch::config::CudaGraphs;
 use csp_tch::cuda_graph::{built_with_cuda_graphs, Graph};
@@ -33,10 +35,8 @@ fn on_the_cpu_every_setting_runs_eagerly() {
 
 #[test]
 fn check_graphs_compares_two_runs_from_the_same_start() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_csp-tch"))
-        .args(["check-graphs", "--model", "cspdarknet53-pad0", "--device", "cpu", "--steps", "5", "--json"])
-        .output()
-        .unwrap();
+    let out =
+        common::csp_tch(&["check-graphs", "--model", "cspdarknet53-pad0", "--device", "cpu", "--steps", "5", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let check: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // On the CPU both runs are eager: the same start and batches give the same numbers to the bit.

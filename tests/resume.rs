@@ -4,7 +4,7 @@ mod common;
 
 use common::{csp_tch, csp_tch_ok};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 fn args<'a>(data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
@@ -16,7 +16,7 @@ fn args<'a>(data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
 }
 
 fn spawn(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_csp-tch")).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    common::command(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
 fn wait_for(path: &Path) {

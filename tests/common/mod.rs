@@ -9,8 +9,17 @@ use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use tch::{Device, Kind, Tensor};
 
+/// The csp-tch binary with `args`, on one CPU thread: the harness runs tests two or more at a time,
+/// and libtorch's OpenMP threads of parallel runs, each sized to every core, spin against each other
+/// (the suite took three times the CPU time).
+pub fn command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_csp-tch"));
+    command.args(args).env("OMP_NUM_THREADS", "1");
+    command
+}
+
 pub fn csp_tch(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_csp-tch")).args(args).output().expect("run csp-tch")
+    command(args).output().expect("run csp-tch")
 }
 
 /// Runs csp-tch and panics with its stderr unless it succeeds.
@@ -140,8 +149,7 @@ pub struct Running {
 impl Running {
     pub fn spawn(args: &[&str]) -> Running {
         use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_csp-tch"))
-            .args(args)
+        let mut child = command(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
