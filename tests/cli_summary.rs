@@ -27,15 +27,7 @@ fn summary_json_has_the_documented_keys_and_totals() {
 
 #[test]
 fn summary_json_gives_timms_counts_for_the_cspnet_papers_models() {
-    // timm 1.0.31's trainable parameters at 1000 and 10 classes.
-    for (model, at1000, at10) in [
-        ("resnet50", 25_557_032, 23_528_522),
-        ("resnext50", 25_028_904, 23_000_394),
-        ("cspresnet50", 21_616_168, 20_601_418),
-        ("cspresnext50", 20_569_896, 18_541_386),
-        ("cspdarknet53-paper", 27_642_184, 26_627_434),
-        ("darknet53", 41_609_928, 40_595_178),
-    ] {
+    for (model, at1000, at10) in common::TIMM_PARAMS {
         for (classes, expected) in [("1000", at1000), ("10", at10)] {
             let out = csp_tch(&["summary", "--model", model, "--classes", classes, "--json"]);
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

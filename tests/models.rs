@@ -41,17 +41,7 @@ fn parameter_counts_match_the_tutorial() {
 #[test]
 fn the_cspnet_papers_models_have_timms_parameter_counts() {
     let _rng = common::rng_turn();
-    // timm 1.0.31's trainable parameters (`sum(p.numel() for p in m.parameters())`), at 1000 and 10
-    // classes; darknet53 is the tutorial's, which timm's `darknet53` equals.
-    let expected = [
-        ("resnet50", 25_557_032, 23_528_522),
-        ("resnext50", 25_028_904, 23_000_394),
-        ("cspresnet50", 21_616_168, 20_601_418),
-        ("cspresnext50", 20_569_896, 18_541_386),
-        ("cspdarknet53-paper", 27_642_184, 26_627_434),
-        ("darknet53", 41_609_928, 40_595_178),
-    ];
-    for (name, at1000, at10) in expected {
+    for (name, at1000, at10) in common::TIMM_PARAMS {
         let info = models::model_info(name).unwrap();
         assert_eq!(models::summary(info, 1000, 224).trainable_params, at1000, "{name}, 1000 classes");
         assert_eq!(models::summary(info, 10, 224).trainable_params, at10, "{name}, 10 classes");

@@ -87,6 +87,17 @@ pub fn small_run<'a>(
     args
 }
 
+/// timm 1.0.31's trainable parameters (`sum(p.numel() for p in m.parameters())`) at 1000 and 10
+/// classes, by csp-tch's model name; darknet53 is the tutorial's, which timm's `darknet53` equals.
+pub const TIMM_PARAMS: [(&str, i64, i64); 6] = [
+    ("resnet50", 25_557_032, 23_528_522),
+    ("resnext50", 25_028_904, 23_000_394),
+    ("cspresnet50", 21_616_168, 20_601_418),
+    ("cspresnext50", 20_569_896, 18_541_386),
+    ("cspdarknet53-paper", 27_642_184, 26_627_434),
+    ("darknet53", 41_609_928, 40_595_178),
+];
+
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
