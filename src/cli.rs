@@ -154,7 +154,7 @@ impl AccelerationArgs {
 #[derive(Args, Debug)]
 struct RecipeArgs {
     /// Defaults for the flags below: `tutorial` (full data, 224 px, 5 epochs; for a GPU) or
-    /// `quick` (32 px, 1500/500-image balanced subsets, 5 epochs; about 5 minutes on 2 CPU cores).
+    /// `quick` (32 px, 1500/500-image balanced subsets, 5 epochs; 3 to 7.5 minutes on 2 CPU cores).
     #[arg(long, value_enum, default_value_t = Preset::Tutorial)]
     preset: Preset,
     /// Epochs [preset].

@@ -18,7 +18,7 @@ use crate::transform::Normalize;
 pub enum Preset {
     /// The tutorial's recipe: full CIFAR-10, 224 px, 5 epochs, batch 64 (needs a GPU).
     Tutorial,
-    /// CPU-sized: 32 px, 1500/500-image balanced subsets, 5 epochs (about 5 minutes for all models on 2 cores).
+    /// CPU-sized: 32 px, 1500/500-image balanced subsets, 5 epochs (3 to 7.5 minutes for the three models on 2 cores).
     Quick,
 }
 

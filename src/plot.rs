@@ -7,7 +7,7 @@ use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use std::path::Path;
 
-use indexmap::IndexMap;
+use indexmap::{IndexMap, IndexSet};
 
 use crate::files::write_atomic;
 use crate::report::ModelReport;
@@ -264,12 +264,14 @@ where
     let ratios: Vec<Vec<Option<f64>>> =
         models.iter().map(|m| groups.iter().map(|(_, f)| Some(f(m)? / f(base_of(m, models)?)?)).collect()).collect();
     let top = ratios.iter().flatten().flatten().fold(1.0f64, |a, &b| a.max(b)) * 1.15;
-    let mut bases: Vec<&str> = Vec::new();
-    for base in models.iter().filter_map(|m| base_of(m, models)) {
-        if !bases.contains(&base.name.as_str()) {
-            bases.push(&base.name);
-        }
-    }
+    // Each plain network once, in the order the models name them.
+    let bases: Vec<&str> = models
+        .iter()
+        .filter_map(|m| base_of(m, models))
+        .map(|b| b.name.as_str())
+        .collect::<IndexSet<_>>()
+        .into_iter()
+        .collect();
     let mut chart = ChartBuilder::on(area)
         .caption(
             format!("Cost relative to each model's plain network ({} = 1.0)", bases.join(", ")),

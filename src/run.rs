@@ -294,7 +294,7 @@ fn cpu_estimate(config: &RunConfig, data: &Cifar, ms_per_step: f64) -> String {
         m => format!("about {:.1} hours", m / 60.0),
     };
     let hint = if minutes > 15.0 {
-        " The tutorial preset is meant for a GPU; for a CPU-sized run use --preset quick (about 5 minutes)."
+        " The tutorial preset is meant for a GPU; for a CPU-sized run use --preset quick (3 to 7.5 minutes on 2 cores)."
     } else {
         ""
     };

@@ -8,7 +8,7 @@
 //! seed does to both. Mean `d`, sample standard deviation `sd` over `n` seeds: `d ± t(0.975, n-1) sd / sqrt(n)`.
 
 use anyhow::Result;
-use indexmap::IndexMap;
+use indexmap::{IndexMap, IndexSet};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -172,12 +172,7 @@ pub struct SeedsSection {
 
 /// What the seeds' reports say together; `runs` holds each seed's models.
 pub fn aggregate(runs: &[(u64, IndexMap<String, ModelReport>)]) -> SeedsSection {
-    let names: Vec<&String> = runs.iter().flat_map(|(_, models)| models.keys()).fold(Vec::new(), |mut names, n| {
-        if !names.contains(&n) {
-            names.push(n);
-        }
-        names
-    });
+    let names: IndexSet<&String> = runs.iter().flat_map(|(_, models)| models.keys()).collect();
     let finished = |name: &str| -> Vec<(u64, &ModelReport)> {
         runs.iter()
             .filter_map(|(seed, models)| models.get(name).filter(|r| r.status == Status::Ok).map(|r| (*seed, r)))
@@ -188,29 +183,25 @@ pub fn aggregate(runs: &[(u64, IndexMap<String, ModelReport>)]) -> SeedsSection 
     let mut against_baseline = IndexMap::new();
     for name in &names {
         let Some(base_name) = models::base_of(name).filter(|b| names.iter().any(|n| n == b)) else { continue };
-        {
-            let base: IndexMap<u64, &ModelReport> = finished(base_name).into_iter().collect();
-            let pairs: Vec<(u64, &ModelReport, &ModelReport)> =
-                finished(name).into_iter().filter_map(|(seed, r)| Some((seed, r, *base.get(&seed)?))).collect();
-            let paired = |metric: fn(&ModelReport) -> Option<f64>| {
-                let values: Vec<(u64, f64, f64)> =
-                    pairs.iter().filter_map(|(s, r, b)| Some((*s, metric(r)?, metric(b)?))).collect();
-                PairedDifference::of(name, &values)
-            };
-            let ratios: Vec<f64> = pairs
-                .iter()
-                .filter_map(|(_, r, b)| Some(r.mean_train_ms_per_step? / b.mean_train_ms_per_step?))
-                .collect();
-            against_baseline.insert(
-                (*name).clone(),
-                AgainstBaseline {
-                    baseline: base_name.into(),
-                    final_eval_acc: paired(|r| r.final_eval_acc),
-                    best_eval_acc: paired(|r| r.best_eval_acc),
-                    train_step_time_ratio: Spread::of(&ratios),
-                },
-            );
-        }
+        let base: IndexMap<u64, &ModelReport> = finished(base_name).into_iter().collect();
+        let pairs: Vec<(u64, &ModelReport, &ModelReport)> =
+            finished(name).into_iter().filter_map(|(seed, r)| Some((seed, r, *base.get(&seed)?))).collect();
+        let paired = |metric: fn(&ModelReport) -> Option<f64>| {
+            let values: Vec<(u64, f64, f64)> =
+                pairs.iter().filter_map(|(s, r, b)| Some((*s, metric(r)?, metric(b)?))).collect();
+            PairedDifference::of(name, &values)
+        };
+        let ratios: Vec<f64> =
+            pairs.iter().filter_map(|(_, r, b)| Some(r.mean_train_ms_per_step? / b.mean_train_ms_per_step?)).collect();
+        against_baseline.insert(
+            (*name).clone(),
+            AgainstBaseline {
+                baseline: base_name.into(),
+                final_eval_acc: paired(|r| r.final_eval_acc),
+                best_eval_acc: paired(|r| r.best_eval_acc),
+                train_step_time_ratio: Spread::of(&ratios),
+            },
+        );
     }
     SeedsSection {
         seeds: runs.iter().map(|(seed, _)| *seed).collect(),
