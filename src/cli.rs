@@ -203,7 +203,7 @@ impl RecipeArgs {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("--lr {} must be a positive number", self.lr);
         }
-        if let Some(twice) = self.seeds.iter().enumerate().find_map(|(i, s)| self.seeds[..i].contains(s).then_some(s)) {
+        if let Some(twice) = first_repeated(&self.seeds) {
             bail!("--seeds lists {twice} twice; name each seed once");
         }
         // One seed in --seeds is a single run with that seed.
@@ -359,6 +359,11 @@ fn model_name_parser() -> clap::builder::PossibleValuesParser {
     clap::builder::PossibleValuesParser::new(models::model_names())
 }
 
+/// The first item of a list given earlier in it too (`--models a,a`, `--seeds 1,1`).
+fn first_repeated<T: PartialEq>(items: &[T]) -> Option<&T> {
+    items.iter().enumerate().find_map(|(i, item)| items[..i].contains(item).then_some(item))
+}
+
 /// Registered model names and `all`.
 fn models_parser() -> clap::builder::PossibleValuesParser {
     clap::builder::PossibleValuesParser::new(models::model_names().into_iter().chain(["all"]))
@@ -389,7 +394,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 names => names.to_vec(),
             };
-            if let Some(twice) = models.iter().enumerate().find_map(|(i, m)| models[..i].contains(m).then_some(m)) {
+            if let Some(twice) = first_repeated(&models) {
                 bail!("--models lists {twice} twice; name each model once");
             }
             let config = args.recipe.resolve(models)?;
