@@ -18,9 +18,8 @@ use crate::report::{self, Comparison, ModelReport, RecordedRun};
 use crate::seeds::{self, SeedsReport};
 use crate::train::{self, Interrupted, Progress, Trainer};
 
-/// Loads the data for a run: fetched when the folder is missing, checked, subset, moved to the device.
-fn load_data(config: &RunConfig, source: &Source, device: Device) -> Result<Cifar> {
-    data::ensure(&config.data_dir, source)?;
+/// Loads the data for a run (already fetched): checked, subset, moved to the device.
+fn load_data(config: &RunConfig, device: Device) -> Result<Cifar> {
     let started = std::time::Instant::now();
     let cifar = data::load(&config.data_dir)?.limit(config.train_limit, config.test_limit, config.recipe.seed)?;
     eprintln!(
@@ -55,7 +54,11 @@ fn run_one(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
     let _lock = OutputLock::acquire(&config.out)?;
     files::remove_leftovers(&config.out)?;
     files::remove_leftovers(&config.out.join(checkpoint::FOLDER))?;
-    let data = load_data(config, source, device)?;
+    data::ensure(&config.data_dir, source)?;
+    // From here on, the first Ctrl-C stops the run before its next step (a download before this
+    // stops at once). Installed before the data loads, so that no Ctrl-C is lost in between.
+    train::stop_on_ctrl_c();
+    let data = load_data(config, device)?;
     let mut environment = RunEnvironment::detect(device, config.recipe.precision(device));
     if resume {
         // Refuse a mismatched checkpoint before any training.
@@ -68,7 +71,6 @@ fn run_one(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
     } else {
         remove_previous_outputs(&config.out)?;
     }
-    train::stop_on_ctrl_c();
     let progress = Progress::detect();
     let mut reports: IndexMap<String, ModelReport> = IndexMap::new();
     let mut comparison = None;
