@@ -24,15 +24,14 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
-    let cuda_headers = if cuda { cuda_runtime_headers(&lib) } else { None };
-    if cuda && cuda_headers.is_none() {
-        println!(
-            "cargo:warning=libtorch has CUDA but the CUDA runtime headers (cuda_runtime_api.h, crt/) are \
-             missing: csp-tch is built without CUDA graphs; run scripts/setup.sh or set CUDA_HOME"
-        );
+    let graphs = if cuda { cuda_graph_headers(&lib) } else { Err("libtorch has no CUDA".to_string()) };
+    if let (true, Err(why)) = (cuda, &graphs) {
+        println!("cargo:warning=csp-tch is built without CUDA graphs: {why}");
     }
-    compile_shims(&lib, cuda_headers.as_deref());
-    if cuda_headers.is_some() {
+    // What `csp-tch env` says, and the error of `--cuda-graphs on`, when graphs are missing.
+    println!("cargo:rustc-env=CSP_TCH_NO_GRAPHS_REASON={}", graphs.as_ref().err().map_or("", String::as_str));
+    compile_shims(&lib, &graphs);
+    if graphs.is_ok() {
         // CUDA streams and guards used by src/cuda_graph.cpp.
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
     }
@@ -40,20 +39,70 @@ fn main() {
     println!("cargo:rustc-env=CSP_TCH_TCH_VERSION={}", locked_version("tch"));
 }
 
-/// Include folders for the CUDA runtime's headers, for a libtorch with CUDA: `cuda_runtime_api.h`
-/// and the `crt/` headers it includes. A CUDA toolkit has both under `$CUDA_HOME/include`; PyPI's
-/// torch wheels bring the first under `site-packages/nvidia/<cuda>/include` and the second comes from
-/// `nvidia-cuda-crt`, which scripts/setup.sh installs into its venv (also looked for there, so that a
-/// build against another torch, as for the GPU machine, finds it). `None` when either is missing.
-fn cuda_runtime_headers(lib: &Path) -> Option<Vec<PathBuf>> {
+/// The CUDA graph shim's headers and libtorch's CUDA version, or why they are not to be had.
+struct GraphHeaders {
+    folders: Vec<PathBuf>,
+    /// `CUDA_VERSION` of libtorch's CUDA (13000 for 13.0).
+    torch_cuda_version: u32,
+}
+
+/// The headers for libtorch `lib`'s CUDA graphs: CUDA runtime headers of libtorch's own CUDA major
+/// version, at least its minor one (`at::cuda::CUDAGraph`'s fields depend on `CUDA_VERSION`, so other
+/// headers would give csp-tch another layout of the object than libtorch's code writes into).
+fn cuda_graph_headers(lib: &Path) -> Result<GraphHeaders, String> {
+    let torch_cuda_version = torch_cuda_version(lib).ok_or_else(|| {
+        format!("cannot tell libtorch's CUDA version (version.py or build-version in {})", lib.display())
+    })?;
+    let folders = cuda_runtime_headers(lib, torch_cuda_version).ok_or_else(|| {
+        format!(
+            "no CUDA {}.{} runtime headers (cuda.h, cuda_runtime_api.h, crt/) beside libtorch, in its venv or \
+             $CUDA_HOME; run scripts/setup.sh",
+            torch_cuda_version / 1000,
+            torch_cuda_version % 1000 / 10
+        )
+    })?;
+    Ok(GraphHeaders { folders, torch_cuda_version })
+}
+
+/// libtorch's CUDA version as `CUDA_VERSION` writes it: pip's `cuda = '13.0'` in torch/version.py,
+/// or the `+cu130` of a libtorch zip's build-version.
+fn torch_cuda_version(lib: &Path) -> Option<u32> {
+    let root = lib.parent().unwrap_or(lib);
+    let from_python = std::fs::read_to_string(root.join("version.py")).ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("cuda"))?;
+        let value = line.split(['\'', '"']).nth(1)?;
+        let (major, minor) = value.split_once('.')?;
+        Some(major.parse::<u32>().ok()? * 1000 + minor.parse::<u32>().ok()? * 10)
+    });
+    let from_zip = || {
+        let text = std::fs::read_to_string(root.join("build-version")).ok()?;
+        let cu = text.trim().split("+cu").nth(1)?;
+        let digits: u32 = cu.parse().ok()?; // 130 for 13.0, 124 for 12.4
+        Some(digits / 10 * 1000 + digits % 10 * 10)
+    };
+    from_python.or_else(from_zip)
+}
+
+/// `CUDA_VERSION` as defined in `folder/cuda.h`.
+fn header_cuda_version(folder: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(folder.join("cuda.h")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("#define CUDA_VERSION ")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Include folders for the CUDA runtime's headers, for a libtorch with CUDA `version`: `cuda.h` and
+/// `cuda_runtime_api.h` of that major version and at least that minor one, and the `crt/` headers
+/// they include. PyPI's torch wheels bring the first two under `site-packages/nvidia/<cuda>/include`
+/// and the third comes from `nvidia-cuda-crt`, which scripts/setup.sh installs into its venv (also
+/// looked for there, so that a build against another torch, as for the GPU machine, finds it); a
+/// CUDA toolkit has all under `$CUDA_HOME/include`, looked at last. `None` when any is missing.
+fn cuda_runtime_headers(lib: &Path, version: u32) -> Option<Vec<PathBuf>> {
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=CSP_TCH_TORCH_HOME");
     let wheel_includes = |site_packages: &Path| -> Vec<PathBuf> {
         let entries = std::fs::read_dir(site_packages.join("nvidia")).into_iter().flatten().flatten();
         entries.map(|entry| entry.path().join("include")).collect()
     };
-    let mut folders: Vec<PathBuf> =
-        std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("include")).into_iter().collect();
+    let mut folders: Vec<PathBuf> = Vec::new();
     if let Some(site_packages) = lib.parent().and_then(Path::parent) {
         folders.extend(wheel_includes(site_packages));
     }
@@ -64,13 +113,18 @@ fn cuda_runtime_headers(lib: &Path) -> Option<Vec<PathBuf>> {
     for python in setup_lib.into_iter().flatten().flatten() {
         folders.extend(wheel_includes(&python.path().join("site-packages")));
     }
-    let runtime = folders.iter().find(|dir| dir.join("cuda_runtime_api.h").exists())?;
+    folders.extend(std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("include")));
+    let matches = |dir: &&PathBuf| {
+        header_cuda_version(dir).is_some_and(|v| v / 1000 == version / 1000 && v >= version)
+            && dir.join("cuda_runtime_api.h").exists()
+    };
+    let runtime = folders.iter().find(matches)?;
     let crt = folders.iter().find(|dir| dir.join("crt/host_config.h").exists())?;
     Some(if runtime == crt { vec![runtime.clone()] } else { vec![runtime.clone(), crt.clone()] })
 }
 
 /// Builds the shims into a static library linked into csp-tch.
-fn compile_shims(lib: &Path, cuda_headers: Option<&[PathBuf]>) {
+fn compile_shims(lib: &Path, graphs: &Result<GraphHeaders, String>) {
     let sources = ["src/amp.cpp", "src/onednn.cpp", "src/fused_adam.cpp", "src/cuda_graph.cpp"];
     for source in sources.iter().chain(&["src/shim.h"]) {
         println!("cargo:rerun-if-changed={source}");
@@ -88,8 +142,16 @@ fn compile_shims(lib: &Path, cuda_headers: Option<&[PathBuf]>) {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .files(sources);
-    if let Some(headers) = cuda_headers {
-        build.includes(headers).define("CSP_TCH_CUDA", None);
+    match graphs {
+        Ok(headers) => {
+            build
+                .includes(&headers.folders)
+                .define("CSP_TCH_CUDA", None)
+                .define("CSP_TCH_TORCH_CUDA_VERSION", headers.torch_cuda_version.to_string().as_str());
+        }
+        Err(why) => {
+            build.define("CSP_TCH_NO_GRAPHS_REASON", format!("{why:?}").as_str());
+        }
     }
     build.compile("csp_tch_shims");
 }

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # csp-tch's GPU measurements in one call, for the device machine (one GPU, PyTorch in python3, no
-# Rust): build the binary here with ../shared/gpu/prepare-device (it lands in .device/), then on the
+# Rust): build the binary here with scripts/prepare-device.sh (it lands in .device/), then on the
 # device, from the checkout root (the device tool allows 600 s a command, so give it timeout_s 600):
 #   OUT=$OUT bash scripts/gpu-check.sh
 # Parts, in order of what matters most (PARTS, default "graphs bench run compile"):
-#   graphs   `csp-tch check-graphs` for each model at 224 px, fp32 and --amp: eager and replayed steps agree;
+#   graphs   `csp-tch check-graphs` for each model at 224 px, fp32 and --amp: replayed steps within the noise
+#            floor of two eager runs, over a schedule with partial batches, evaluations and a new learning rate;
 #   bench    train steps, 224 px, batch 64, median of BENCH_STEPS after warm-up, alternating: csp-tch with
 #            CUDA graphs (the default) and without, PyTorch eager (NHWC, cuDNN benchmark mode, foreach Adam),
 #            each in fp32 and --amp;
@@ -48,7 +49,11 @@ export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 say start
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 $PY -c 'import torch; print("PyTorch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())'
-"$BIN" env || { say "csp-tch cannot start (ldd: $(ldd "$BIN" | grep 'not found'))"; exit 1; }
+"$BIN" env >"$OUT/env.txt" || { say "csp-tch cannot start (ldd: $(ldd "$BIN" | grep 'not found'))"; exit 1; }
+cat "$OUT/env.txt"
+# Everything below measures the CUDA-graph path: a binary without it would measure the wrong thing.
+grep -q '^CUDA graphs: available in this build' "$OUT/env.txt" ||
+  { say "FAILED: $BIN has no CUDA graphs ($(grep '^CUDA graphs' "$OUT/env.txt")); rebuild with scripts/prepare-device.sh"; exit 1; }
 
 if wants graphs; then
   for model in $MODELS; do

@@ -1,7 +1,6 @@
 //! `csp-tch bench`: the median time of a full train step (transform, forward, backward, Adam) or
 //! an eval step (transform, forward) on a synthetic uint8 dataset held on the device, exactly as
-//! `run-all` runs them. `csp-tch check-graphs`: the same steps eagerly and replayed from CUDA graphs,
-//! side by side.
+//! `run-all` runs them.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -79,28 +78,38 @@ fn median(values: &[f64]) -> f64 {
 }
 
 /// A few batches' worth of CIFAR-sized uint8 images (and labels) on the device, as run-all holds
-/// them, and the `i`th batch's indices into them.
-struct SyntheticBatches {
-    images: Tensor,
-    labels: Tensor,
+/// them, possibly with a partial batch after the full ones; the `i`th full batch's indices into them.
+pub(crate) struct SyntheticBatches {
+    pub images: Tensor,
+    pub labels: Tensor,
     batch_size: i64,
+    tail: i64,
 }
 
 impl SyntheticBatches {
-    const BATCHES: i64 = 4;
+    pub const BATCHES: i64 = 4;
 
-    fn new(batch_size: usize, device: Device) -> SyntheticBatches {
-        let (bs, pool) = (batch_size as i64, Self::BATCHES * batch_size as i64);
+    /// `BATCHES` full batches of `batch_size` images, then `tail` more.
+    pub fn new(batch_size: usize, tail: usize, device: Device) -> SyntheticBatches {
+        let (bs, tail) = (batch_size as i64, tail as i64);
+        let pool = Self::BATCHES * bs + tail;
         SyntheticBatches {
             images: Tensor::randint(256, [pool, 3, 32, 32], (Kind::Uint8, device)),
             labels: Tensor::randint(crate::data::CLASSES, [pool], (Kind::Int64, device)),
             batch_size: bs,
+            tail,
         }
     }
 
-    fn index(&self, i: usize) -> Tensor {
+    pub fn index(&self, i: usize) -> Tensor {
         let (first, bs) = ((i as i64 % Self::BATCHES) * self.batch_size, self.batch_size);
         Tensor::arange_start(first, first + bs, (Kind::Int64, self.images.device()))
+    }
+
+    /// The partial batch's indices.
+    pub fn tail_index(&self) -> Tensor {
+        let first = Self::BATCHES * self.batch_size;
+        Tensor::arange_start(first, first + self.tail, (Kind::Int64, self.images.device()))
     }
 }
 
@@ -113,8 +122,9 @@ pub fn run(config: &BenchConfig) -> Result<BenchResult> {
     let bs = recipe.batch_size as i64;
     let mut trainer = Trainer::new(&config.model, crate::data::CLASSES, recipe, config.device)?;
     // With CUDA graphs, the untimed steps include the eager ones and the capture.
-    let warmup = if trainer.replays_cuda_graphs() { config.warmup.max(WARMUP_STEPS + 1) } else { config.warmup };
-    let batches = SyntheticBatches::new(recipe.batch_size, config.device);
+    eprintln!("{}", recipe.cuda_graphs.decision_line(config.device, trainer.precision())?);
+    let warmup = if trainer.graph_status().replayed { config.warmup.max(WARMUP_STEPS + 1) } else { config.warmup };
+    let batches = SyntheticBatches::new(recipe.batch_size, 0, config.device);
     let (images, labels) = (&batches.images, &batches.labels);
     let mut warmup_s = 0.0;
     let mut timed = |step: &mut dyn FnMut(&Tensor, bool) -> Result<()>| -> Result<Vec<f64>> {
@@ -163,7 +173,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchResult> {
         device: device_label(config.device),
         precision: trainer.precision(),
         channels_last: trainer.model.is_channels_last(),
-        cuda_graphs: trainer.replays_cuda_graphs(),
+        cuda_graphs: trainer.graph_status().replayed,
         threads: tch::get_num_threads(),
         keeps_freed_memory: crate::environment::keeps_freed_memory(),
         steps: config.steps,
@@ -182,82 +192,5 @@ pub fn run(config: &BenchConfig) -> Result<BenchResult> {
                 optimizer_ms: phases.optimizer_ms / n,
             }
         }),
-    })
-}
-
-/// `csp-tch check-graphs`: one model trained for a few steps eagerly and again with its steps
-/// replayed from CUDA graphs, from the same initialisation on the same batches.
-#[derive(Clone, Debug, Serialize)]
-pub struct GraphCheck {
-    pub model: String,
-    pub device: String,
-    pub precision: crate::amp::Precision,
-    /// Whether the second run really replayed graphs (false on the CPU, where both run eagerly).
-    pub replayed: bool,
-    /// Each train step's loss, eager and replayed (the first [`WARMUP_STEPS`] run eagerly in both).
-    pub eager_losses: Vec<f64>,
-    pub graph_losses: Vec<f64>,
-    /// Largest `|a - b| / max(|a|, 1e-6)` over the steps' losses.
-    pub max_loss_difference: f64,
-    /// Largest difference of any weight, BatchNorm statistic or Adam step count after the steps,
-    /// relative to that tensor's largest magnitude.
-    pub max_state_difference: f64,
-    /// The evaluation loss on the same batches afterwards (full batches replay the eval graph).
-    pub eager_eval_loss: f64,
-    pub graph_eval_loss: f64,
-    /// All three within [`GraphCheck::TOLERANCE`].
-    pub ok: bool,
-}
-
-impl GraphCheck {
-    /// Float rounding of a few steps: replays run the eager steps' kernels, but atomics in some
-    /// cuDNN backward kernels and in the accumulation sum in a varying order.
-    pub const TOLERANCE: f64 = 1e-3;
-}
-
-/// Trains `config.model` for `steps` steps eagerly and with `--cuda-graphs on` (on CUDA), and compares.
-pub fn check_graphs(config: &BenchConfig) -> Result<GraphCheck> {
-    let steps = config.steps.max(WARMUP_STEPS + 2);
-    let batches = SyntheticBatches::new(config.recipe.batch_size, config.device);
-    let run = |cuda_graphs: CudaGraphs| -> Result<(Trainer, Vec<f64>, f64)> {
-        let recipe = Recipe { cuda_graphs, ..config.recipe.clone() };
-        let mut trainer = Trainer::new(&config.model, crate::data::CLASSES, &recipe, config.device)?;
-        let mut losses = Vec::with_capacity(steps);
-        for i in 0..steps {
-            trainer.train_batch(&batches.images, &batches.labels, &batches.index(i), &recipe)?;
-            losses.push(trainer.last_train_loss());
-        }
-        // Twice, so that the second evaluation replays its recorded batches.
-        trainer.evaluate(&batches.images, &batches.labels, &recipe)?;
-        let (evaluation, _) = trainer.evaluate(&batches.images, &batches.labels, &recipe)?;
-        Ok((trainer, losses, evaluation.loss))
-    };
-    let (eager, eager_losses, eager_eval_loss) = run(CudaGraphs::Off)?;
-    let graphs_on = if config.device.is_cuda() { CudaGraphs::On } else { CudaGraphs::Auto };
-    let (graph, graph_losses, graph_eval_loss) = run(graphs_on)?;
-    let relative = |a: f64, b: f64| (a - b).abs() / a.abs().max(1e-6);
-    let max_loss_difference = eager_losses.iter().zip(&graph_losses).map(|(&a, &b)| relative(a, b)).fold(0.0, f64::max);
-    let graph_vars = graph.vs.variables();
-    let mut max_state_difference = relative(eager.adam.steps() as f64, graph.adam.steps() as f64);
-    for (name, a) in eager.vs.variables() {
-        let b = &graph_vars[&name];
-        let scale = a.abs().max().double_value(&[]).max(1e-6);
-        max_state_difference = max_state_difference.max((&a - b).abs().max().double_value(&[]) / scale);
-    }
-    let ok = max_loss_difference <= GraphCheck::TOLERANCE
-        && max_state_difference <= GraphCheck::TOLERANCE
-        && relative(eager_eval_loss, graph_eval_loss) <= GraphCheck::TOLERANCE;
-    Ok(GraphCheck {
-        model: config.model.clone(),
-        device: device_label(config.device),
-        precision: graph.precision(),
-        replayed: graph.replays_cuda_graphs(),
-        eager_losses,
-        graph_losses,
-        max_loss_difference,
-        max_state_difference,
-        eager_eval_loss,
-        graph_eval_loss,
-        ok,
     })
 }

@@ -52,6 +52,9 @@ pub struct Meta {
     /// Whether its full batches replayed CUDA graphs (`--cuda-graphs`), for `csp-tch report`.
     #[serde(default)]
     pub cuda_graphs: Option<bool>,
+    /// Why they did not, when they did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_graphs_off: Option<String>,
 }
 
 impl Meta {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use tch::Device;
 
 use crate::amp::Precision;
-use crate::cuda_graph;
+use crate::cuda_graph::{self, Recorder};
 use crate::optim::AdamConfig;
 use crate::transform::Normalize;
 
@@ -134,11 +134,25 @@ pub enum CudaGraphs {
     Off,
 }
 
+/// What `--cuda-graphs` comes to for a run: what records and replays its full-batch steps, or why
+/// every step runs eagerly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GraphPlan {
+    Replay(Recorder),
+    Eager(String),
+}
+
 impl CudaGraphs {
-    /// Whether a run on `device` in `precision` replays graphs.
-    pub fn resolve(self, device: Device, precision: Precision) -> Result<bool> {
-        if self == CudaGraphs::Off || !device.is_cuda() {
-            return Ok(false);
+    /// What a run on `device` in `precision` does: replay graphs, or run eagerly and why. The
+    /// test-only `CSP_TCH_SIMULATE_CUDA_GRAPHS` stands in for a CUDA device ([`Recorder::Simulated`]).
+    pub fn resolve(self, device: Device, precision: Precision) -> Result<GraphPlan> {
+        let eager = |why: &str| Ok(GraphPlan::Eager(why.to_string()));
+        let simulated = Recorder::simulated_from_env()?;
+        if self == CudaGraphs::Off {
+            return eager("--cuda-graphs off");
+        }
+        if !device.is_cuda() && simulated.is_none() {
+            return eager("not a CUDA device");
         }
         if precision.needs_loss_scaling() {
             if self == CudaGraphs::On {
@@ -147,15 +161,44 @@ impl CudaGraphs {
                      every step and cannot be recorded; use --cuda-graphs auto (fp16 then runs eagerly) or off"
                 );
             }
-            return Ok(false);
+            return eager("fp16 --amp, whose loss scaler reads the device every step");
+        }
+        if let Some(reason) = cuda_graph::fallen_back().filter(|_| self == CudaGraphs::Auto) {
+            return eager(&format!("an earlier failure in this process: {reason}"));
+        }
+        if let Some(recorder) = simulated {
+            return Ok(GraphPlan::Replay(recorder));
         }
         if !cuda_graph::built_with_cuda_graphs() {
             if self == CudaGraphs::On {
-                bail!("--cuda-graphs on: this csp-tch was built without the CUDA headers; rebuild it or use auto");
+                bail!(
+                    "--cuda-graphs on: this csp-tch was built without CUDA graphs ({}); rebuild it or use auto",
+                    cuda_graph::MISSING_REASON
+                );
             }
-            return Ok(false);
+            return eager(&format!("this build has no CUDA graphs: {}", cuda_graph::MISSING_REASON));
         }
-        Ok(true)
+        Ok(GraphPlan::Replay(Recorder::Cuda))
+    }
+
+    /// The one line `run-all`, `train` and `bench` print about CUDA graphs.
+    pub fn decision_line(self, device: Device, precision: Precision) -> Result<String> {
+        let flag = format!("--cuda-graphs {}", self.label());
+        Ok(match self.resolve(device, precision)? {
+            GraphPlan::Replay(Recorder::Cuda) => {
+                format!("CUDA graphs: on ({flag}): full batches replay recorded steps")
+            }
+            GraphPlan::Replay(recorder) => format!("CUDA graphs: on ({flag}), {recorder:?}: a test stand-in"),
+            GraphPlan::Eager(why) => format!("CUDA graphs: off ({flag}): {why}"),
+        })
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CudaGraphs::Auto => "auto",
+            CudaGraphs::On => "on",
+            CudaGraphs::Off => "off",
+        }
     }
 }
 

@@ -2,67 +2,118 @@
 //! for every full batch, so that the GPU runs the step's ~2,000 kernels back to back instead of
 //! waiting for the host to launch each one (`at::cuda::CUDAGraph` through `src/cuda_graph.cpp`).
 //!
-//! A [`Replayer`] runs a step eagerly for its first calls (cuDNN picks its algorithms, the caching
-//! allocator settles), then records it on a static index buffer and from then on copies each batch's
-//! indices into that buffer and replays. Recording does not execute the step, so the batch it is
-//! recorded on is then replayed like the others. Steps of another shape (the partial last batch) run
-//! eagerly.
+//! A [`Replayer`] runs a step eagerly for its first calls on the device's capture stream (cuDNN
+//! picks its algorithms, the caching allocator settles), then records it on a static index buffer
+//! and from then on copies each batch's indices into that buffer and replays. Recording does not
+//! execute the step, so the batch it is recorded on is then replayed like the others. Steps of
+//! another shape (the partial last batch) run eagerly.
+//!
+//! Under `--cuda-graphs auto` graphs can never fail a run: a failure in warm-up, capture or the first
+//! replay (an asynchronous CUDA error included, read back by a synchronisation right after it) runs
+//! the step eagerly instead and turns graphs off for the rest of the process ([`fallen_back`]), with
+//! one warning. Under `on` the same failures are errors.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::os::raw::{c_int, c_void};
+use std::sync::Mutex;
 use tch::{Device, Tensor};
 
 use crate::shim::last_error;
 
 extern "C" {
     fn csp_tch_cuda_graphs_built() -> c_int;
+    fn csp_tch_graph_pool_new(device: c_int) -> *mut c_void;
+    fn csp_tch_graph_pool_free(pool: *mut c_void);
     fn csp_tch_graph_new(device: c_int) -> *mut c_void;
     fn csp_tch_graph_free(graph: *mut c_void);
-    fn csp_tch_graph_capture_begin(graph: *mut c_void, share_pool_of: *mut c_void) -> c_int;
+    fn csp_tch_capture_stream_enter(device: c_int) -> *mut c_void;
+    fn csp_tch_capture_stream_leave(guard: *mut c_void, device: c_int) -> c_int;
+    fn csp_tch_graph_capture_begin(graph: *mut c_void, pool: *mut c_void) -> c_int;
     fn csp_tch_graph_capture_end(graph: *mut c_void) -> c_int;
     fn csp_tch_graph_replay(graph: *mut c_void) -> c_int;
+    fn csp_tch_cuda_synchronize(device: c_int) -> c_int;
+    fn csp_tch_set_cudnn_deterministic(on: c_int) -> c_int;
 }
 
-/// Whether this binary can capture CUDA graphs (built against a libtorch with CUDA and its headers).
+/// Sets whether cuDNN may only pick deterministic algorithms; returns the previous setting.
+pub fn set_cudnn_deterministic(on: bool) -> bool {
+    unsafe { csp_tch_set_cudnn_deterministic(on as c_int) != 0 }
+}
+
+/// Whether this binary can capture CUDA graphs (built against a libtorch with CUDA and CUDA headers
+/// of its CUDA version).
 pub fn built_with_cuda_graphs() -> bool {
     unsafe { csp_tch_cuda_graphs_built() != 0 }
 }
 
-/// One recorded CUDA graph with its private memory pool.
+/// Why this binary has no CUDA graphs, as build.rs found it (empty when it has them).
+pub const MISSING_REASON: &str = env!("CSP_TCH_NO_GRAPHS_REASON");
+
+fn cuda_index(device: Device) -> Result<c_int> {
+    match device {
+        Device::Cuda(index) => Ok(index as c_int),
+        other => bail!("CUDA graphs need a CUDA device, not {other:?}"),
+    }
+}
+
+/// A shim call's status as a result: `Ok` for 0, else the shim's message after `what`.
+fn status(code: c_int, what: &str) -> Result<()> {
+    if code != 0 {
+        bail!("{what}: {}", last_error());
+    }
+    Ok(())
+}
+
+/// Waits for `device` and reports an asynchronous CUDA error as an error instead of tch's panic.
+pub fn synchronize(device: Device) -> Result<()> {
+    status(unsafe { csp_tch_cuda_synchronize(cuda_index(device)?) }, "the CUDA device reported an error")
+}
+
+/// A memory pool that graphs which never run at the same time share (PyTorch's `graph_pool_handle()`).
+pub struct MemoryPool(*mut c_void);
+
+impl MemoryPool {
+    pub fn new(device: Device) -> Result<MemoryPool> {
+        let raw = unsafe { csp_tch_graph_pool_new(cuda_index(device)?) };
+        if raw.is_null() {
+            bail!("cannot create a CUDA graph memory pool: {}", last_error());
+        }
+        Ok(MemoryPool(raw))
+    }
+}
+
+impl Drop for MemoryPool {
+    fn drop(&mut self) {
+        unsafe { csp_tch_graph_pool_free(self.0) }
+    }
+}
+
+/// One recorded CUDA graph.
 pub struct Graph(*mut c_void);
 
 impl Graph {
-    /// Records what `record` queues on `device` (running nothing). Tensors `record` allocates come
-    /// from the graph's memory pool, or from `share_pool_of`'s: graphs that never run at the same
-    /// time may share one. `record` must not read values back from the device.
-    pub fn capture(device: Device, share_pool_of: Option<&Graph>, record: impl FnOnce()) -> Result<Graph> {
-        let Device::Cuda(index) = device else { bail!("CUDA graphs need a CUDA device, not {device:?}") };
-        let raw = unsafe { csp_tch_graph_new(index as c_int) };
+    /// Records what `record` queues on `device` (running nothing), on the device's capture stream.
+    /// Tensors `record` allocates come from `pool`. `record` must not read values back from the
+    /// device. A capture that fails leaves nothing in capture mode.
+    pub fn capture(device: Device, pool: &MemoryPool, record: impl FnOnce()) -> Result<Graph> {
+        let raw = unsafe { csp_tch_graph_new(cuda_index(device)?) };
         if raw.is_null() {
             bail!("cannot create a CUDA graph: {}", last_error());
         }
         let graph = Graph(raw);
-        let pool = share_pool_of.map_or(std::ptr::null_mut(), |g| g.0);
-        if unsafe { csp_tch_graph_capture_begin(graph.0, pool) } != 0 {
-            bail!("cannot begin a CUDA graph capture: {}", last_error());
-        }
+        status(unsafe { csp_tch_graph_capture_begin(graph.0, pool.0) }, "cannot begin a CUDA graph capture")?;
         // tch panics on a libtorch error (an operation that is not allowed while capturing, say):
         // end the capture either way, so that the device leaves capture mode.
-        let recorded = quietly(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(record)));
-        let ended = unsafe { csp_tch_graph_capture_end(graph.0) } == 0;
-        match (recorded, ended) {
-            (Ok(()), true) => Ok(graph),
-            (Err(panic), _) => bail!("recording the step failed: {}", panic_message(&panic)),
-            (Ok(()), false) => bail!("cannot end the CUDA graph capture: {}", last_error()),
-        }
+        let recorded = catch_panic(record);
+        let ended = status(unsafe { csp_tch_graph_capture_end(graph.0) }, "cannot end the CUDA graph capture");
+        recorded.context("recording the step failed")?;
+        ended?;
+        Ok(graph)
     }
 
     /// Queues the recorded work on the current stream.
     pub fn replay(&self) -> Result<()> {
-        if unsafe { csp_tch_graph_replay(self.0) } != 0 {
-            bail!("replaying a CUDA graph failed: {}", last_error());
-        }
-        Ok(())
+        status(unsafe { csp_tch_graph_replay(self.0) }, "replaying a CUDA graph failed")
     }
 }
 
@@ -72,13 +123,27 @@ impl Drop for Graph {
     }
 }
 
-/// Runs `f` with the panic message printer silenced (a failed capture is reported as an error).
-fn quietly<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `f` on `device`'s capture stream (after the work queued so far; waiting for it after).
+fn on_capture_stream(device: Device, f: impl FnOnce()) -> Result<()> {
+    let index = cuda_index(device)?;
+    let guard = unsafe { csp_tch_capture_stream_enter(index) };
+    if guard.is_null() {
+        bail!("cannot switch to the capture stream: {}", last_error());
+    }
+    let ran = catch_panic(f);
+    let left = status(unsafe { csp_tch_capture_stream_leave(guard, index) }, "the warm-up step failed on the device");
+    ran.context("the warm-up step failed")?;
+    left
+}
+
+/// Runs `f`, turning a panic (tch's way of reporting a libtorch error) into an error, with the
+/// panic message printer silenced.
+fn catch_panic(f: impl FnOnce()) -> Result<()> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let result = f();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     std::panic::set_hook(hook);
-    result
+    result.map_err(|panic| anyhow::anyhow!("{}", panic_message(&panic)))
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
@@ -91,57 +156,198 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 /// shape, the next ones settle the allocator, as PyTorch's CUDA-graph recipe advises.
 pub const WARMUP_STEPS: usize = 3;
 
+/// Why graphs were turned off for the rest of this process, once a warm-up, capture or first
+/// replay failed under `--cuda-graphs auto`.
+static FALLEN_BACK: Mutex<Option<String>> = Mutex::new(None);
+
+/// The reason graphs are off for the rest of this process, if a failure turned them off.
+pub fn fallen_back() -> Option<String> {
+    FALLEN_BACK.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Turns graphs off for the rest of the process (the first reason is kept), warning once.
+fn fall_back(reason: &str) {
+    let mut state = FALLEN_BACK.lock().unwrap_or_else(|e| e.into_inner());
+    if state.is_none() {
+        eprintln!("warning: CUDA graphs off for the rest of this run, steps run eagerly: {reason}");
+        *state = Some(reason.to_string());
+    }
+}
+
+/// A fault a simulated recorder injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// The warm-up steps fail.
+    Warmup,
+    /// The capture fails.
+    Capture,
+    /// The first replay fails.
+    Replay,
+    /// Replays run on the batch the step was recorded on, not the one copied in: a broken graph.
+    StaleIndex,
+}
+
+/// What records and replays the steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recorder {
+    /// `at::cuda::CUDAGraph` on a CUDA device.
+    Cuda,
+    /// A stand-in for tests on any device: "recording" keeps the static index, a "replay" runs the
+    /// step eagerly on it, and `Fault` fails where a real graph could.
+    Simulated(Fault),
+}
+
+impl Recorder {
+    /// The test-only stand-in the environment asks for: `CSP_TCH_SIMULATE_CUDA_GRAPHS=ok`, or a
+    /// fault: `warmup`, `capture`, `replay`, `stale-index`.
+    pub fn simulated_from_env() -> Result<Option<Recorder>> {
+        const VAR: &str = "CSP_TCH_SIMULATE_CUDA_GRAPHS";
+        let Ok(value) = std::env::var(VAR) else { return Ok(None) };
+        let fault = match value.as_str() {
+            "ok" => Fault::None,
+            "warmup" => Fault::Warmup,
+            "capture" => Fault::Capture,
+            "replay" => Fault::Replay,
+            "stale-index" => Fault::StaleIndex,
+            other => bail!("{VAR}={other}: expected ok, warmup, capture, replay or stale-index"),
+        };
+        Ok(Some(Recorder::Simulated(fault)))
+    }
+}
+
+/// A recorded step: the graph (none when simulated) and the index buffer it reads.
+struct Recorded {
+    graph: Option<Graph>,
+    static_index: Tensor,
+    /// What a simulated stale-index replay runs on.
+    captured_index: Tensor,
+    replays: usize,
+}
+
 /// Runs one kind of step (train or eval, one batch shape) eagerly, then as a recorded graph.
 pub struct Replayer {
     device: Device,
-    /// Whether a capture that fails leaves the steps eager (`--cuda-graphs auto`) instead of
-    /// failing the run (`on`).
+    recorder: Recorder,
+    /// Whether a failure leaves the steps eager (`--cuda-graphs auto`) instead of failing the run (`on`).
     fall_back: bool,
     eager_left: usize,
-    recorded: Option<(Graph, Tensor)>,
-    /// A capture failed: every step runs eagerly.
-    failed: bool,
+    recorded: Option<Recorded>,
+    /// Why steps run eagerly after a failure.
+    failure: Option<String>,
 }
 
 impl Replayer {
-    pub fn new(device: Device, fall_back: bool) -> Replayer {
-        Replayer { device, fall_back, eager_left: WARMUP_STEPS, recorded: None, failed: false }
+    pub fn new(device: Device, recorder: Recorder, fall_back: bool) -> Replayer {
+        Replayer { device, recorder, fall_back, eager_left: WARMUP_STEPS, recorded: None, failure: None }
     }
 
-    /// Whether a capture failed, so that steps run eagerly.
-    pub fn failed(&self) -> bool {
-        self.failed
-    }
-
-    /// The graph steps are recorded in, for another replayer to share its memory pool.
-    pub fn graph(&self) -> Option<&Graph> {
-        self.recorded.as_ref().map(|(graph, _)| graph)
+    /// Why this replayer's steps run eagerly: its own failure, or an earlier one in this process.
+    pub fn off_reason(&self) -> Option<String> {
+        self.failure.clone().or_else(fallen_back)
     }
 
     /// Runs `step` on the batch `index` (always of the same length): eagerly during warm-up, then
-    /// recorded once (sharing `share_pool_of`'s memory pool) and replayed. A capture that fails is
-    /// an error, or with `fall_back` reported on stderr, and the steps run eagerly from then on.
-    pub fn run(&mut self, index: &Tensor, share_pool_of: Option<&Graph>, mut step: impl FnMut(&Tensor)) -> Result<()> {
-        if self.failed || self.eager_left > 0 {
-            self.eager_left = self.eager_left.saturating_sub(1);
+    /// recorded once into `pool` and replayed. A failure is an error (`--cuda-graphs on`), or the
+    /// step runs eagerly instead and graphs are off for the rest of the process (`auto`).
+    pub fn run(&mut self, index: &Tensor, pool: &MemoryPoolSlot, mut step: impl FnMut(&Tensor)) -> Result<()> {
+        if self.failure.is_some() || fallen_back().is_some() {
             step(index);
             return Ok(());
         }
+        if self.eager_left > 0 {
+            self.eager_left -= 1;
+            return match self.warm_up(index, &mut step) {
+                Ok(()) => Ok(()),
+                Err(err) => self.fail(err.context("warm-up"), || step(index)),
+            };
+        }
         if self.recorded.is_none() {
-            let static_index = index.copy();
-            match Graph::capture(self.device, share_pool_of, || step(&static_index)) {
-                Ok(graph) => self.recorded = Some((graph, static_index)),
-                Err(err) if !self.fall_back => return Err(err.context("--cuda-graphs on")),
-                Err(err) => {
-                    eprintln!("warning: CUDA graph capture failed, running eagerly: {err:#}");
-                    self.failed = true;
-                    step(index);
-                    return Ok(());
-                }
+            match self.record(index, pool, &mut step) {
+                Ok(recorded) => self.recorded = Some(recorded),
+                Err(err) => return self.fail(err.context("capture"), || step(index)),
             }
         }
-        let (graph, static_index) = self.recorded.as_mut().expect("recorded above");
-        static_index.copy_(index);
-        graph.replay()
+        let first = self.recorded.as_ref().is_some_and(|r| r.replays == 0);
+        match self.replay(index, &mut step) {
+            Err(err) if first => self.fail(err.context("first replay"), || step(index)),
+            other => other,
+        }
+    }
+
+    fn warm_up(&self, index: &Tensor, step: &mut impl FnMut(&Tensor)) -> Result<()> {
+        match self.recorder {
+            Recorder::Cuda => on_capture_stream(self.device, || step(index)),
+            Recorder::Simulated(Fault::Warmup) => bail!("simulated warm-up failure"),
+            Recorder::Simulated(_) => {
+                step(index);
+                Ok(())
+            }
+        }
+    }
+
+    fn record(&self, index: &Tensor, pool: &MemoryPoolSlot, step: &mut impl FnMut(&Tensor)) -> Result<Recorded> {
+        let static_index = index.copy();
+        let graph = match self.recorder {
+            Recorder::Cuda => Some(Graph::capture(self.device, pool.get(self.device)?, || step(&static_index))?),
+            Recorder::Simulated(Fault::Capture) => bail!("simulated capture failure"),
+            Recorder::Simulated(_) => None,
+        };
+        Ok(Recorded { graph, captured_index: static_index.copy(), static_index, replays: 0 })
+    }
+
+    fn replay(&mut self, index: &Tensor, step: &mut impl FnMut(&Tensor)) -> Result<()> {
+        let recorded = self.recorded.as_mut().expect("recorded before replaying");
+        recorded.static_index.copy_(index);
+        let first = recorded.replays == 0;
+        recorded.replays += 1;
+        match (&recorded.graph, self.recorder) {
+            (Some(graph), _) => {
+                graph.replay()?;
+                // An asynchronous fault of the first replay shows at the next synchronisation: make
+                // that one here, where it can still fall back.
+                if first {
+                    synchronize(self.device)?;
+                }
+                Ok(())
+            }
+            (None, Recorder::Simulated(Fault::Replay)) => bail!("simulated replay failure"),
+            (None, Recorder::Simulated(Fault::StaleIndex)) => {
+                step(&recorded.captured_index);
+                Ok(())
+            }
+            (None, _) => {
+                step(&recorded.static_index);
+                Ok(())
+            }
+        }
+    }
+
+    /// A failure: an error under `on`; under `auto` the step runs eagerly instead (it ran on the
+    /// device at most in part: a capture runs nothing) and graphs are off from then on.
+    fn fail(&mut self, err: anyhow::Error, eager_step: impl FnOnce()) -> Result<()> {
+        self.recorded = None;
+        if !self.fall_back {
+            return Err(err.context("--cuda-graphs on (use --cuda-graphs auto to fall back to eager steps, or off)"));
+        }
+        let reason = format!("{err:#}");
+        fall_back(&reason);
+        self.failure = Some(reason);
+        eager_step();
+        Ok(())
+    }
+}
+
+/// The memory pool a trainer's graphs share, made when the first capture needs it.
+#[derive(Default)]
+pub struct MemoryPoolSlot(std::cell::OnceCell<MemoryPool>);
+
+impl MemoryPoolSlot {
+    fn get(&self, device: Device) -> Result<&MemoryPool> {
+        if let Some(pool) = self.0.get() {
+            return Ok(pool);
+        }
+        let pool = MemoryPool::new(device)?;
+        Ok(self.0.get_or_init(|| pool))
     }
 }

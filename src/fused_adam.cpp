@@ -17,11 +17,13 @@ const char* csp_tch_last_error() { return csp_tch::last_error().c_str(); }
 
 // One Adam step (no weight decay, no amsgrad) of n parameters with their gradients and moments, all
 // on one device with matching layouts. `step` is a float32 scalar on that device, shared by all
-// parameters: the step count, already incremented for this step. Returns 0, or -1 with the message
-// in csp_tch_last_error().
+// parameters: the step count, already incremented for this step. `lr` is a scalar tensor the kernel
+// reads when it runs (float32 on CUDA, where a recorded step then follows a changed learning rate;
+// float64 on the CPU, read there as the double it holds). Returns 0, or -1 with the message in
+// csp_tch_last_error().
 int csp_tch_fused_adam(const at::Tensor* const* params, const at::Tensor* const* grads,
                        const at::Tensor* const* exp_avgs, const at::Tensor* const* exp_avg_sqs,
-                       const at::Tensor* step, int n, double lr, double beta1, double beta2, double eps) {
+                       const at::Tensor* step, int n, const at::Tensor* lr, double beta1, double beta2, double eps) {
   return csp_tch::guarded(-1, [&] {
     auto deref = [n](const at::Tensor* const* tensors) {
       std::vector<at::Tensor> out;
@@ -30,7 +32,7 @@ int csp_tch_fused_adam(const at::Tensor* const* params, const at::Tensor* const*
       return out;
     };
     at::_fused_adam_(deref(params), deref(grads), deref(exp_avgs), deref(exp_avg_sqs), {},
-                     std::vector<at::Tensor>(n, *step), lr, beta1, beta2, /*weight_decay=*/0.0, eps,
+                     std::vector<at::Tensor>(n, *step), *lr, beta1, beta2, /*weight_decay=*/0.0, eps,
                      /*amsgrad=*/false, /*maximize=*/false);
     return 0;
   });

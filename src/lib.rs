@@ -12,6 +12,7 @@
 //! - [`checkpoint`]: model and optimizer state after every epoch, for exact resumption;
 //! - [`run`]: `run-all` and `train`, from configuration to output files;
 //! - [`bench`]: timing of train and eval steps;
+//! - [`graph_check`]: `check-graphs`, replayed steps against eager ones over a schedule;
 //! - [`report`]: metric CSVs, comparison.json / comparison.md, number formatting;
 //! - [`seeds`]: `--seeds`, what the spread over seeds says;
 //! - [`plot`]: the curves.svg figure;
@@ -29,6 +30,7 @@ pub mod environment;
 pub mod fastpath;
 pub mod files;
 pub mod geometry;
+pub mod graph_check;
 pub mod metrics;
 pub mod models;
 pub mod onednn;

@@ -4,8 +4,9 @@
 //! The update runs as libtorch's fused Adam (`_fused_adam_`, through `src/fused_adam.cpp`; what
 //! `torch.optim.Adam(fused=True)` runs): on CUDA a few multi-tensor kernels per step instead of about
 //! eleven tensor operations per parameter, on the CPU one vectorised pass per parameter over
-//! parameter, gradient and both moments. The step count lives on the parameters' device, so a CUDA
-//! graph can capture the whole update ([`crate::cuda_graph`]).
+//! parameter, gradient and both moments. The step count and the learning rate live on the
+//! parameters' device, so a CUDA graph can capture the whole update ([`crate::cuda_graph`]) and a
+//! replayed step still follows a learning rate changed between replays ([`Adam::set_lr`]).
 
 use std::os::raw::c_int;
 use tch::{Kind, Tensor};
@@ -19,7 +20,7 @@ extern "C" {
         exp_avg_sqs: *const *mut C_tensor,
         step: *mut C_tensor,
         n: c_int,
-        lr: f64,
+        lr: *mut C_tensor,
         beta1: f64,
         beta2: f64,
         eps: f64,
@@ -52,7 +53,8 @@ pub enum AdamKernel {
 /// Adam without weight decay or amsgrad (the tutorial's optimizer), over named parameters so that
 /// its state can be saved and restored by name.
 pub struct Adam {
-    pub config: AdamConfig,
+    /// Private: its learning rate has a device copy ([`Adam::set_lr`] changes both).
+    config: AdamConfig,
     pub kernel: AdamKernel,
     names: Vec<String>,
     params: Vec<Tensor>,
@@ -61,6 +63,9 @@ pub struct Adam {
     exp_avg_sq: Vec<Tensor>,
     /// Steps taken: a float32 scalar on the parameters' device, incremented there by every step.
     step: Tensor,
+    /// `config.lr` as the fused kernel reads it: a float32 scalar on CUDA (what its kernel takes), a
+    /// float64 one on the CPU (which reads it as a double, so the update is the same as with a number).
+    lr: Tensor,
 }
 
 impl Adam {
@@ -76,7 +81,19 @@ impl Adam {
             exp_avg_sq: zeros(&params),
             params,
             step: Tensor::zeros([], (Kind::Float, device)),
+            lr: Tensor::full([], config.lr, (if device.is_cuda() { Kind::Float } else { Kind::Double }, device)),
         }
+    }
+
+    pub fn config(&self) -> AdamConfig {
+        self.config
+    }
+
+    /// Changes the learning rate from the next step on: written into the device tensor the fused
+    /// kernel reads, so that replays of a recorded step use it too.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.config.lr = lr;
+        let _ = self.lr.fill_(lr);
     }
 
     /// The trainable variables of `vs`, sorted by name.
@@ -130,7 +147,7 @@ impl Adam {
                 list.push(t.as_ptr() as *mut C_tensor);
             }
         }
-        let AdamConfig { lr, beta1, beta2, eps } = self.config;
+        let AdamConfig { beta1, beta2, eps, .. } = self.config;
         let [params, grads, exp_avgs, exp_avg_sqs] = &lists;
         // SAFETY: every pointer is a live tensor of `self` or `grads`/`relaid`, which outlive the call.
         let status = unsafe {
@@ -141,7 +158,7 @@ impl Adam {
                 exp_avg_sqs.as_ptr(),
                 self.step.as_ptr() as *mut C_tensor,
                 params.len() as c_int,
-                lr,
+                self.lr.as_ptr() as *mut C_tensor,
                 beta1,
                 beta2,
                 eps,

@@ -113,6 +113,10 @@ pub struct ModelReport {
     /// rebuilt from the CSVs alone.
     #[serde(default)]
     pub cuda_graphs: Option<bool>,
+    /// Why its steps ran eagerly, when they did: `--cuda-graphs off`, not a CUDA device, fp16, a
+    /// build without graphs, or the failure that turned graphs off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_graphs_off: Option<String>,
     pub mean_train_ms_per_step: Option<f64>,
     pub mean_eval_ms_per_step: Option<f64>,
     pub status: Status,
@@ -130,6 +134,12 @@ pub fn non_finite(epochs: &[EpochMetrics]) -> Option<String> {
 }
 
 impl ModelReport {
+    /// Records whether its full batches replayed CUDA graphs, and why not.
+    pub fn set_graphs(&mut self, replayed: Option<bool>, off_reason: Option<String>) {
+        self.cuda_graphs = replayed;
+        self.cuda_graphs_off = off_reason;
+    }
+
     /// The report of a model trained under `config`: the epochs it completed and, when it
     /// failed, the error that stopped it. Fewer epochs than configured without an error is
     /// `incomplete`; a non-finite metric is a failure whatever else is known.
@@ -158,6 +168,7 @@ impl ModelReport {
             total_train_seconds: epochs.iter().fold(0.0, |s, e| s + e.epoch_seconds),
             warmup_seconds: epochs.iter().fold(0.0, |s, e| s + e.warmup_seconds),
             cuda_graphs: None,
+            cuda_graphs_off: None,
             mean_train_ms_per_step: mean(epochs.iter().map(|e| e.train_ms_per_step)),
             mean_eval_ms_per_step: mean(epochs.iter().map(|e| e.eval_ms_per_step)),
             status,
@@ -370,6 +381,8 @@ pub struct RecordedModel {
     pub error: Option<String>,
     #[serde(default)]
     pub cuda_graphs: Option<bool>,
+    #[serde(default)]
+    pub cuda_graphs_off: Option<String>,
 }
 
 impl RecordedRun {

@@ -60,6 +60,7 @@ fn run_one(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
     train::stop_on_ctrl_c();
     let data = load_data(config, device)?;
     let mut environment = RunEnvironment::detect(device, config.recipe.precision(device));
+    eprintln!("{}", config.recipe.cuda_graphs.decision_line(device, config.recipe.precision(device))?);
     if resume {
         // Refuse a mismatched checkpoint before any training.
         for name in &config.models {
@@ -84,9 +85,9 @@ fn run_one(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
             }
             eprintln!("error: {name} failed: {err:#}");
         }
-        let cuda_graphs = trainer.replays_cuda_graphs();
+        let graphs = trainer.graph_status();
         let mut report = ModelReport::new(name, config, trainer.history, result.err().map(|e| format!("{e:#}")))?;
-        report.cuda_graphs = Some(cuda_graphs);
+        report.set_graphs(Some(graphs.replayed), graphs.off_reason);
         reports.insert(name.clone(), report);
         environment.peak_resident_mb = peak_resident_mb();
         comparison = Some(write_report(&config.out, Comparison::new(config, &environment, reports.clone()))?);
@@ -211,6 +212,7 @@ fn run_meta(config: &RunConfig, name: &str, data: &Cifar, environment: &RunEnvir
         history: Vec::new(),
         environment: environment.clone(),
         cuda_graphs: None,
+        cuda_graphs_off: None,
     }
 }
 
@@ -242,7 +244,8 @@ fn train_model(
         meta.adam_steps = trainer.adam.steps();
         meta.loss_scaler = trainer.scaler.clone();
         meta.history = trainer.history.clone();
-        meta.cuda_graphs = Some(trainer.replays_cuda_graphs());
+        let graphs = trainer.graph_status();
+        (meta.cuda_graphs, meta.cuda_graphs_off) = (Some(graphs.replayed), graphs.off_reason);
         trainer.save_checkpoint(&file, &meta)?;
         report::write_csv(&csv, &trainer.history)?;
     }
@@ -396,7 +399,11 @@ fn collect(out: &Path) -> Result<Collected> {
         });
         let error = from_csv.or_else(|| recorded.and_then(|r| r.error.clone()));
         let mut report = ModelReport::new(&name, &config, epochs.unwrap_or_default(), error)?;
-        report.cuda_graphs = meta.and_then(|m| m.cuda_graphs).or_else(|| recorded.and_then(|r| r.cuda_graphs));
+        match (meta.as_ref().filter(|m| m.cuda_graphs.is_some()), recorded) {
+            (Some(m), _) => report.set_graphs(m.cuda_graphs, m.cuda_graphs_off.clone()),
+            (None, Some(r)) => report.set_graphs(r.cuda_graphs, r.cuda_graphs_off.clone()),
+            (None, None) => {}
+        }
         reports.insert(name, report);
     }
     Ok(Collected { config, environment, models: reports })

@@ -10,13 +10,16 @@ namespace csp_tch {
 // The last error message on this thread.
 std::string& last_error();
 
-// Runs `body`; on a C++ exception stores its message and returns `failed`.
+// Runs `body`; on any C++ exception stores its message and returns `failed`.
 template <typename T, typename Body>
 T guarded(T failed, Body body) {
   try {
     return body();
   } catch (const std::exception& e) {
     last_error() = e.what();
+    return failed;
+  } catch (...) {
+    last_error() = "an unknown C++ exception";
     return failed;
   }
 }

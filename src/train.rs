@@ -15,8 +15,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::amp::{self, Precision};
 use crate::checkpoint;
-use crate::config::{CudaGraphs, Recipe};
-use crate::cuda_graph::{self, Replayer};
+use crate::config::{CudaGraphs, GraphPlan, Recipe};
+use crate::cuda_graph::{self, MemoryPoolSlot, Replayer};
 use crate::data::{self, Cifar};
 use crate::environment::synchronize;
 use crate::fastpath::FoldedBatchNorm;
@@ -248,6 +248,21 @@ impl EvalSums {
 pub struct StepGraphs {
     train: Replayer,
     eval: Replayer,
+    pool: MemoryPoolSlot,
+}
+
+impl StepGraphs {
+    /// Why steps run eagerly after a failure, if one happened.
+    fn off_reason(&self) -> Option<String> {
+        self.train.off_reason().or_else(|| self.eval.off_reason())
+    }
+}
+
+/// Whether a trainer's full batches replay CUDA graphs (`--cuda-graphs`), and if not, why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GraphStatus {
+    pub replayed: bool,
+    pub off_reason: Option<String>,
 }
 
 /// What an epoch's training measured.
@@ -321,6 +336,8 @@ pub struct Trainer {
     pub history: Vec<EpochMetrics>,
     /// Present when full batches replay CUDA graphs (`--cuda-graphs`).
     graphs: Option<StepGraphs>,
+    /// Why they do not, when `graphs` is absent.
+    eager_reason: Option<String>,
     train_sums: TrainSums,
     eval_sums: EvalSums,
 }
@@ -331,7 +348,7 @@ impl Trainer {
         let info = crate::models::model_info(name)?;
         info.check_image_size(recipe.image_size)?;
         let precision = recipe.precision(device);
-        let graphs = recipe.cuda_graphs.resolve(device, precision)?;
+        let plan = recipe.cuda_graphs.resolve(device, precision)?;
         let channels_last = recipe
             .memory_format
             .channels_last(|| crate::models::summary(info, classes, recipe.image_size).smallest_map);
@@ -360,10 +377,21 @@ impl Trainer {
             precision: Precision::Fp32,
             scaler: None,
             history: Vec::new(),
-            graphs: graphs.then(|| {
-                let fall_back = recipe.cuda_graphs == CudaGraphs::Auto;
-                StepGraphs { train: Replayer::new(device, fall_back), eval: Replayer::new(device, fall_back) }
-            }),
+            graphs: match &plan {
+                GraphPlan::Replay(recorder) => {
+                    let fall_back = recipe.cuda_graphs == CudaGraphs::Auto;
+                    Some(StepGraphs {
+                        train: Replayer::new(device, *recorder, fall_back),
+                        eval: Replayer::new(device, *recorder, fall_back),
+                        pool: MemoryPoolSlot::default(),
+                    })
+                }
+                GraphPlan::Eager(_) => None,
+            },
+            eager_reason: match plan {
+                GraphPlan::Eager(why) => Some(why),
+                GraphPlan::Replay(_) => None,
+            },
             train_sums: TrainSums::new(device),
             eval_sums: EvalSums::new(device),
         };
@@ -380,9 +408,25 @@ impl Trainer {
         self.train_sums.last_loss.double_value(&[])
     }
 
-    /// Whether full batches replay CUDA graphs (a capture that failed under `auto` turns it off).
-    pub fn replays_cuda_graphs(&self) -> bool {
-        self.graphs.as_ref().is_some_and(|g| !g.train.failed())
+    /// The epoch's training sums so far: batch loss times batch size, and correct predictions
+    /// (reads them from the device).
+    pub fn train_totals(&self) -> (f64, f64) {
+        (self.train_sums.loss.double_value(&[]), self.train_sums.correct.double_value(&[]))
+    }
+
+    /// Zeroes the training sums in place, as the start of an epoch does.
+    pub fn zero_train_totals(&mut self) {
+        self.train_sums.zero();
+    }
+
+    /// Whether full batches replay CUDA graphs, and if not, why (a failure under `auto` turns
+    /// them off).
+    pub fn graph_status(&self) -> GraphStatus {
+        let off_reason = match &self.graphs {
+            Some(graphs) => graphs.off_reason(),
+            None => self.eager_reason.clone(),
+        };
+        GraphStatus { replayed: off_reason.is_none(), off_reason }
     }
 
     /// Writes the trainer's state to `file` with `meta` (see [`checkpoint`]).
@@ -453,7 +497,7 @@ impl Trainer {
         let full = index.size()[0] == recipe.batch_size as i64;
         match self.graphs.take() {
             Some(mut graphs) if full => {
-                let result = graphs.train.run(index, None, |index| step(self, index));
+                let result = graphs.train.run(index, &graphs.pool, |index| step(self, index));
                 self.graphs = Some(graphs);
                 result
             }
@@ -542,7 +586,7 @@ impl Trainer {
         let order = data::epoch_permutation(data.train_len(), recipe.seed, epoch);
         let order = Tensor::from_slice(&order).to_device(device);
         let bounds = batch_bounds(data.train_len(), recipe.batch_size, true);
-        self.train_sums.zero();
+        self.zero_train_totals();
         let mut watch = Watch::new(bar);
         let (mut images, mut timed_from, mut head_seconds) = (0i64, started, 0.0);
         for (step, &(start, len)) in bounds.iter().enumerate() {
@@ -594,8 +638,16 @@ impl Trainer {
 
     /// The model set up for evaluation as [`Trainer::evaluate`] runs it (`bench` times its batches).
     pub fn evaluator(&mut self) -> Evaluator<'_> {
+        // Folded unless full batches replay a graph (after a fallback they run eagerly).
+        let fold = self.graphs.as_ref().is_none_or(|g| g.off_reason().is_some());
+        self.evaluator_folding(fold)
+    }
+
+    /// The model set up for evaluation, with its BatchNorms folded for eager steps or not
+    /// (`check-graphs` compares graphs, which keep the layers unfolded, with unfolded eager steps).
+    pub fn evaluator_folding(&mut self, fold: bool) -> Evaluator<'_> {
         let Trainer { model, graphs, eval_sums, .. } = self;
-        Evaluator::new(model, graphs.as_mut(), eval_sums)
+        Evaluator::new(model, graphs.as_mut(), eval_sums, fold)
     }
 }
 
@@ -629,8 +681,13 @@ pub struct Evaluator<'a> {
 }
 
 impl<'a> Evaluator<'a> {
-    fn new(model: &'a Backbone, graphs: Option<&'a mut StepGraphs>, sums: &'a mut EvalSums) -> Evaluator<'a> {
-        let folded = graphs.is_none().then(|| model.fold_batch_norm());
+    fn new(
+        model: &'a Backbone,
+        graphs: Option<&'a mut StepGraphs>,
+        sums: &'a mut EvalSums,
+        fold: bool,
+    ) -> Evaluator<'a> {
+        let folded = fold.then(|| model.fold_batch_norm());
         Evaluator { model, graphs, sums, _folded: folded }
     }
 
@@ -642,7 +699,7 @@ impl<'a> Evaluator<'a> {
             |index: &Tensor| sums.add(&eval_logits(model, images, index, recipe), &labels.index_select(0, index));
         let full = index.size()[0] == recipe.batch_size as i64;
         match self.graphs.as_deref_mut() {
-            Some(StepGraphs { train, eval }) if full => eval.run(index, train.graph(), step),
+            Some(StepGraphs { eval, pool, .. }) if full => eval.run(index, pool, step),
             _ => {
                 partial_batch(images.device(), full, || step(index));
                 Ok(())
@@ -651,7 +708,7 @@ impl<'a> Evaluator<'a> {
     }
 
     /// All of `images`, in batches: the evaluation and the warm-up time of its first batches.
-    fn run(mut self, images: &Tensor, labels: &Tensor, recipe: &Recipe) -> Result<(Evaluation, f64)> {
+    pub fn run(mut self, images: &Tensor, labels: &Tensor, recipe: &Recipe) -> Result<(Evaluation, f64)> {
         let device = images.device();
         let n = labels.size()[0] as usize;
         let bounds = batch_bounds(n, recipe.batch_size, false);
@@ -675,7 +732,7 @@ impl<'a> Evaluator<'a> {
 /// Test loss, accuracy and confusion matrix over all of `images` (BatchNorm in eval mode), eagerly.
 pub fn evaluate(model: &Backbone, images: &Tensor, labels: &Tensor, recipe: &Recipe) -> Result<Evaluation> {
     let mut sums = EvalSums::new(images.device());
-    Ok(Evaluator::new(model, None, &mut sums).run(images, labels, recipe)?.0)
+    Ok(Evaluator::new(model, None, &mut sums, true).run(images, labels, recipe)?.0)
 }
 
 #[cfg(test)]

@@ -126,3 +126,37 @@ fn the_fused_step_handles_channels_last_and_gradients_in_another_layout() {
     let a = &vs_fused.variables()["a"];
     assert_eq!(a.stride(), vec![36, 1, 12, 4], "still channels-last");
 }
+
+#[test]
+fn a_learning_rate_changed_between_steps_changes_the_fused_update() {
+    // Three copies of one parameter under the same gradients: the fused kernel with the learning
+    // rate halved after two steps, tensor ops with the same schedule, and the fused kernel at 1e-3.
+    let _rng = common::rng_turn();
+    tch::manual_seed(5);
+    let start = Tensor::randn([6, 5], tch::kind::FLOAT_CPU);
+    let grads: Vec<Tensor> = (0..4).map(|_| Tensor::randn([6, 5], tch::kind::FLOAT_CPU)).collect();
+    // An optimizer over a copy of `start`, and that copy (updated in place by its steps).
+    let adam = |kernel| {
+        let w = start.copy();
+        let mut adam = Adam::new(vec![("w".into(), w.shallow_clone())], AdamConfig::default());
+        adam.kernel = kernel;
+        (adam, w)
+    };
+    let (mut scheduled, w_scheduled) = adam(AdamKernel::Fused);
+    let (mut reference, w_reference) = adam(AdamKernel::TensorOps);
+    let (mut constant, w_constant) = adam(AdamKernel::Fused);
+    for (i, g) in grads.iter().enumerate() {
+        if i == 2 {
+            scheduled.set_lr(5e-4);
+            reference.set_lr(5e-4);
+        }
+        for adam in [&mut scheduled, &mut reference, &mut constant] {
+            adam.step(std::slice::from_ref(g));
+        }
+    }
+    assert_eq!(scheduled.config().lr, 5e-4);
+    assert!(w_scheduled.allclose(&w_reference, 1e-6, 1e-8, false), "the fused kernel follows the schedule");
+    let moved = |w: &Tensor| (w - &start).abs().sum(tch::Kind::Double).double_value(&[]);
+    // Two of the four steps at half the rate move the weights less than four at the full rate.
+    assert!(moved(&w_scheduled) < moved(&w_constant) * 0.9, "{} vs {}", moved(&w_scheduled), moved(&w_constant));
+}
