@@ -3,7 +3,7 @@
 //! - `libtorch_cuda` kept as a NEEDED entry with `--no-as-needed`: nothing references its symbols
 //!   directly (CUDA kernels register themselves when the library loads), so the default `--as-needed`
 //!   would drop it and CUDA would be silently invisible on a GPU box;
-//! - `src/*.cpp`, the few libtorch calls tch does not bind (autocast switches, oneDNN's inner product,
+//! - `src/native/*.cpp`, the few libtorch calls tch does not bind (autocast switches, oneDNN's inner product,
 //!   fused Adam, CUDA graphs), compiled against the same libtorch's headers with torch-sys' flags; CUDA
 //!   graphs only where libtorch has CUDA and the CUDA runtime's headers are at hand (PyPI's wheels
 //!   ship them beside torch, under `nvidia/*/include`).
@@ -32,7 +32,7 @@ fn main() {
     println!("cargo:rustc-env=CSP_TCH_NO_GRAPHS_REASON={}", graphs.as_ref().err().map_or("", String::as_str));
     compile_shims(&lib, &graphs);
     if graphs.is_ok() {
-        // CUDA streams and guards used by src/cuda_graph.cpp.
+        // CUDA streams and guards used by src/native/cuda_graph.cpp.
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
     }
     println!("cargo:rustc-env=CSP_TCH_LIBTORCH_VERSION={}", libtorch_version(&lib));
@@ -125,8 +125,14 @@ fn cuda_runtime_headers(lib: &Path, version: u32) -> Option<Vec<PathBuf>> {
 
 /// Builds the shims into a static library linked into csp-tch.
 fn compile_shims(lib: &Path, graphs: &Result<GraphHeaders, String>) {
-    let sources = ["src/amp.cpp", "src/onednn.cpp", "src/fused_adam.cpp", "src/cuda_graph.cpp"];
-    for source in sources.iter().chain(&["src/shim.h"]) {
+    let sources = [
+        "src/native/shim.cpp",
+        "src/native/amp.cpp",
+        "src/native/onednn.cpp",
+        "src/native/fused_adam.cpp",
+        "src/native/cuda_graph.cpp",
+    ];
+    for source in sources.iter().chain(&["src/native/shim.h"]) {
         println!("cargo:rerun-if-changed={source}");
     }
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");

@@ -73,7 +73,7 @@ fi
 install_torch
 torch_dir="$(site_packages)/torch"
 [ -e "$torch_dir/lib/libtorch.so" ] || { echo "setup: $torch_dir/lib/libtorch.so missing; delete $venv and run again" >&2; exit 1; }
-# The CUDA runtime headers' crt/ part, which the torch wheel leaves out and src/cuda_graph.cpp needs
+# The CUDA runtime headers' crt/ part, which the torch wheel leaves out and src/native/cuda_graph.cpp needs
 # (166 kB, matching the wheel's CUDA 13.0).
 if [ ! -e "$torch_dir/../nvidia/cu13/include/crt/host_config.h" ]; then
   echo "setup: installing nvidia-cuda-crt (the CUDA headers csp-tch's CUDA graphs compile against)"

@@ -8,8 +8,8 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{CudaGraphs, Recipe};
-use crate::cuda_graph::WARMUP_STEPS;
 use crate::environment::{device_label, synchronize};
+use crate::train::cuda_graph::WARMUP_STEPS;
 use crate::train::{PhaseTimes, Trainer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -43,7 +43,7 @@ pub struct BenchResult {
     pub mode: Mode,
     pub device: String,
     /// What forward passes ran in (`--amp`).
-    pub precision: crate::amp::Precision,
+    pub precision: crate::config::Precision,
     /// NHWC weights and inputs (`--memory-format`, resolved).
     pub channels_last: bool,
     /// Whether the timed steps replayed a recorded CUDA graph (`--cuda-graphs`, resolved).
@@ -122,7 +122,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchResult> {
     let bs = recipe.batch_size as i64;
     let mut trainer = Trainer::new(&config.model, crate::data::CLASSES, recipe, config.device)?;
     // With CUDA graphs, the untimed steps include the eager ones and the capture.
-    eprintln!("{}", recipe.cuda_graphs.decision_line(config.device, trainer.precision())?);
+    eprintln!("{}", crate::train::cuda_graph::decision_line(recipe.cuda_graphs, config.device, trainer.precision())?);
     let warmup = if trainer.graph_status().replayed { config.warmup.max(WARMUP_STEPS + 1) } else { config.warmup };
     let batches = SyntheticBatches::new(recipe.batch_size, 0, config.device);
     let (images, labels) = (&batches.images, &batches.labels);

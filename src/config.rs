@@ -2,15 +2,11 @@
 //! graphs) and the resolved run that comparison.json and checkpoints record. Types only, with the
 //! rules that resolve them; nothing here runs anything.
 
-use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use tch::Device;
 
-use crate::amp::Precision;
-use crate::cuda_graph::{self, Recorder};
-use crate::optim::AdamConfig;
-use crate::transform::Normalize;
+use crate::native;
 
 /// Named sets of defaults; explicit flags override them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -107,7 +103,7 @@ pub struct Recipe {
     pub normalize: Normalize,
     pub seed: u64,
     /// Mixed precision on CUDA: bf16 autocast where supported, else fp16 with dynamic loss scaling
-    /// (no effect on the CPU); see [`crate::amp`].
+    /// (no effect on the CPU); see [`crate::train::amp`].
     #[serde(default)]
     pub amp: bool,
     /// Memory layout of weights and activations.
@@ -134,65 +130,7 @@ pub enum CudaGraphs {
     Off,
 }
 
-/// What `--cuda-graphs` comes to for a run: what records and replays its full-batch steps, or why
-/// every step runs eagerly.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum GraphPlan {
-    Replay(Recorder),
-    Eager(String),
-}
-
 impl CudaGraphs {
-    /// What a run on `device` in `precision` does: replay graphs, or run eagerly and why. The
-    /// test-only `CSP_TCH_SIMULATE_CUDA_GRAPHS` stands in for a CUDA device ([`Recorder::Simulated`]).
-    pub fn resolve(self, device: Device, precision: Precision) -> Result<GraphPlan> {
-        let eager = |why: &str| Ok(GraphPlan::Eager(why.to_string()));
-        let simulated = Recorder::simulated_from_env()?;
-        if self == CudaGraphs::Off {
-            return eager("--cuda-graphs off");
-        }
-        if !device.is_cuda() && simulated.is_none() {
-            return eager("not a CUDA device");
-        }
-        if precision.needs_loss_scaling() {
-            if self == CudaGraphs::On {
-                bail!(
-                    "--cuda-graphs on: this GPU trains --amp in fp16, whose loss scaler reads the device \
-                     every step and cannot be recorded; use --cuda-graphs auto (fp16 then runs eagerly) or off"
-                );
-            }
-            return eager("fp16 --amp, whose loss scaler reads the device every step");
-        }
-        if let Some(reason) = cuda_graph::fallen_back().filter(|_| self == CudaGraphs::Auto) {
-            return eager(&format!("an earlier failure in this process: {reason}"));
-        }
-        if let Some(recorder) = simulated {
-            return Ok(GraphPlan::Replay(recorder));
-        }
-        if !cuda_graph::built_with_cuda_graphs() {
-            if self == CudaGraphs::On {
-                bail!(
-                    "--cuda-graphs on: this csp-tch was built without CUDA graphs ({}); rebuild it or use auto",
-                    cuda_graph::MISSING_REASON
-                );
-            }
-            return eager(&format!("this build has no CUDA graphs: {}", cuda_graph::MISSING_REASON));
-        }
-        Ok(GraphPlan::Replay(Recorder::Cuda))
-    }
-
-    /// The one line `run-all`, `train` and `bench` print about CUDA graphs.
-    pub fn decision_line(self, device: Device, precision: Precision) -> Result<String> {
-        let flag = format!("--cuda-graphs {}", self.label());
-        Ok(match self.resolve(device, precision)? {
-            GraphPlan::Replay(Recorder::Cuda) => {
-                format!("CUDA graphs: on ({flag}): full batches replay recorded steps")
-            }
-            GraphPlan::Replay(recorder) => format!("CUDA graphs: on ({flag}), {recorder:?}: a test stand-in"),
-            GraphPlan::Eager(why) => format!("CUDA graphs: off ({flag}): {why}"),
-        })
-    }
-
     pub fn label(self) -> &'static str {
         match self {
             CudaGraphs::Auto => "auto",
@@ -263,5 +201,58 @@ impl Recipe {
     /// The precision forward passes run in on `device`.
     pub fn precision(&self, device: Device) -> Precision {
         Precision::for_run(self.amp, device)
+    }
+}
+
+/// How pixels are scaled after resizing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalize {
+    /// The tutorial's: Normalize(0.5, 0.5) on raw 0..255 pixels, so inputs span [-1, 509].
+    Tutorial,
+    /// The usual one: pixels scaled to [0, 1] first, so inputs span [-1, 1].
+    Unit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        AdamConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+    }
+}
+
+/// The precision forward passes run in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    /// bf16 autocast: fp32's exponent range, so no loss scaling.
+    Bf16,
+    /// fp16 autocast with dynamic loss scaling.
+    Fp16,
+}
+
+impl Precision {
+    /// What a run on `device` computes in: fp32 unless `amp` on CUDA (CPU runs are unaffected).
+    pub fn for_run(amp: bool, device: Device) -> Precision {
+        if !(amp && device.is_cuda()) {
+            Precision::Fp32
+        } else if unsafe { native::csp_tch_cuda_supports_bf16() } != 0 {
+            Precision::Bf16
+        } else {
+            Precision::Fp16
+        }
+    }
+
+    /// Whether gradients need loss scaling to survive this precision.
+    pub fn needs_loss_scaling(self) -> bool {
+        self == Precision::Fp16
     }
 }

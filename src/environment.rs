@@ -131,7 +131,7 @@ pub struct RunEnvironment {
     pub device: String,
     pub device_name: String,
     /// What forward passes ran in (`--amp`).
-    pub precision: crate::amp::Precision,
+    pub precision: crate::config::Precision,
     #[serde(flatten)]
     pub versions: Environment,
     /// The run's peak resident memory so far, in MB (host memory only: libtorch's CUDA allocator is
@@ -141,7 +141,7 @@ pub struct RunEnvironment {
 }
 
 impl RunEnvironment {
-    pub fn detect(device: Device, precision: crate::amp::Precision) -> RunEnvironment {
+    pub fn detect(device: Device, precision: crate::config::Precision) -> RunEnvironment {
         RunEnvironment {
             device: device_label(device),
             device_name: device_name(device),

@@ -128,7 +128,7 @@ pub const LEAST_RELATIVE: f64 = 1e-4;
 pub struct GraphCheck {
     pub model: String,
     pub device: String,
-    pub precision: crate::amp::Precision,
+    pub precision: crate::config::Precision,
     /// Whether the third run really replayed graphs (false on the CPU, where all three run eagerly).
     pub replayed: bool,
     pub schedule: Vec<Op>,
@@ -190,14 +190,14 @@ impl State {
 /// Runs the check for `config.model` on `config.device`.
 pub fn check_graphs(config: &BenchConfig) -> Result<GraphCheck> {
     let batches = SyntheticBatches::new(config.recipe.batch_size, config.recipe.batch_size / 2, config.device);
-    let deterministic = crate::cuda_graph::set_cudnn_deterministic(true);
+    let deterministic = crate::train::cuda_graph::set_cudnn_deterministic(true);
     let runs = (|| -> Result<_> {
         let first = run(config, &batches, CudaGraphs::Off)?;
         let second = run(config, &batches, CudaGraphs::Off)?;
         // `on`: a failure is an error here, not a silent fallback (the CPU runs eagerly all the same).
         Ok((first, second, run(config, &batches, CudaGraphs::On)?))
     })();
-    crate::cuda_graph::set_cudnn_deterministic(deterministic);
+    crate::train::cuda_graph::set_cudnn_deterministic(deterministic);
     let (eager, again, graphs) = runs?;
     let (e, a, g) = (State::of(&eager.trainer), State::of(&again.trainer), State::of(&graphs.trainer));
     let eval_images = batches.labels.size()[0] as f64;
@@ -262,7 +262,7 @@ mod tests {
     fn the_schedule_replays_around_partial_batches_evaluations_a_new_learning_rate_and_a_new_epoch() {
         let ops = schedule();
         let position = |op: Op| ops.iter().position(|&o| o == op).unwrap();
-        let recorded = crate::cuda_graph::WARMUP_STEPS; // the 4th full batch is recorded
+        let recorded = crate::train::cuda_graph::WARMUP_STEPS; // the 4th full batch is recorded
         assert!(position(Op::TrainPartial) > position(Op::Train(recorded + 1)), "a partial batch between replays");
         assert!(position(Op::Train(7)) > position(Op::Eval), "a train replay after the eval capture");
         assert!(matches!(ops[position(Op::ScaleLr(0.5)) + 1], Op::Train(_)), "a replay after the new rate");

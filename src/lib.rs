@@ -1,45 +1,30 @@
 //! csp-tch: DarkNet53 versus CSPDarkNet53 on CIFAR-10, on libtorch through tch.
 //!
-//! - [`models`]: the backbones as architectures and modules, their registry and layer-by-layer summary;
-//! - [`fastpath`]: how their layers compute with less work (live taps, folded BatchNorm, dense matrices);
-//! - [`data`]: CIFAR-10's binary layout: check, download, load, subsets, synthetic sets;
-//! - [`transform`]: the per-batch resize and normalisation, on the training device;
-//! - [`optim`]: Adam (libtorch's fused kernels) with checkpointable state;
-//! - [`amp`]: `--amp`'s bf16 or fp16 autocast;
-//! - [`onednn`]: oneDNN's inner product, for evaluation on the smallest maps;
-//! - [`cuda_graph`]: `--cuda-graphs`, whole steps captured once and replayed;
-//! - [`train`]: one model's epochs and evaluation;
-//! - [`checkpoint`]: model and optimizer state after every epoch, for exact resumption;
-//! - [`run`]: `run-all` and `train`, from configuration to output files;
-//! - [`bench`]: timing of train and eval steps;
-//! - [`graph_check`]: `check-graphs`, replayed steps against eager ones over a schedule;
-//! - [`report`]: metric CSVs, comparison.json / comparison.md, number formatting;
-//! - [`seeds`]: `--seeds`, what the spread over seeds says;
-//! - [`plot`]: the curves.svg figure;
-//! - [`environment`]: device choice, version facts, the allocator setting;
-//! - [`cli`]: the command line.
+//! The layers, each a folder, with dependencies pointing down only (`cli` at the top):
+//! - [`cli`]: the command line: arguments checked into typed settings, one function per command;
+//! - [`run`]: `run-all` and `train`, from settings to the files of a run folder; `report`'s rebuild;
+//! - [`bench`], [`graph_check`]: timing of train and eval steps; `check-graphs`;
+//! - [`train`]: one model's steps, epochs and evaluation, with its optimizer, mixed precision, CUDA
+//!   graphs, checkpoints and per-epoch metrics;
+//! - [`models`]: the backbones as architectures and modules, their registry and layer-by-layer
+//!   summary, and how their layers compute with less work;
+//! - [`data`]: CIFAR-10's binary layout (check, download, load, subsets, synthetic sets) and the
+//!   per-batch transform;
+//! - [`report`]: the metric CSVs, comparison.json / .md, the report over seeds, curves.svg, the
+//!   tutorial's figures;
+//! - [`native`]: the C++ shim for what tch does not bind (every `extern "C"` declaration);
+//! - beside them: [`config`] (the configuration types), [`environment`] (device, versions, memory),
+//!   [`files`] (atomic writes, staging folders, the output-folder lock).
 
-pub mod amp;
 pub mod bench;
-pub mod checkpoint;
 pub mod cli;
 pub mod config;
-pub mod cuda_graph;
 pub mod data;
 pub mod environment;
-pub mod fastpath;
 pub mod files;
-pub mod geometry;
 pub mod graph_check;
-pub mod metrics;
 pub mod models;
-pub mod onednn;
-pub mod optim;
-pub mod plot;
+mod native;
 pub mod report;
 pub mod run;
-pub mod seeds;
-mod shim;
 pub mod train;
-pub mod transform;
-pub mod tutorial;

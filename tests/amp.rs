@@ -4,10 +4,11 @@
 
 mod common;
 
-use csp_tch::amp::{self, Precision};
-use csp_tch::checkpoint::{self, Meta};
+use csp_tch::config::Precision;
 use csp_tch::config::{MemoryFormat, Preset, Recipe, RunConfig};
 use csp_tch::environment::RunEnvironment;
+use csp_tch::train::amp;
+use csp_tch::train::checkpoint::{self, Meta};
 use csp_tch::train::Trainer;
 use tch::{Device, Kind, Tensor};
 
@@ -76,7 +77,7 @@ fn checkpoints_keep_the_loss_scale() {
     let (_, trained) = train(Precision::Fp16);
     let scaler = trained.scaler.clone().expect("fp16 scaler");
     // fp16 gradients overflow at the initial scale: the first steps are skipped and the scale halved.
-    assert!(scaler.scale() < csp_tch::optim::LossScaler::new().scale(), "{scaler:?}");
+    assert!(scaler.scale() < csp_tch::train::optim::LossScaler::new().scale(), "{scaler:?}");
     let config = RunConfig {
         preset: Preset::Quick,
         models: vec!["cspdarknet53-pad0".into()],

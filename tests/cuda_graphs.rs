@@ -8,9 +8,10 @@
 mod common;
 
 use common::read_json;
-use csp_tch::amp::Precision;
-use csp_tch::config::{CudaGraphs, GraphPlan};
-use csp_tch::cuda_graph::{self, built_with_cuda_graphs, MemoryPool};
+use csp_tch::config::CudaGraphs;
+use csp_tch::config::Precision;
+use csp_tch::train::cuda_graph::GraphPlan;
+use csp_tch::train::cuda_graph::{self, built_with_cuda_graphs, MemoryPool};
 use std::path::Path;
 use tch::Device;
 
@@ -53,7 +54,7 @@ fn the_shim_reports_libtorch_errors_as_messages() {
 fn on_the_cpu_every_setting_runs_eagerly_and_says_why() {
     for setting in [CudaGraphs::Auto, CudaGraphs::On, CudaGraphs::Off] {
         for precision in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
-            let plan = setting.resolve(Device::Cpu, precision).unwrap();
+            let plan = cuda_graph::plan(setting, Device::Cpu, precision).unwrap();
             let GraphPlan::Eager(why) = plan else { panic!("{setting:?} {precision:?}: {plan:?}") };
             let expected = if setting == CudaGraphs::Off { "--cuda-graphs off" } else { "not a CUDA device" };
             assert_eq!(why, expected);

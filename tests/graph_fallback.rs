@@ -3,7 +3,7 @@
 //! failure runs that step eagerly, turns graphs off for the rest of the process and later replayers
 //! do not try again. One test: the process-wide state it changes would leak into any other.
 
-use csp_tch::cuda_graph::{self, Fault, MemoryPoolSlot, Recorder, Replayer, WARMUP_STEPS};
+use csp_tch::train::cuda_graph::{self, Fault, MemoryPoolSlot, Recorder, Replayer, WARMUP_STEPS};
 use tch::{Device, Kind, Tensor};
 
 /// Runs `steps` steps through `replayer`, batch `i` being the index tensor `[i]`: the batch each

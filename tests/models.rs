@@ -285,7 +285,7 @@ fn min_image_size_gives_a_one_pixel_final_map() {
 #[test]
 fn folded_batch_norm_matches_batch_norm_in_eval_mode() {
     let _rng = common::rng_turn();
-    use csp_tch::transform::to_channels_last;
+    use csp_tch::data::transform::to_channels_last;
     tch::manual_seed(4);
     for (name, channels_last) in models::model_names().into_iter().flat_map(|n| [(n, false), (n, true)]) {
         let case = format!("{name}, {}", if channels_last { "NHWC" } else { "NCHW" });
@@ -405,7 +405,7 @@ fn dense_matrices_are_the_convolutions() {
 #[test]
 fn onednn_inner_product_is_relu_of_the_linear_map() {
     let _rng = common::rng_turn();
-    use csp_tch::onednn;
+    use csp_tch::models::onednn;
     tch::manual_seed(9);
     let xs = Tensor::randn([6, 20], (Kind::Float, Device::Cpu));
     let (weight, bias) =

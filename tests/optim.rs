@@ -2,7 +2,8 @@
 
 mod common;
 
-use csp_tch::optim::{Adam, AdamConfig, AdamKernel};
+use csp_tch::config::AdamConfig;
+use csp_tch::train::optim::{Adam, AdamKernel};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -72,7 +73,7 @@ fn a_parameter_without_gradient_is_left_alone() {
 
 #[test]
 fn loss_scaler_unscales_skips_overflows_and_adapts_the_scale() {
-    use csp_tch::optim::LossScaler;
+    use csp_tch::train::optim::LossScaler;
     let mut scaler = LossScaler::new();
     let initial = scaler.scale();
     let grad = Tensor::from_slice(&[2.0f32, -4.0]) * initial;
@@ -104,7 +105,7 @@ fn the_fused_step_handles_channels_last_and_gradients_in_another_layout() {
         for (name, shape) in [("a", [8i64, 4, 3, 3]), ("b", [8, 4, 2, 2])] {
             let mut var = vs.root().zeros(name, &shape);
             tch::no_grad(|| {
-                var.set_data(&csp_tch::transform::to_channels_last(&Tensor::ones(shape, tch::kind::FLOAT_CPU)))
+                var.set_data(&csp_tch::data::transform::to_channels_last(&Tensor::ones(shape, tch::kind::FLOAT_CPU)))
             });
         }
     }
@@ -113,7 +114,7 @@ fn the_fused_step_handles_channels_last_and_gradients_in_another_layout() {
     tensor.kernel = AdamKernel::TensorOps;
     for _ in 0..5 {
         // "a" gets a channels-last gradient (its own layout), "b" a contiguous one.
-        let a = csp_tch::transform::to_channels_last(&Tensor::randn([8, 4, 3, 3], tch::kind::FLOAT_CPU));
+        let a = csp_tch::data::transform::to_channels_last(&Tensor::randn([8, 4, 3, 3], tch::kind::FLOAT_CPU));
         let b = Tensor::randn([8, 4, 2, 2], tch::kind::FLOAT_CPU);
         fused.step(&[a.shallow_clone(), b.shallow_clone()]);
         tensor.step(&[a, b]);

@@ -106,8 +106,8 @@ fn eval_report_and_curves_agree_with_the_training_run() {
 fn each_csp_model_is_compared_with_its_own_plain_network() {
     use csp_tch::config::{Preset, Recipe, RunConfig};
     use csp_tch::environment::RunEnvironment;
-    use csp_tch::metrics::EpochMetrics;
     use csp_tch::report::{Comparison, ModelReport};
+    use csp_tch::train::metrics::EpochMetrics;
     let names = ["darknet53", "cspdarknet53", "resnet50", "cspresnet50", "cspresnext50"];
     let config = RunConfig {
         preset: Preset::Quick,
@@ -143,7 +143,7 @@ fn each_csp_model_is_compared_with_its_own_plain_network() {
             (name.to_string(), ModelReport::new(name, &config, vec![epoch(acc, 100.0 * acc)], None).unwrap())
         })
         .collect();
-    let environment = RunEnvironment::detect(tch::Device::Cpu, csp_tch::amp::Precision::Fp32);
+    let environment = RunEnvironment::detect(tch::Device::Cpu, csp_tch::config::Precision::Fp32);
     let report = Comparison::new(&config, &environment, models);
     let csp_resnet = &report.comparison["cspresnet50"];
     assert_eq!(csp_resnet.baseline, "resnet50");

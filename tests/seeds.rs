@@ -4,7 +4,7 @@
 mod common;
 
 use common::{csp_tch, csp_tch_ok, read_json, s, Running};
-use csp_tch::seeds::{t_975, PairedDifference, Spread};
+use csp_tch::report::seeds::{t_975, PairedDifference, Spread};
 use serde_json::Value;
 use std::path::Path;
 

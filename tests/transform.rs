@@ -1,6 +1,7 @@
 //! The per-batch transform against hand computation and PIL.
 
-use csp_tch::transform::{self, Normalize};
+use csp_tch::config::Normalize;
+use csp_tch::data::transform;
 use tch::{Kind, Tensor};
 
 fn image(rows: &[&[f32]]) -> Tensor {

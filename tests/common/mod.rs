@@ -1,9 +1,9 @@
 //! Helpers shared by the integration tests: run the binary, make small synthetic data.
 #![allow(dead_code)]
 
+use csp_tch::config::Normalize;
 use csp_tch::config::{MemoryFormat, Recipe};
 use csp_tch::train::Trainer;
-use csp_tch::transform::Normalize;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -35,7 +35,7 @@ pub fn csp_tch_ok(args: &[&str]) -> Output {
 pub fn synth() -> &'static Path {
     static SHARED: OnceLock<PathBuf> = OnceLock::new();
     SHARED.get_or_init(|| {
-        let generator = include_str!("../../src/data.rs");
+        let generator = [include_str!("../../src/data/synth.rs"), include_str!("../../src/data/generator.rs")].concat();
         let version =
             generator.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("synth-2000-500-7-{version:016x}"));

@@ -1,18 +1,9 @@
 //! The tutorial's per-batch transform, run on the training device: gather the uint8 images of a
 //! batch, resize them, normalise.
 
-use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-/// How pixels are scaled after resizing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Normalize {
-    /// The tutorial's: Normalize(0.5, 0.5) on raw 0..255 pixels, so inputs span [-1, 509].
-    Tutorial,
-    /// The usual one: pixels scaled to [0, 1] first, so inputs span [-1, 1].
-    Unit,
-}
+use crate::config::Normalize;
 
 /// Resizes uint8-valued float images `[N, 3, H, W]` to `size` x `size` as PIL's bilinear resize
 /// does when enlarging (the only direction csp-tch needs: every model wants at least 32 px):

@@ -1,5 +1,5 @@
 // oneDNN's inner product with a fused ReLU (`mkldnn::_linear_pointwise`, the kernel torch.compile
-// uses for linear layers on CPU), which tch 0.26 does not bind. Called from src/onednn.rs.
+// uses for linear layers on CPU), which tch 0.26 does not bind. Called from src/models/onednn.rs.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 

@@ -1,5 +1,13 @@
 //! Metric files and the comparison report: per-model CSVs, comparison.json and comparison.md, both
-//! rendered from the typed [`Comparison`]; and how numbers are printed.
+//! rendered from the typed [`Comparison`]; the report over seeds, the plot, the tutorial's figures.
+
+pub mod format;
+pub mod plot;
+pub mod seeds;
+pub mod tutorial;
+
+use format::{opt, serde_label};
+pub use format::{si, thousands};
 
 use anyhow::{Context, Result};
 use indexmap::IndexMap;
@@ -9,36 +17,9 @@ use std::path::Path;
 use crate::config::{MemoryFormat, Recipe, RunConfig};
 use crate::environment::RunEnvironment;
 use crate::files::write_atomic;
-use crate::metrics::EpochMetrics;
 use crate::models;
-use crate::tutorial::{Figures, TUTORIAL_EPOCHS, TUTORIAL_PARAMS};
-
-/// `40595178` -> `40,595,178`.
-pub fn thousands(n: i64) -> String {
-    let digits = n.unsigned_abs().to_string();
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    if n < 0 {
-        out.insert(0, '-');
-    }
-    out
-}
-
-/// `7108000000` -> `7.108 G` (three decimals, SI prefix).
-pub fn si(n: f64) -> String {
-    let (value, prefix) = match n.abs() {
-        x if x >= 1e9 => (n / 1e9, "G"),
-        x if x >= 1e6 => (n / 1e6, "M"),
-        x if x >= 1e3 => (n / 1e3, "k"),
-        _ => (n, ""),
-    };
-    format!("{value:.3} {prefix}")
-}
+use crate::report::tutorial::{Figures, TUTORIAL_EPOCHS, TUTORIAL_PARAMS};
+use crate::train::metrics::EpochMetrics;
 
 /// The report's file names in a run's output folder.
 pub const JSON_FILE: &str = "comparison.json";
@@ -426,15 +407,6 @@ pub fn run_line(config: &RunConfig, env: &RunEnvironment) -> String {
         env.versions.libtorch,
         env.versions.csp_tch,
     )
-}
-
-/// A unit enum's serialised name (`tutorial`, `bf16`, ...).
-fn serde_label(value: &impl Serialize) -> String {
-    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
-}
-
-fn opt(value: Option<f64>, digits: usize) -> String {
-    value.map_or_else(|| "—".into(), |v| format!("{v:.digits$}"))
 }
 
 /// Every CSP model whose plain network is in the run against it: ratios of params, MACs and step

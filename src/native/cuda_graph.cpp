@@ -1,4 +1,4 @@
-// CUDA graphs (`at::cuda::CUDAGraph`), which tch 0.26 does not bind. Called from src/cuda_graph.rs.
+// CUDA graphs (`at::cuda::CUDAGraph`), which tch 0.26 does not bind. Called from src/train/cuda_graph.rs.
 // build.rs defines CSP_TCH_CUDA when libtorch has CUDA and CUDA runtime headers of libtorch's own
 // CUDA version are at hand (CSP_TCH_TORCH_CUDA_VERSION); otherwise every function reports why this
 // build cannot capture.

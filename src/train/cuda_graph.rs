@@ -1,6 +1,6 @@
 //! CUDA graphs, for `--cuda-graphs`: a whole training or evaluation step recorded once and replayed
 //! for every full batch, so that the GPU runs the step's ~2,000 kernels back to back instead of
-//! waiting for the host to launch each one (`at::cuda::CUDAGraph` through `src/cuda_graph.cpp`).
+//! waiting for the host to launch each one (`at::cuda::CUDAGraph` through `src/native/cuda_graph.cpp`).
 //!
 //! A [`Replayer`] runs a step eagerly for its first calls on the device's capture stream (cuDNN
 //! picks its algorithms, the caching allocator settles), then records it on a static index buffer
@@ -13,37 +13,22 @@
 //! the step eagerly instead and turns graphs off for the rest of the process ([`fallen_back`]), with
 //! one warning. Under `on` the same failures are errors.
 
+use crate::config::{CudaGraphs, Precision};
+use crate::native;
 use anyhow::{bail, Context, Result};
 use std::os::raw::{c_int, c_void};
 use std::sync::Mutex;
 use tch::{Device, Tensor};
 
-use crate::shim::last_error;
-
-extern "C" {
-    fn csp_tch_cuda_graphs_built() -> c_int;
-    fn csp_tch_graph_pool_new(device: c_int) -> *mut c_void;
-    fn csp_tch_graph_pool_free(pool: *mut c_void);
-    fn csp_tch_graph_new(device: c_int) -> *mut c_void;
-    fn csp_tch_graph_free(graph: *mut c_void);
-    fn csp_tch_capture_stream_enter(device: c_int) -> *mut c_void;
-    fn csp_tch_capture_stream_leave(guard: *mut c_void, device: c_int) -> c_int;
-    fn csp_tch_graph_capture_begin(graph: *mut c_void, pool: *mut c_void) -> c_int;
-    fn csp_tch_graph_capture_end(graph: *mut c_void) -> c_int;
-    fn csp_tch_graph_replay(graph: *mut c_void) -> c_int;
-    fn csp_tch_cuda_synchronize(device: c_int) -> c_int;
-    fn csp_tch_set_cudnn_deterministic(on: c_int) -> c_int;
-}
-
 /// Sets whether cuDNN may only pick deterministic algorithms; returns the previous setting.
 pub fn set_cudnn_deterministic(on: bool) -> bool {
-    unsafe { csp_tch_set_cudnn_deterministic(on as c_int) != 0 }
+    unsafe { native::csp_tch_set_cudnn_deterministic(on as c_int) != 0 }
 }
 
 /// Whether this binary can capture CUDA graphs (built against a libtorch with CUDA and CUDA headers
 /// of its CUDA version).
 pub fn built_with_cuda_graphs() -> bool {
-    unsafe { csp_tch_cuda_graphs_built() != 0 }
+    unsafe { native::csp_tch_cuda_graphs_built() != 0 }
 }
 
 /// Why this binary has no CUDA graphs, as build.rs found it (empty when it has them).
@@ -59,14 +44,14 @@ fn cuda_index(device: Device) -> Result<c_int> {
 /// A shim call's status as a result: `Ok` for 0, else the shim's message after `what`.
 fn status(code: c_int, what: &str) -> Result<()> {
     if code != 0 {
-        bail!("{what}: {}", last_error());
+        bail!("{what}: {}", native::last_error());
     }
     Ok(())
 }
 
 /// Waits for `device` and reports an asynchronous CUDA error as an error instead of tch's panic.
 pub fn synchronize(device: Device) -> Result<()> {
-    status(unsafe { csp_tch_cuda_synchronize(cuda_index(device)?) }, "the CUDA device reported an error")
+    status(unsafe { native::csp_tch_cuda_synchronize(cuda_index(device)?) }, "the CUDA device reported an error")
 }
 
 /// A memory pool that graphs which never run at the same time share (PyTorch's `graph_pool_handle()`).
@@ -74,9 +59,9 @@ pub struct MemoryPool(*mut c_void);
 
 impl MemoryPool {
     pub fn new(device: Device) -> Result<MemoryPool> {
-        let raw = unsafe { csp_tch_graph_pool_new(cuda_index(device)?) };
+        let raw = unsafe { native::csp_tch_graph_pool_new(cuda_index(device)?) };
         if raw.is_null() {
-            bail!("cannot create a CUDA graph memory pool: {}", last_error());
+            bail!("cannot create a CUDA graph memory pool: {}", native::last_error());
         }
         Ok(MemoryPool(raw))
     }
@@ -84,7 +69,7 @@ impl MemoryPool {
 
 impl Drop for MemoryPool {
     fn drop(&mut self) {
-        unsafe { csp_tch_graph_pool_free(self.0) }
+        unsafe { native::csp_tch_graph_pool_free(self.0) }
     }
 }
 
@@ -96,16 +81,16 @@ impl Graph {
     /// Tensors `record` allocates come from `pool`. `record` must not read values back from the
     /// device. A capture that fails leaves nothing in capture mode.
     pub fn capture(device: Device, pool: &MemoryPool, record: impl FnOnce()) -> Result<Graph> {
-        let raw = unsafe { csp_tch_graph_new(cuda_index(device)?) };
+        let raw = unsafe { native::csp_tch_graph_new(cuda_index(device)?) };
         if raw.is_null() {
-            bail!("cannot create a CUDA graph: {}", last_error());
+            bail!("cannot create a CUDA graph: {}", native::last_error());
         }
         let graph = Graph(raw);
-        status(unsafe { csp_tch_graph_capture_begin(graph.0, pool.0) }, "cannot begin a CUDA graph capture")?;
+        status(unsafe { native::csp_tch_graph_capture_begin(graph.0, pool.0) }, "cannot begin a CUDA graph capture")?;
         // tch panics on a libtorch error (an operation that is not allowed while capturing, say):
         // end the capture either way, so that the device leaves capture mode.
         let recorded = catch_panic(record);
-        let ended = status(unsafe { csp_tch_graph_capture_end(graph.0) }, "cannot end the CUDA graph capture");
+        let ended = status(unsafe { native::csp_tch_graph_capture_end(graph.0) }, "cannot end the CUDA graph capture");
         recorded.context("recording the step failed")?;
         ended?;
         Ok(graph)
@@ -113,25 +98,26 @@ impl Graph {
 
     /// Queues the recorded work on the current stream.
     pub fn replay(&self) -> Result<()> {
-        status(unsafe { csp_tch_graph_replay(self.0) }, "replaying a CUDA graph failed")
+        status(unsafe { native::csp_tch_graph_replay(self.0) }, "replaying a CUDA graph failed")
     }
 }
 
 impl Drop for Graph {
     fn drop(&mut self) {
-        unsafe { csp_tch_graph_free(self.0) }
+        unsafe { native::csp_tch_graph_free(self.0) }
     }
 }
 
 /// Runs `f` on `device`'s capture stream (after the work queued so far; waiting for it after).
 fn on_capture_stream(device: Device, f: impl FnOnce()) -> Result<()> {
     let index = cuda_index(device)?;
-    let guard = unsafe { csp_tch_capture_stream_enter(index) };
+    let guard = unsafe { native::csp_tch_capture_stream_enter(index) };
     if guard.is_null() {
-        bail!("cannot switch to the capture stream: {}", last_error());
+        bail!("cannot switch to the capture stream: {}", native::last_error());
     }
     let ran = catch_panic(f);
-    let left = status(unsafe { csp_tch_capture_stream_leave(guard, index) }, "the warm-up step failed on the device");
+    let left =
+        status(unsafe { native::csp_tch_capture_stream_leave(guard, index) }, "the warm-up step failed on the device");
     ran.context("the warm-up step failed")?;
     left
 }
@@ -350,4 +336,62 @@ impl MemoryPoolSlot {
         let pool = MemoryPool::new(device)?;
         Ok(self.0.get_or_init(|| pool))
     }
+}
+
+/// What `--cuda-graphs` comes to for a run: what records and replays its full-batch steps, or why
+/// every step runs eagerly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GraphPlan {
+    Replay(Recorder),
+    Eager(String),
+}
+
+/// What a run on `device` in `precision` does: replay graphs, or run eagerly and why. The
+/// test-only `CSP_TCH_SIMULATE_CUDA_GRAPHS` stands in for a CUDA device ([`Recorder::Simulated`]).
+pub fn plan(setting: CudaGraphs, device: Device, precision: Precision) -> Result<GraphPlan> {
+    let eager = |why: &str| Ok(GraphPlan::Eager(why.to_string()));
+    let simulated = Recorder::simulated_from_env()?;
+    if setting == CudaGraphs::Off {
+        return eager("--cuda-graphs off");
+    }
+    if !device.is_cuda() && simulated.is_none() {
+        return eager("not a CUDA device");
+    }
+    if precision.needs_loss_scaling() {
+        if setting == CudaGraphs::On {
+            bail!(
+                "--cuda-graphs on: this GPU trains --amp in fp16, whose loss scaler reads the device \
+                 every step and cannot be recorded; use --cuda-graphs auto (fp16 then runs eagerly) or off"
+            );
+        }
+        return eager("fp16 --amp, whose loss scaler reads the device every step");
+    }
+    if let Some(reason) = fallen_back().filter(|_| setting == CudaGraphs::Auto) {
+        return eager(&format!("an earlier failure in this process: {reason}"));
+    }
+    if let Some(recorder) = simulated {
+        return Ok(GraphPlan::Replay(recorder));
+    }
+    if !built_with_cuda_graphs() {
+        if setting == CudaGraphs::On {
+            bail!(
+                "--cuda-graphs on: this csp-tch was built without CUDA graphs ({}); rebuild it or use auto",
+                MISSING_REASON
+            );
+        }
+        return eager(&format!("this build has no CUDA graphs: {}", MISSING_REASON));
+    }
+    Ok(GraphPlan::Replay(Recorder::Cuda))
+}
+
+/// The one line `run-all`, `train` and `bench` print about CUDA graphs.
+pub fn decision_line(setting: CudaGraphs, device: Device, precision: Precision) -> Result<String> {
+    let flag = format!("--cuda-graphs {}", setting.label());
+    Ok(match plan(setting, device, precision)? {
+        GraphPlan::Replay(Recorder::Cuda) => {
+            format!("CUDA graphs: on ({flag}): full batches replay recorded steps")
+        }
+        GraphPlan::Replay(recorder) => format!("CUDA graphs: on ({flag}), {recorder:?}: a test stand-in"),
+        GraphPlan::Eager(why) => format!("CUDA graphs: off ({flag}): {why}"),
+    })
 }

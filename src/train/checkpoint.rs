@@ -17,9 +17,9 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::config::RunConfig;
 use crate::environment::RunEnvironment;
 use crate::files::write_atomic;
-use crate::metrics::EpochMetrics;
 use crate::models::Backbone;
-use crate::optim::{Adam, LossScaler};
+use crate::train::metrics::EpochMetrics;
+use crate::train::optim::{Adam, LossScaler};
 
 pub const FORMAT: u32 = 1;
 const META_KEY: &str = "csp_tch";

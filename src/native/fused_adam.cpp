@@ -1,20 +1,13 @@
 // libtorch's fused Adam, `aten::_fused_adam_` (what `torch.optim.Adam(fused=True)` calls: a few
 // multi-tensor kernels on CUDA, one vectorised pass per parameter on the CPU), which tch 0.26 does
-// not bind. Called from src/optim.rs. Also home of the shims' shared error message (src/shim.h).
+// not bind. Called from src/train/optim.rs.
 #include <ATen/ops/_fused_adam.h>
 
 #include <vector>
 
 #include "shim.h"
 
-std::string& csp_tch::last_error() {
-  thread_local std::string message;
-  return message;
-}
-
 extern "C" {
-const char* csp_tch_last_error() { return csp_tch::last_error().c_str(); }
-
 // One Adam step (no weight decay, no amsgrad) of n parameters with their gradients and moments, all
 // on one device with matching layouts. `step` is a float32 scalar on that device, shared by all
 // parameters: the step count, already incremented for this step. `lr` is a scalar tensor the kernel

@@ -15,10 +15,10 @@ use std::path::Path;
 use crate::config::RunConfig;
 use crate::environment::RunEnvironment;
 use crate::files::write_atomic;
-use crate::metrics::EpochMetrics;
 use crate::models;
+use crate::report::tutorial::TUTORIAL_EPOCHS;
 use crate::report::{self, ModelReport, Status};
-use crate::tutorial::TUTORIAL_EPOCHS;
+use crate::train::metrics::EpochMetrics;
 
 /// Mean, sample standard deviation (0 for one value), minimum and maximum of `n` values.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,6 +1,6 @@
-// What the C++ shims (src/*.cpp) share: the message of the last libtorch error on this thread,
-// which each extern "C" function stores before returning its failure value, and
-// csp_tch_last_error() (src/fused_adam.cpp) hands to Rust.
+// What the C++ shims (src/native/*.cpp) share: every extern "C" function runs its body through
+// `guarded`, so that no C++ exception crosses into Rust; the exception's message stays in
+// last_error() (src/native/shim.cpp) for csp_tch_last_error() to hand to Rust.
 #pragma once
 
 #include <exception>

@@ -8,14 +8,14 @@
 //!   convolution per layer while a [`FoldedBatchNorm`] guard lives.
 //! - **Dense matrices** for evaluation on the CPU: on a map of a pixel or two a convolution is one
 //!   matrix product from the whole input image to the whole output image, which oneDNN's inner
-//!   product runs about twice as fast as its convolution kernels ([`crate::onednn`]).
+//!   product runs about twice as fast as its convolution kernels ([`crate::models::onednn`]).
 
 use std::cell::RefCell;
 use tch::nn;
 use tch::Tensor;
 
-use crate::geometry::{Act, ConvSpec};
-use crate::onednn;
+use crate::models::geometry::{Act, ConvSpec};
+use crate::models::onednn;
 
 impl ConvSpec {
     /// On an `h x w` map, the kernel taps that touch a real pixel at some output position, as an

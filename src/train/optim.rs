@@ -1,45 +1,18 @@
 //! Adam over tch tensors, with the same update as PyTorch's `torch.optim.Adam` (and libtorch's,
 //! which tch's `nn::Adam` wraps), written out so that its moments can be checkpointed.
 //!
-//! The update runs as libtorch's fused Adam (`_fused_adam_`, through `src/fused_adam.cpp`; what
+//! The update runs as libtorch's fused Adam (`_fused_adam_`, through `src/native/fused_adam.cpp`; what
 //! `torch.optim.Adam(fused=True)` runs): on CUDA a few multi-tensor kernels per step instead of about
 //! eleven tensor operations per parameter, on the CPU one vectorised pass per parameter over
 //! parameter, gradient and both moments. The step count and the learning rate live on the
-//! parameters' device, so a CUDA graph can capture the whole update ([`crate::cuda_graph`]) and a
+//! parameters' device, so a CUDA graph can capture the whole update ([`crate::train::cuda_graph`]) and a
 //! replayed step still follows a learning rate changed between replays ([`Adam::set_lr`]).
 
+use crate::config::AdamConfig;
+use crate::native;
 use std::os::raw::c_int;
 use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
-
-extern "C" {
-    fn csp_tch_fused_adam(
-        params: *const *mut C_tensor,
-        grads: *const *mut C_tensor,
-        exp_avgs: *const *mut C_tensor,
-        exp_avg_sqs: *const *mut C_tensor,
-        step: *mut C_tensor,
-        n: c_int,
-        lr: *mut C_tensor,
-        beta1: f64,
-        beta2: f64,
-        eps: f64,
-    ) -> c_int;
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct AdamConfig {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-}
-
-impl Default for AdamConfig {
-    fn default() -> Self {
-        AdamConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
-    }
-}
 
 /// How [`Adam::step`] computes the update; both give PyTorch's update to fp32 rounding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,7 +124,7 @@ impl Adam {
         let [params, grads, exp_avgs, exp_avg_sqs] = &lists;
         // SAFETY: every pointer is a live tensor of `self` or `grads`/`relaid`, which outlive the call.
         let status = unsafe {
-            csp_tch_fused_adam(
+            native::csp_tch_fused_adam(
                 params.as_ptr(),
                 grads.as_ptr(),
                 exp_avgs.as_ptr(),
@@ -165,7 +138,7 @@ impl Adam {
             )
         };
         // Only a broken invariant (a parameter on another device or dtype) gets here.
-        assert_eq!(status, 0, "fused Adam: {}", crate::shim::last_error());
+        assert_eq!(status, 0, "fused Adam: {}", native::last_error());
     }
 
     /// The update as tensor operations (any device), in libtorch's order.

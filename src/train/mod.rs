@@ -2,58 +2,41 @@
 //!
 //! Loss and accuracy are accumulated on the device and read back only when the progress display is
 //! refreshed (at most twice a second) and at the end of an epoch, so a GPU is never stalled per step.
-//! On CUDA, full batches replay a recorded CUDA graph of the whole step ([`crate::cuda_graph`]).
+//! On CUDA, full batches replay a recorded CUDA graph of the whole step ([`crate::train::cuda_graph`]).
+
+pub mod amp;
+pub mod checkpoint;
+pub mod cuda_graph;
+mod evaluate;
+mod interrupt;
+pub mod metrics;
+pub mod optim;
+mod progress;
+mod timing;
+
+pub use evaluate::{eval_logits, evaluate, ClassAccuracy, Evaluation, Evaluator};
+pub use interrupt::{stop_on_ctrl_c, Interrupted};
+pub use progress::Progress;
+pub use timing::{warmup_seconds, PhaseTimes};
+
+use evaluate::EvalSums;
+use progress::Watch;
+use timing::{PhaseClock, HEAD_STEPS};
 
 use anyhow::{bail, Result};
-use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
-use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use indicatif::ProgressBar;
+use std::time::Instant;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-use crate::amp::{self, Precision};
-use crate::checkpoint;
-use crate::config::{CudaGraphs, GraphPlan, Recipe};
-use crate::cuda_graph::{self, MemoryPoolSlot, Replayer};
+use crate::config::{CudaGraphs, Precision, Recipe};
+use crate::data::transform;
 use crate::data::{self, Cifar};
 use crate::environment::synchronize;
-use crate::fastpath::FoldedBatchNorm;
-use crate::metrics::EpochMetrics;
 use crate::models::Backbone;
-use crate::optim::{Adam, LossScaler};
-use crate::transform;
-
-/// Set by the Ctrl-C handler; training stops before the next step.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// The error of a run stopped by Ctrl-C.
-#[derive(Debug)]
-pub struct Interrupted;
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "interrupted")
-    }
-}
-
-impl std::error::Error for Interrupted {}
-
-/// Makes Ctrl-C stop training at the next step (the epoch in progress is dropped, the last
-/// checkpoint kept); a second Ctrl-C quits at once.
-pub fn stop_on_ctrl_c() {
-    // Only one handler per process: a second call (several runs in one process) keeps the first.
-    let _ = ctrlc::set_handler(|| {
-        if INTERRUPTED.swap(true, Ordering::SeqCst) {
-            // At once means without destructors: `exit` would tear libtorch down under the
-            // convolution the main thread is running (a segfault). Every file csp-tch writes is
-            // complete or absent, so there is nothing to flush.
-            unsafe { libc::_exit(130) };
-        }
-        eprintln!("\ninterrupt: stopping before the next step (Ctrl-C again quits at once)");
-    });
-}
+use crate::train::metrics::EpochMetrics;
+use crate::train::optim::{Adam, LossScaler};
+use cuda_graph::{GraphPlan, MemoryPoolSlot, Replayer};
 
 /// The input of `model` for the images at `index`: the recipe's transform, in the model's layout.
 fn model_input(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &Recipe) -> Tensor {
@@ -65,31 +48,6 @@ fn model_input(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &Recip
     }
 }
 
-/// Steps timed at the start of each training and evaluation loop: the warm-up steps, then the one
-/// recorded as a CUDA graph and replayed (on the CPU, the first steps alike).
-const HEAD_STEPS: usize = cuda_graph::WARMUP_STEPS + 1;
-
-/// The time `head_seconds` of the first `head` of `steps` steps beyond what they take at the rate of
-/// the others (`total_seconds` for all); 0 when they were no slower, or there are too few steps to tell.
-pub fn warmup_seconds(head_seconds: f64, head: usize, total_seconds: f64, steps: usize) -> f64 {
-    if steps <= head {
-        return 0.0;
-    }
-    let steady = (total_seconds - head_seconds) / (steps - head) as f64;
-    (head_seconds - head as f64 * steady).max(0.0)
-}
-
-/// Result of evaluating a model on a test split.
-#[derive(Clone, Debug, Serialize)]
-pub struct Evaluation {
-    pub loss: f64,
-    pub accuracy: f64,
-    pub last_batch_loss: f64,
-    pub ms_per_step: f64,
-    /// `confusion[true][predicted]` counts.
-    pub confusion: Vec<Vec<i64>>,
-}
-
 /// Batches of `batch_size` over `0..n`, the last one partial; a trailing batch of one image is
 /// dropped when training, since BatchNorm cannot take train-mode statistics over a single value.
 fn batch_bounds(n: usize, batch_size: usize, training: bool) -> Vec<(i64, i64)> {
@@ -99,70 +57,6 @@ fn batch_bounds(n: usize, batch_size: usize, training: bool) -> Vec<(i64, i64)> 
         bounds.pop();
     }
     bounds
-}
-
-/// Where progress goes: a bar per epoch on a terminal, one plain line per epoch otherwise.
-#[derive(Clone, Copy, Debug)]
-pub struct Progress {
-    pub terminal: bool,
-}
-
-impl Progress {
-    pub fn detect() -> Progress {
-        Progress { terminal: std::io::stderr().is_terminal() }
-    }
-
-    fn bar(&self, steps: usize, prefix: String) -> ProgressBar {
-        if !self.terminal {
-            return ProgressBar::hidden();
-        }
-        let bar = ProgressBar::new(steps as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len} {msg} ETA {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(prefix);
-        bar
-    }
-
-    pub fn line(&self, bar: &ProgressBar, text: String) {
-        if self.terminal {
-            bar.println(text);
-        } else {
-            eprintln!("{text}");
-        }
-    }
-}
-
-/// Time spent in each phase of train steps (summed over the steps measured).
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct PhaseTimes {
-    /// Gather, resize and normalise the batch.
-    pub transform_ms: f64,
-    /// Forward pass and loss.
-    pub forward_ms: f64,
-    pub backward_ms: f64,
-    /// Adam update.
-    pub optimizer_ms: f64,
-}
-
-/// Adds the time since the previous lap to one field of `times`, when there is one.
-struct PhaseClock<'a> {
-    times: Option<&'a mut PhaseTimes>,
-    device: Device,
-    last: Instant,
-}
-
-impl PhaseClock<'_> {
-    fn lap(&mut self, field: fn(&mut PhaseTimes) -> &mut f64) {
-        if let Some(times) = self.times.as_deref_mut() {
-            crate::environment::synchronize(self.device);
-            let now = Instant::now();
-            *field(times) += (now - self.last).as_secs_f64() * 1e3;
-            self.last = now;
-        }
-    }
 }
 
 /// An epoch's training sums, on the device: kept from epoch to epoch (zeroed in place), so that a
@@ -192,54 +86,6 @@ impl TrainSums {
         self.loss += loss.to_kind(Kind::Double) * ys.size()[0] as f64;
         self.correct += logits.argmax(-1, false).eq_tensor(ys).sum(Kind::Double);
         self.last_loss.copy_(loss);
-    }
-}
-
-/// An evaluation's sums on the device, kept like [`TrainSums`].
-struct EvalSums {
-    loss: Tensor,
-    /// `confusion[true * classes + predicted]` counts.
-    confusion: Tensor,
-    last_loss: Tensor,
-}
-
-impl EvalSums {
-    fn new(device: Device) -> EvalSums {
-        EvalSums {
-            loss: Tensor::zeros([], (Kind::Double, device)),
-            confusion: Tensor::zeros([data::CLASSES * data::CLASSES], (Kind::Int64, device)),
-            last_loss: Tensor::zeros([], (Kind::Float, device)),
-        }
-    }
-
-    fn zero(&mut self) {
-        for t in [&mut self.loss, &mut self.confusion, &mut self.last_loss] {
-            let _ = t.zero_();
-        }
-    }
-
-    /// Adds one batch (reads nothing back: `index_add_`, unlike `bincount`, needs no device value).
-    fn add(&mut self, logits: &Tensor, ys: &Tensor) {
-        let loss = logits.cross_entropy_for_logits(ys);
-        self.loss += loss.to_kind(Kind::Double) * ys.size()[0] as f64;
-        let cells = ys * data::CLASSES + logits.argmax(-1, false);
-        let _ = self.confusion.index_add_(0, &cells, &Tensor::ones_like(&cells));
-        self.last_loss.copy_(&loss);
-    }
-
-    /// Reads the sums back: loss, accuracy, last batch loss and confusion matrix over `n` images.
-    fn read(&self, n: usize, ms_per_step: f64) -> Result<Evaluation> {
-        let classes = data::CLASSES as usize;
-        let flat = Vec::<i64>::try_from(self.confusion.to_device(Device::Cpu))?;
-        let confusion: Vec<Vec<i64>> = flat.chunks(classes).map(<[i64]>::to_vec).collect();
-        let correct: i64 = (0..classes).map(|c| confusion[c][c]).sum();
-        Ok(Evaluation {
-            loss: self.loss.double_value(&[]) / n as f64,
-            accuracy: correct as f64 / n as f64,
-            last_batch_loss: self.last_loss.double_value(&[]),
-            ms_per_step,
-            confusion,
-        })
     }
 }
 
@@ -277,52 +123,6 @@ struct TrainedEpoch {
     warmup_seconds: f64,
 }
 
-/// Reads an epoch's running loss from the device now and then, for the progress bar and to stop a
-/// diverged run early: at most twice a second on a terminal, every [`Watch::CHECK_EVERY`] steps, and
-/// after the last step (reading waits for the device, so not every step).
-struct Watch<'a> {
-    bar: &'a ProgressBar,
-    started: Instant,
-    last_read: Instant,
-}
-
-impl<'a> Watch<'a> {
-    const CHECK_EVERY: usize = 50;
-
-    fn new(bar: &'a ProgressBar) -> Watch<'a> {
-        Watch { bar, started: Instant::now(), last_read: Instant::now() }
-    }
-
-    /// A line above the bar (or on stderr when there is no bar).
-    fn show(&self, line: String) {
-        if self.bar.is_hidden() {
-            eprintln!("{line}");
-        } else {
-            self.bar.println(line);
-        }
-    }
-
-    /// After `done` of `steps` steps and `images` images: `Err(loss)` when the loss is not finite.
-    fn after_step(&mut self, done: usize, steps: usize, images: i64, sums: &TrainSums) -> std::result::Result<(), f64> {
-        let refresh = !self.bar.is_hidden() && self.last_read.elapsed() > Duration::from_millis(500);
-        if !(done == steps || refresh || done.is_multiple_of(Self::CHECK_EVERY)) {
-            return Ok(());
-        }
-        let loss = sums.last_loss.double_value(&[]);
-        if !loss.is_finite() {
-            return Err(loss);
-        }
-        self.bar.set_position(done as u64);
-        self.bar.set_message(format!(
-            "loss {loss:.4} acc {:.4} {:.0} ms/step",
-            sums.correct.double_value(&[]) / images as f64,
-            self.started.elapsed().as_secs_f64() * 1e3 / done as f64
-        ));
-        self.last_read = Instant::now();
-        Ok(())
-    }
-}
-
 /// A model, its optimizer and the metrics so far: what a checkpoint holds.
 pub struct Trainer {
     pub name: String,
@@ -348,7 +148,7 @@ impl Trainer {
         let info = crate::models::model_info(name)?;
         info.check_image_size(recipe.image_size)?;
         let precision = recipe.precision(device);
-        let plan = recipe.cuda_graphs.resolve(device, precision)?;
+        let plan = cuda_graph::plan(recipe.cuda_graphs, device, precision)?;
         let channels_last = recipe
             .memory_format
             .channels_last(|| crate::models::summary(info, classes, recipe.image_size).smallest_map);
@@ -590,7 +390,7 @@ impl Trainer {
         let mut watch = Watch::new(bar);
         let (mut images, mut timed_from, mut head_seconds) = (0i64, started, 0.0);
         for (step, &(start, len)) in bounds.iter().enumerate() {
-            if INTERRUPTED.load(Ordering::SeqCst) {
+            if interrupt::requested() {
                 bar.abandon();
                 return Err(Interrupted.into());
             }
@@ -660,79 +460,6 @@ fn partial_batch(device: Device, full: bool, step: impl FnOnce()) {
     tch::Cuda::cudnn_set_benchmark(false);
     step();
     tch::Cuda::cudnn_set_benchmark(true);
-}
-
-/// Logits of the images at `index` with BatchNorm in eval mode (call under `no_grad`, and with
-/// the model's BatchNorms folded for speed).
-pub fn eval_logits(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &Recipe) -> Tensor {
-    let xs = model_input(model, images, index, recipe);
-    let device = images.device();
-    amp::autocast(device, recipe.precision(device), || model.forward_t(&xs, false)).to_kind(Kind::Float)
-}
-
-/// A model set up for evaluation: its BatchNorms folded into the convolutions for eager steps, or
-/// its recorded CUDA graphs replayed (a graph keeps the unfolded layers, whose tensors stay in place
-/// from epoch to epoch, where a fold makes new ones).
-pub struct Evaluator<'a> {
-    model: &'a Backbone,
-    graphs: Option<&'a mut StepGraphs>,
-    sums: &'a mut EvalSums,
-    _folded: Option<FoldedBatchNorm<'a>>,
-}
-
-impl<'a> Evaluator<'a> {
-    fn new(
-        model: &'a Backbone,
-        graphs: Option<&'a mut StepGraphs>,
-        sums: &'a mut EvalSums,
-        fold: bool,
-    ) -> Evaluator<'a> {
-        let folded = fold.then(|| model.fold_batch_norm());
-        Evaluator { model, graphs, sums, _folded: folded }
-    }
-
-    /// One batch into the sums: replayed when steps are recorded and the batch is full.
-    pub fn batch(&mut self, images: &Tensor, labels: &Tensor, index: &Tensor, recipe: &Recipe) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        let (model, sums) = (self.model, &mut *self.sums);
-        let mut step =
-            |index: &Tensor| sums.add(&eval_logits(model, images, index, recipe), &labels.index_select(0, index));
-        let full = index.size()[0] == recipe.batch_size as i64;
-        match self.graphs.as_deref_mut() {
-            Some(StepGraphs { eval, pool, .. }) if full => eval.run(index, pool, step),
-            _ => {
-                partial_batch(images.device(), full, || step(index));
-                Ok(())
-            }
-        }
-    }
-
-    /// All of `images`, in batches: the evaluation and the warm-up time of its first batches.
-    pub fn run(mut self, images: &Tensor, labels: &Tensor, recipe: &Recipe) -> Result<(Evaluation, f64)> {
-        let device = images.device();
-        let n = labels.size()[0] as usize;
-        let bounds = batch_bounds(n, recipe.batch_size, false);
-        self.sums.zero();
-        let started = Instant::now();
-        let mut head_seconds = 0.0;
-        for (step, &(start, len)) in bounds.iter().enumerate() {
-            self.batch(images, labels, &Tensor::arange_start(start, start + len, (Kind::Int64, device)), recipe)?;
-            if step + 1 == HEAD_STEPS {
-                synchronize(device);
-                head_seconds = started.elapsed().as_secs_f64();
-            }
-        }
-        synchronize(device);
-        let seconds = started.elapsed().as_secs_f64();
-        let evaluation = self.sums.read(n, seconds * 1e3 / bounds.len() as f64)?;
-        Ok((evaluation, warmup_seconds(head_seconds, HEAD_STEPS, seconds, bounds.len())))
-    }
-}
-
-/// Test loss, accuracy and confusion matrix over all of `images` (BatchNorm in eval mode), eagerly.
-pub fn evaluate(model: &Backbone, images: &Tensor, labels: &Tensor, recipe: &Recipe) -> Result<Evaluation> {
-    let mut sums = EvalSums::new(images.device());
-    Ok(Evaluator::new(model, None, &mut sums, true).run(images, labels, recipe)?.0)
 }
 
 #[cfg(test)]

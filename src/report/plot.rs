@@ -10,9 +10,9 @@ use std::path::Path;
 use indexmap::{IndexMap, IndexSet};
 
 use crate::files::write_atomic;
+use crate::report::seeds::{ModelSpread, Spread};
+use crate::report::tutorial::TUTORIAL_EPOCHS;
 use crate::report::ModelReport;
-use crate::seeds::{ModelSpread, Spread};
-use crate::tutorial::TUTORIAL_EPOCHS;
 
 /// The figure's file name in a run's output folder.
 pub const SVG_FILE: &str = "curves.svg";
@@ -154,8 +154,8 @@ struct Metric {
     y_label: &'static str,
     train: fn(&EpochBands) -> Band,
     eval: fn(&EpochBands) -> Band,
-    tutorial_train: fn(&crate::tutorial::TutorialEpoch) -> Option<f64>,
-    tutorial_eval: fn(&crate::tutorial::TutorialEpoch) -> Option<f64>,
+    tutorial_train: fn(&crate::report::tutorial::TutorialEpoch) -> Option<f64>,
+    tutorial_eval: fn(&crate::report::tutorial::TutorialEpoch) -> Option<f64>,
 }
 
 const ACCURACY: Metric = Metric {

@@ -1,0 +1,236 @@
+//! The bodies of the commands that are not runs (`run-all`, `train` and `report` are [`crate::run`]'s):
+//! summary, env, data check, eval, bench, check-graphs, and how each prints.
+
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+use tch::Device;
+
+use super::{BenchArgs, CheckGraphsArgs, EvalArgs, SummaryArgs};
+use crate::bench::Mode;
+use crate::config::CudaGraphs;
+use crate::data;
+use crate::environment::{device_label, device_name, parse_device, Environment};
+use crate::models;
+use crate::report::{si, thousands};
+use crate::train::ClassAccuracy;
+
+pub(super) fn summary(args: SummaryArgs) -> Result<()> {
+    let info = models::model_info(&args.model)?;
+    info.check_image_size(args.image_size)?;
+    let summary = models::summary(info, args.classes, args.image_size);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({}), input 3x{}x{}, {} classes",
+        summary.model, info.about, args.image_size, args.image_size, args.classes
+    );
+    println!("{:<28} {:>18} {:>12} {:>14}", "layer", "output shape", "params", "MACs");
+    for row in &summary.layers {
+        let shape = format!("{:?}", row.output_shape);
+        println!("{:<28} {:>18} {:>12} {:>14}", row.name, shape, thousands(row.params), si(row.macs as f64));
+    }
+    println!("trainable params:     {:>14}", thousands(summary.trainable_params));
+    println!(
+        "paddle-style params:  {:>14}  (trainable + BatchNorm running mean and variance)",
+        thousands(summary.paddle_style_params)
+    );
+    println!("MACs per image:       {:>14}  (convolutions + linear head)", format!("{}MAC", si(summary.macs as f64)));
+    Ok(())
+}
+
+pub(super) fn env() -> Result<()> {
+    let e = Environment::detect();
+    println!("csp-tch   {}", e.csp_tch);
+    println!("tch       {}", e.tch);
+    println!("libtorch  {}", e.libtorch);
+    println!(
+        "CUDA      {} ({} device(s))",
+        if e.cuda_available { "available" } else { "not available" },
+        e.cuda_devices
+    );
+    for i in 0..e.cuda_devices.max(0) as usize {
+        println!("  {}  {}", device_label(Device::Cuda(i)), device_name(Device::Cuda(i)));
+    }
+    match e.cudnn_version {
+        Some(v) => println!("cuDNN     {v}"),
+        None => println!("cuDNN     not available"),
+    }
+    println!("CPU       {} ({} threads)", e.cpu, e.cpu_threads);
+    let device = parse_device("auto")?;
+    println!("default device: {}", device_label(device));
+    let amp = match crate::config::Precision::for_run(true, device) {
+        crate::config::Precision::Bf16 => "bf16 autocast",
+        crate::config::Precision::Fp16 => "fp16 autocast with loss scaling (no native bf16 on this GPU)",
+        crate::config::Precision::Fp32 => "no effect (fp32 on the CPU)",
+    };
+    println!("--amp there: {amp}");
+    match crate::train::cuda_graph::built_with_cuda_graphs() {
+        true => println!("CUDA graphs: available in this build"),
+        false => println!("CUDA graphs: not in this build ({})", crate::train::cuda_graph::MISSING_REASON),
+    }
+    println!("{}", crate::train::cuda_graph::decision_line(CudaGraphs::Auto, device, crate::config::Precision::Fp32)?);
+    Ok(())
+}
+
+pub(super) fn data_check(dir: &std::path::Path) -> Result<()> {
+    let cifar = data::load(dir)?;
+    let counts = |labels: &tch::Tensor| {
+        Vec::<i64>::try_from(labels.bincount::<tch::Tensor>(None, data::CLASSES)).unwrap_or_default()
+    };
+    let (train, test) = (counts(&cifar.train_labels), counts(&cifar.test_labels));
+    println!("{}: {} train / {} test images", dir.display(), cifar.train_len(), cifar.test_len());
+    println!("{:<12} {:>8} {:>8}", "class", "train", "test");
+    for (c, name) in cifar.class_names.iter().enumerate() {
+        println!("{name:<12} {:>8} {:>8}", train[c], test[c]);
+    }
+    Ok(())
+}
+
+/// What `csp-tch eval` reports (`--json` prints it as is).
+#[derive(serde::Serialize)]
+struct EvalReport {
+    checkpoint: PathBuf,
+    model: String,
+    epochs_done: usize,
+    data_dir: PathBuf,
+    test_images: usize,
+    device: String,
+    loss: f64,
+    accuracy: f64,
+    per_class: Vec<ClassAccuracy>,
+    /// `confusion[true][predicted]` counts.
+    confusion: Vec<Vec<i64>>,
+}
+
+pub(super) fn eval(args: EvalArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let (meta, _vs, model) = crate::train::checkpoint::load_model(&args.checkpoint, device)?;
+    let data_dir = args.data_dir.unwrap_or_else(|| meta.config.data_dir.clone());
+    let test_limit = args.test_limit.map_or(meta.config.test_limit, |l| l.0);
+    let cifar = data::load(&data_dir)?.limit(None, test_limit, meta.config.recipe.seed)?.to_device(device);
+    let e = crate::train::evaluate(&model, &cifar.test_images, &cifar.test_labels, &meta.config.recipe)?;
+    let per_class = e.per_class(&cifar.class_names);
+    let report = EvalReport {
+        checkpoint: args.checkpoint,
+        model: meta.model,
+        epochs_done: meta.epochs_done,
+        data_dir,
+        test_images: cifar.test_len(),
+        device: device_label(device),
+        loss: e.loss,
+        accuracy: e.accuracy,
+        per_class,
+        confusion: e.confusion,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_eval(&report);
+    }
+    Ok(())
+}
+
+fn print_eval(r: &EvalReport) {
+    println!(
+        "{} after {} epoch(s), on {} test images from {} ({})",
+        r.model,
+        r.epochs_done,
+        r.test_images,
+        r.data_dir.display(),
+        r.device
+    );
+    println!("test loss {:.4}, top-1 accuracy {:.4}\n", r.loss, r.accuracy);
+    println!("{:<14} {:>7} {:>9}", "class", "images", "accuracy");
+    for c in &r.per_class {
+        println!("{:<14} {:>7} {:>9.4}", format!("{} {}", c.class, c.name), c.images, c.accuracy);
+    }
+    println!("\nconfusion matrix (rows: true class, columns: predicted class)");
+    print!("{:<14}", "");
+    for c in 0..r.confusion.len() {
+        print!(" {c:>6}");
+    }
+    println!();
+    for (c, row) in r.confusion.iter().enumerate() {
+        print!("{:<14}", format!("{c} {}", r.per_class[c].name));
+        for count in row {
+            print!(" {count:>6}");
+        }
+        println!();
+    }
+}
+
+pub(super) fn bench(args: BenchArgs) -> Result<()> {
+    let recipe = args.acceleration.recipe();
+    let config = args.step.config(recipe, args.steps, args.warmup, args.mode, args.breakdown)?;
+    let result = crate::bench::run(&config)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        print_bench(&result);
+    }
+    Ok(())
+}
+
+fn print_bench(r: &crate::bench::BenchResult) {
+    println!(
+        "{} {:?} {} px, batch {}, {} ({} threads): {:.1} ms/step, {:.1} images/s, {:.1} GFLOP/s (median of {} \
+         steps after {} warm-up)",
+        r.model,
+        r.mode,
+        r.image_size,
+        r.batch_size,
+        r.device,
+        r.threads,
+        r.ms_per_step,
+        r.images_per_s,
+        r.gflops,
+        r.steps,
+        r.warmup
+    );
+    if let Some(p) = &r.phases_ms {
+        let total = p.transform_ms + p.forward_ms + p.backward_ms + p.optimizer_ms;
+        for (phase, ms) in [
+            ("transform", p.transform_ms),
+            ("forward", p.forward_ms),
+            ("backward", p.backward_ms),
+            ("optimizer", p.optimizer_ms),
+        ] {
+            println!("  {phase:<10} {ms:>9.1} ms  {:>5.1}%", 100.0 * ms / total);
+        }
+    }
+}
+
+pub(super) fn check_graphs(args: CheckGraphsArgs) -> Result<()> {
+    let config = args.step.config(args.numerics.recipe(), 0, 0, Mode::Train, false)?;
+    let check = crate::graph_check::check_graphs(&config)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&check)?);
+    } else {
+        println!(
+            "{} on {} ({:?}), {} scheduled operations, {}:",
+            check.model,
+            check.device,
+            check.precision,
+            check.schedule.len(),
+            if check.replayed { "eager twice against replayed" } else { "eager three times (no CUDA graphs here)" },
+        );
+        for c in &check.compared {
+            println!(
+                "  {:<22} graphs {:.2e}, floor {:.2e}, bound {:.2e} ({}): {}",
+                c.quantity,
+                c.graphs,
+                c.floor,
+                c.bound,
+                c.measure,
+                if c.ok { "ok" } else { "DIFFERENT" }
+            );
+        }
+    }
+    if !check.ok {
+        let wrong: Vec<&str> = check.compared.iter().filter(|c| !c.ok).map(|c| c.quantity).collect();
+        bail!("replayed steps differ from eager ones beyond the noise floor: {}", wrong.join(", "));
+    }
+    Ok(())
+}

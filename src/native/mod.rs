@@ -1,0 +1,63 @@
+//! The C++ shim (`src/native/*.cpp`, built by build.rs against csp-tch's libtorch) for the few
+//! libtorch calls tch does not bind: autocast switches, oneDNN's inner product, fused Adam, CUDA
+//! graphs. Every `extern "C"` declaration of csp-tch is here; each C++ function catches every
+//! exception (`csp_tch::guarded` in shim.h) and reports it through [`last_error`].
+
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int, c_void};
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn csp_tch_last_error() -> *const c_char;
+
+    // amp.cpp: device_type is a c10::DeviceType (0 CPU, 1 CUDA), dtype a c10::ScalarType.
+    pub(crate) fn csp_tch_autocast_enabled(device_type: c_int) -> c_int;
+    pub(crate) fn csp_tch_set_autocast_enabled(device_type: c_int, enabled: c_int);
+    pub(crate) fn csp_tch_autocast_dtype(device_type: c_int) -> c_int;
+    pub(crate) fn csp_tch_set_autocast_dtype(device_type: c_int, dtype: c_int);
+    pub(crate) fn csp_tch_autocast_increment_nesting() -> c_int;
+    pub(crate) fn csp_tch_autocast_decrement_nesting();
+    pub(crate) fn csp_tch_cuda_supports_bf16() -> c_int;
+
+    // onednn.cpp
+    pub(crate) fn csp_tch_onednn_linear_available() -> i32;
+    pub(crate) fn csp_tch_onednn_linear_relu(
+        x: *const C_tensor,
+        weight: *const C_tensor,
+        bias: *const C_tensor,
+    ) -> *mut C_tensor;
+
+    // fused_adam.cpp
+    pub(crate) fn csp_tch_fused_adam(
+        params: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        exp_avgs: *const *mut C_tensor,
+        exp_avg_sqs: *const *mut C_tensor,
+        step: *mut C_tensor,
+        n: c_int,
+        lr: *mut C_tensor,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+    ) -> c_int;
+
+    // cuda_graph.cpp
+    pub(crate) fn csp_tch_cuda_graphs_built() -> c_int;
+    pub(crate) fn csp_tch_graph_pool_new(device: c_int) -> *mut c_void;
+    pub(crate) fn csp_tch_graph_pool_free(pool: *mut c_void);
+    pub(crate) fn csp_tch_graph_new(device: c_int) -> *mut c_void;
+    pub(crate) fn csp_tch_graph_free(graph: *mut c_void);
+    pub(crate) fn csp_tch_capture_stream_enter(device: c_int) -> *mut c_void;
+    pub(crate) fn csp_tch_capture_stream_leave(guard: *mut c_void, device: c_int) -> c_int;
+    pub(crate) fn csp_tch_graph_capture_begin(graph: *mut c_void, pool: *mut c_void) -> c_int;
+    pub(crate) fn csp_tch_graph_capture_end(graph: *mut c_void) -> c_int;
+    pub(crate) fn csp_tch_graph_replay(graph: *mut c_void) -> c_int;
+    pub(crate) fn csp_tch_cuda_synchronize(device: c_int) -> c_int;
+    pub(crate) fn csp_tch_set_cudnn_deterministic(on: c_int) -> c_int;
+}
+
+/// The message of the last libtorch error a shim function reported on this thread.
+pub(crate) fn last_error() -> String {
+    // SAFETY: the shim returns a NUL-terminated string that lives until the next error on this thread.
+    unsafe { CStr::from_ptr(csp_tch_last_error()) }.to_string_lossy().into_owned()
+}

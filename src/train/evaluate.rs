@@ -1,0 +1,172 @@
+//! Evaluation on a test split: loss, accuracy and confusion matrix summed on the device, with
+//! BatchNorm folded for eager steps or a recorded CUDA graph replayed.
+
+use anyhow::Result;
+use serde::Serialize;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+use super::timing::{warmup_seconds, HEAD_STEPS};
+use super::{amp, batch_bounds, model_input, partial_batch, StepGraphs};
+use crate::config::Recipe;
+use crate::data;
+use crate::environment::synchronize;
+use crate::models::fastpath::FoldedBatchNorm;
+use crate::models::Backbone;
+use tch::nn::ModuleT;
+
+/// Result of evaluating a model on a test split.
+#[derive(Clone, Debug, Serialize)]
+pub struct Evaluation {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub last_batch_loss: f64,
+    pub ms_per_step: f64,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<i64>>,
+}
+
+/// One class's accuracy on a test split.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClassAccuracy {
+    pub class: usize,
+    pub name: String,
+    pub images: i64,
+    /// NaN (`null` in JSON) for a class with no test image.
+    pub accuracy: f64,
+}
+
+impl Evaluation {
+    /// Each class's accuracy, from the confusion matrix, named by `class_names`.
+    pub fn per_class(&self, class_names: &[String]) -> Vec<ClassAccuracy> {
+        let classes = self.confusion.iter().enumerate();
+        classes
+            .map(|(class, row)| {
+                let images: i64 = row.iter().sum();
+                let accuracy = if images > 0 { row[class] as f64 / images as f64 } else { f64::NAN };
+                ClassAccuracy { class, name: class_names[class].clone(), images, accuracy }
+            })
+            .collect()
+    }
+}
+
+/// An evaluation's sums on the device, kept like [`TrainSums`].
+pub(super) struct EvalSums {
+    loss: Tensor,
+    /// `confusion[true * classes + predicted]` counts.
+    confusion: Tensor,
+    last_loss: Tensor,
+}
+
+impl EvalSums {
+    pub(super) fn new(device: Device) -> EvalSums {
+        EvalSums {
+            loss: Tensor::zeros([], (Kind::Double, device)),
+            confusion: Tensor::zeros([data::CLASSES * data::CLASSES], (Kind::Int64, device)),
+            last_loss: Tensor::zeros([], (Kind::Float, device)),
+        }
+    }
+
+    pub(super) fn zero(&mut self) {
+        for t in [&mut self.loss, &mut self.confusion, &mut self.last_loss] {
+            let _ = t.zero_();
+        }
+    }
+
+    /// Adds one batch (reads nothing back: `index_add_`, unlike `bincount`, needs no device value).
+    fn add(&mut self, logits: &Tensor, ys: &Tensor) {
+        let loss = logits.cross_entropy_for_logits(ys);
+        self.loss += loss.to_kind(Kind::Double) * ys.size()[0] as f64;
+        let cells = ys * data::CLASSES + logits.argmax(-1, false);
+        let _ = self.confusion.index_add_(0, &cells, &Tensor::ones_like(&cells));
+        self.last_loss.copy_(&loss);
+    }
+
+    /// Reads the sums back: loss, accuracy, last batch loss and confusion matrix over `n` images.
+    fn read(&self, n: usize, ms_per_step: f64) -> Result<Evaluation> {
+        let classes = data::CLASSES as usize;
+        let flat = Vec::<i64>::try_from(self.confusion.to_device(Device::Cpu))?;
+        let confusion: Vec<Vec<i64>> = flat.chunks(classes).map(<[i64]>::to_vec).collect();
+        let correct: i64 = (0..classes).map(|c| confusion[c][c]).sum();
+        Ok(Evaluation {
+            loss: self.loss.double_value(&[]) / n as f64,
+            accuracy: correct as f64 / n as f64,
+            last_batch_loss: self.last_loss.double_value(&[]),
+            ms_per_step,
+            confusion,
+        })
+    }
+}
+
+/// Logits of the images at `index` with BatchNorm in eval mode (call under `no_grad`, and with
+/// the model's BatchNorms folded for speed).
+pub fn eval_logits(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &Recipe) -> Tensor {
+    let xs = model_input(model, images, index, recipe);
+    let device = images.device();
+    amp::autocast(device, recipe.precision(device), || model.forward_t(&xs, false)).to_kind(Kind::Float)
+}
+
+/// A model set up for evaluation: its BatchNorms folded into the convolutions for eager steps, or
+/// its recorded CUDA graphs replayed (a graph keeps the unfolded layers, whose tensors stay in place
+/// from epoch to epoch, where a fold makes new ones).
+pub struct Evaluator<'a> {
+    model: &'a Backbone,
+    graphs: Option<&'a mut StepGraphs>,
+    sums: &'a mut EvalSums,
+    _folded: Option<FoldedBatchNorm<'a>>,
+}
+
+impl<'a> Evaluator<'a> {
+    pub(super) fn new(
+        model: &'a Backbone,
+        graphs: Option<&'a mut StepGraphs>,
+        sums: &'a mut EvalSums,
+        fold: bool,
+    ) -> Evaluator<'a> {
+        let folded = fold.then(|| model.fold_batch_norm());
+        Evaluator { model, graphs, sums, _folded: folded }
+    }
+
+    /// One batch into the sums: replayed when steps are recorded and the batch is full.
+    pub fn batch(&mut self, images: &Tensor, labels: &Tensor, index: &Tensor, recipe: &Recipe) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let (model, sums) = (self.model, &mut *self.sums);
+        let mut step =
+            |index: &Tensor| sums.add(&eval_logits(model, images, index, recipe), &labels.index_select(0, index));
+        let full = index.size()[0] == recipe.batch_size as i64;
+        match self.graphs.as_deref_mut() {
+            Some(StepGraphs { eval, pool, .. }) if full => eval.run(index, pool, step),
+            _ => {
+                partial_batch(images.device(), full, || step(index));
+                Ok(())
+            }
+        }
+    }
+
+    /// All of `images`, in batches: the evaluation and the warm-up time of its first batches.
+    pub fn run(mut self, images: &Tensor, labels: &Tensor, recipe: &Recipe) -> Result<(Evaluation, f64)> {
+        let device = images.device();
+        let n = labels.size()[0] as usize;
+        let bounds = batch_bounds(n, recipe.batch_size, false);
+        self.sums.zero();
+        let started = Instant::now();
+        let mut head_seconds = 0.0;
+        for (step, &(start, len)) in bounds.iter().enumerate() {
+            self.batch(images, labels, &Tensor::arange_start(start, start + len, (Kind::Int64, device)), recipe)?;
+            if step + 1 == HEAD_STEPS {
+                synchronize(device);
+                head_seconds = started.elapsed().as_secs_f64();
+            }
+        }
+        synchronize(device);
+        let seconds = started.elapsed().as_secs_f64();
+        let evaluation = self.sums.read(n, seconds * 1e3 / bounds.len() as f64)?;
+        Ok((evaluation, warmup_seconds(head_seconds, HEAD_STEPS, seconds, bounds.len())))
+    }
+}
+
+/// Test loss, accuracy and confusion matrix over all of `images` (BatchNorm in eval mode), eagerly.
+pub fn evaluate(model: &Backbone, images: &Tensor, labels: &Tensor, recipe: &Recipe) -> Result<Evaluation> {
+    let mut sums = EvalSums::new(images.device());
+    Ok(Evaluator::new(model, None, &mut sums, true).run(images, labels, recipe)?.0)
+}
