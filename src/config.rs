@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use tch::Device;
 
+use crate::files::OutDir;
 use crate::native;
 
 /// Named sets of defaults; explicit flags override them.
@@ -72,10 +73,15 @@ impl RunConfig {
     pub fn for_seed(&self, seed: u64) -> RunConfig {
         RunConfig {
             recipe: Recipe { seed, ..self.recipe.clone() },
-            out: self.out.join(format!("seed-{seed}")),
+            out: self.out_dir().seed(seed).root().to_path_buf(),
             seeds: Vec::new(),
             ..self.clone()
         }
+    }
+
+    /// The run's output folder.
+    pub fn out_dir(&self) -> OutDir {
+        OutDir::new(&self.out)
     }
 
     /// Whether this run follows the tutorial's recipe on its full data, so that its numbers can be

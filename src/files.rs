@@ -3,7 +3,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -13,7 +13,7 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
     let name = path.file_name().context("output path has no file name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}{TMP_MARK}{}", std::process::id()));
+    let tmp = dir.join(hidden_name(&name, TMP_MARK));
     let result = (|| -> std::io::Result<()> {
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(contents)?;
@@ -39,7 +39,7 @@ impl Staging {
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
         let name = dest.file_name().context("data folder has no name")?.to_string_lossy();
         remove_leftovers(parent)?;
-        let path = parent.join(format!(".{name}{PARTIAL_MARK}{}", std::process::id()));
+        let path = parent.join(hidden_name(&name, PARTIAL_MARK));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
         Ok(Staging { path })
@@ -56,6 +56,16 @@ impl Drop for Staging {
         // After a successful commit the path no longer exists and this is a no-op.
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// `.NAME{mark}PID`, this process's hidden sibling of `name`; a long name is cut (at a character
+/// boundary) so that the result stays within the 255 bytes a file name may have.
+fn hidden_name(name: &str, mark: &str) -> String {
+    let mut end = name.len().min(200);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(".{}{mark}{}", &name[..end], std::process::id())
 }
 
 /// What [`write_atomic`] and [`Staging`] put between a name and the writer's process id.
@@ -102,11 +112,20 @@ impl OutputLock {
         std::fs::create_dir_all(out).with_context(|| unusable("cannot create it"))?;
         let path = out.join(Self::FILE);
         loop {
+            if path.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+                bail!(
+                    "--out {}: {} is a symbolic link, which csp-tch will not follow and write through; \
+                     remove it",
+                    out.display(),
+                    path.display()
+                );
+            }
             let mut file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .with_context(|| unusable("cannot create a file in it"))?;
             // SAFETY: flock on a descriptor this function owns.
@@ -127,11 +146,15 @@ impl OutputLock {
                 continue;
             }
             let command = std::env::args().collect::<Vec<_>>().join(" ");
-            file.set_len(0).and_then(|()| file.rewind()).with_context(|| unusable("cannot write in it"))?;
-            write!(file, "{}\n{command}\n", std::process::id())
-                .and_then(|()| file.sync_all())
-                .with_context(|| unusable("cannot write in it"))?;
-            return Ok(OutputLock { path, _file: file });
+            let written = file
+                .set_len(0)
+                .and_then(|()| file.rewind())
+                .and_then(|()| write!(file, "{}\n{command}\n", std::process::id()))
+                .and_then(|()| file.sync_all());
+            let lock = OutputLock { path, _file: file };
+            // On an error (a full disk, say) the lock is dropped, which removes the empty file.
+            written.with_context(|| unusable("cannot write in it (is the disk full?)"))?;
+            return Ok(lock);
         }
     }
 }
@@ -140,5 +163,148 @@ impl Drop for OutputLock {
     fn drop(&mut self) {
         // Removed while still locked, so the next run finds a fresh file (see `acquire`).
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A run's output folder (`--out`): every name csp-tch writes there, and the rules around them.
+///
+/// ```text
+/// <model>.csv  comparison.json  comparison.md  curves.svg  seeds.csv  checkpoints/<model>.safetensors
+/// seed-<s>/ (a run folder each, with --seeds)  .csp-tch.lock (while a run writes)
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutDir {
+    root: PathBuf,
+}
+
+impl OutDir {
+    const JSON: &'static str = "comparison.json";
+    const MARKDOWN: &'static str = "comparison.md";
+    const SVG: &'static str = "curves.svg";
+    const SEEDS_CSV: &'static str = "seeds.csv";
+    const CHECKPOINTS: &'static str = "checkpoints";
+    const SEED_PREFIX: &'static str = "seed-";
+
+    pub fn new(root: impl Into<PathBuf>) -> OutDir {
+        OutDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `model`'s per-epoch metrics.
+    pub fn csv(&self, model: &str) -> PathBuf {
+        self.root.join(format!("{model}.csv"))
+    }
+
+    pub fn json(&self) -> PathBuf {
+        self.root.join(Self::JSON)
+    }
+
+    pub fn markdown(&self) -> PathBuf {
+        self.root.join(Self::MARKDOWN)
+    }
+
+    pub fn svg(&self) -> PathBuf {
+        self.root.join(Self::SVG)
+    }
+
+    /// The aggregates of a multi-seed run, one per row.
+    pub fn seeds_csv(&self) -> PathBuf {
+        self.root.join(Self::SEEDS_CSV)
+    }
+
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join(Self::CHECKPOINTS)
+    }
+
+    /// `model`'s checkpoint.
+    pub fn checkpoint(&self, model: &str) -> PathBuf {
+        self.checkpoints().join(format!("{model}.safetensors"))
+    }
+
+    /// The name of seed `seed`'s folder in a multi-seed run.
+    pub fn seed_name(seed: u64) -> String {
+        format!("{}{seed}", Self::SEED_PREFIX)
+    }
+
+    /// Seed `seed`'s run folder in a multi-seed run.
+    pub fn seed(&self, seed: u64) -> OutDir {
+        OutDir::new(self.root.join(Self::seed_name(seed)))
+    }
+
+    /// The seed folders present (`seed-<s>` with a number), in seed order.
+    pub fn seed_folders(&self) -> Vec<(u64, OutDir)> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        let mut found: Vec<(u64, OutDir)> = entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let seed = name.strip_prefix(Self::SEED_PREFIX)?.parse().ok()?;
+                Some((seed, OutDir::new(e.path())))
+            })
+            .collect();
+        found.sort_by_key(|(seed, _)| *seed);
+        found
+    }
+
+    /// Locks the folder for this process (creating it); see [`OutputLock`].
+    pub fn lock(&self) -> Result<OutputLock> {
+        OutputLock::acquire(&self.root)
+    }
+
+    /// Removes what killed writers left here and in the checkpoint folder.
+    pub fn remove_leftovers(&self) -> Result<()> {
+        remove_leftovers(&self.root)?;
+        remove_leftovers(&self.checkpoints())
+    }
+
+    /// The csp-tch files of an earlier run present here, for any of `models`: CSVs, checkpoints,
+    /// reports, and with `seed_folders` every seed folder (whole).
+    fn previous(&self, models: &[&str], seed_folders: bool) -> Vec<PathBuf> {
+        let per_model = models.iter().flat_map(|m| [self.csv(m), self.checkpoint(m)]);
+        let reports = [self.json(), self.markdown(), self.svg(), self.seeds_csv()];
+        let mut found: Vec<PathBuf> = per_model.chain(reports).filter(|p| p.symlink_metadata().is_ok()).collect();
+        if seed_folders {
+            found.extend(self.seed_folders().into_iter().map(|(_, dir)| dir.root));
+        }
+        found
+    }
+
+    /// Removes an earlier run's results (see `previous`), all or nothing: each is first moved
+    /// into one hidden folder here, then that folder is removed; if a move fails, the ones moved
+    /// so far are put back and nothing is lost. A seed folder that another live run holds locked
+    /// stops the removal before anything moves.
+    pub fn remove_previous(&self, models: &[&str], seed_folders: bool) -> Result<()> {
+        let found = self.previous(models, seed_folders);
+        if found.is_empty() {
+            return Ok(());
+        }
+        // Held for the removal: another live run's seed folder stops it, and nobody writes there meanwhile.
+        let _locks: Vec<OutputLock> = match seed_folders {
+            true => self.seed_folders().iter().map(|(_, dir)| dir.lock()).collect::<Result<_>>()?,
+            false => Vec::new(),
+        };
+        let aside = self.root.join(format!(".previous{PARTIAL_MARK}{}", std::process::id()));
+        std::fs::create_dir(&aside).with_context(|| format!("cannot create {}", aside.display()))?;
+        let mut moved: Vec<(PathBuf, PathBuf)> = Vec::new();
+        for (i, path) in found.iter().enumerate() {
+            let to = aside.join(format!("{i}"));
+            if let Err(err) = std::fs::rename(path, &to) {
+                for (from, to) in moved.iter().rev() {
+                    let _ = std::fs::rename(to, from);
+                }
+                let _ = std::fs::remove_dir(&aside);
+                return Err(err).with_context(|| {
+                    format!("cannot remove {} of an earlier run (nothing was removed)", path.display())
+                });
+            }
+            moved.push((path.clone(), to));
+        }
+        let _ = std::fs::remove_dir(self.checkpoints());
+        std::fs::remove_dir_all(&aside)
+            .with_context(|| format!("cannot remove {}, the earlier run's results moved aside", aside.display()))
     }
 }

@@ -103,6 +103,7 @@ fn checkpoints_keep_the_loss_scale() {
         environment: RunEnvironment::detect(Device::Cpu, Precision::Fp16),
         cuda_graphs: None,
         cuda_graphs_off: None,
+        epoch_progress: None,
     };
     trained.save_checkpoint(&file, &meta).unwrap();
     let mut resumed = Trainer::new("cspdarknet53-pad0", 10, &recipe(), Device::Cpu).unwrap();

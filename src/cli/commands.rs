@@ -234,3 +234,16 @@ pub(super) fn check_graphs(args: CheckGraphsArgs) -> Result<()> {
     }
     Ok(())
 }
+
+pub(super) fn compare(a: &std::path::Path, b: &std::path::Path, json: bool) -> Result<()> {
+    let comparison = crate::report::compare::compare(&crate::files::OutDir::new(a), &crate::files::OutDir::new(b))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&comparison)?);
+    } else {
+        print!("{}", comparison.text());
+    }
+    if !comparison.reproduced() {
+        bail!("{} did not reproduce {} in the same environment", b.display(), a.display());
+    }
+    Ok(())
+}

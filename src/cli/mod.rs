@@ -15,7 +15,7 @@ use crate::models;
 use crate::run;
 
 mod commands;
-use commands::{bench, check_graphs, data_check, env, eval, summary};
+use commands::{bench, check_graphs, compare, data_check, env, eval, summary};
 
 #[derive(Parser, Debug)]
 #[command(name = "csp-tch", version, about = "DarkNet53 versus CSPDarkNet53 on CIFAR-10, on libtorch")]
@@ -40,6 +40,16 @@ enum Command {
     Report {
         #[arg(long, default_value = "results")]
         out: PathBuf,
+    },
+    /// Whether run B reproduced run A: their environments, and each model's first differing metric.
+    Compare {
+        /// The first run's output folder (a multi-seed run's top folder compares seed by seed).
+        a: PathBuf,
+        /// The second run's output folder.
+        b: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Median ms/step, images/s and GFLOP/s of a train or eval step.
     Bench(BenchArgs),
@@ -170,7 +180,8 @@ struct RecipeArgs {
     /// Test images: a seeded class-balanced subset of N, or `all` [preset].
     #[arg(long, value_parser = parse_limit)]
     test_limit: Option<Limit>,
-    #[arg(long, default_value_t = Recipe::tutorial().batch_size as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Images per batch, at least 2: BatchNorm cannot train on one value per channel.
+    #[arg(long, default_value_t = Recipe::tutorial().batch_size as u32, value_parser = clap::value_parser!(u32).range(2..))]
     batch_size: u32,
     /// Adam learning rate (betas 0.9/0.999, eps 1e-8 as in the tutorial).
     #[arg(long, default_value_t = Recipe::tutorial().adam.lr)]
@@ -203,6 +214,9 @@ impl RecipeArgs {
     fn resolve(&self, models: Vec<String>) -> Result<RunConfig> {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("--lr {} must be a positive number", self.lr);
+        }
+        if let Some(Limit(Some(1))) = self.train_limit {
+            bail!("--train-limit 1 leaves one image to train on, which BatchNorm cannot; use 2 or more");
         }
         if let Some(twice) = first_repeated(&self.seeds) {
             bail!("--seeds lists {twice} twice; name each seed once");
@@ -344,8 +358,8 @@ struct SummaryArgs {
     /// Square input size in pixels.
     #[arg(long, default_value_t = Recipe::tutorial().image_size, value_parser = clap::value_parser!(i64).range(1..=4096))]
     image_size: i64,
-    /// Classes in the linear head.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..))]
+    /// Classes in the linear head (at most 1,000,000).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..=models::MAX_CLASSES))]
     classes: i64,
     /// Print one JSON object instead of the table.
     #[arg(long)]
@@ -395,14 +409,15 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(twice) = first_repeated(&models) {
                 bail!("--models lists {twice} twice; name each model once");
             }
-            let config = args.recipe.resolve(models)?;
-            run::run(&config, &args.recipe.source.source(), args.recipe.resume)
+            let settings = run::Settings::check(args.recipe.resolve(models)?, args.recipe.resume)?;
+            run::run(&settings, &args.recipe.source.source())
         }
         Command::Train(args) => {
-            let config = args.recipe.resolve(vec![args.model])?;
-            run::run(&config, &args.recipe.source.source(), args.recipe.resume)
+            let settings = run::Settings::check(args.recipe.resolve(vec![args.model])?, args.recipe.resume)?;
+            run::run(&settings, &args.recipe.source.source())
         }
         Command::Eval(args) => eval(args),
+        Command::Compare { a, b, json } => compare(&a, &b, json),
         Command::Bench(args) => bench(args),
         Command::CheckGraphs(args) => check_graphs(args),
         Command::Report { out } => {

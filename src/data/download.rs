@@ -86,9 +86,11 @@ pub fn download(dir: &Path, source: &Source) -> Result<()> {
     tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(&archive)?))
         .unpack(&extracted)
         // tar's own message names the temporary folder, which is gone by the time anyone reads it.
-        .map_err(|_| {
+        .map_err(|err| {
+            let why = err.to_string().replace(&extracted.display().to_string(), "the data folder");
             anyhow::anyhow!(
-                "cannot extract {}: not a .tar.gz archive, or a damaged one; nothing was written",
+                "cannot extract {}: {why} (not a .tar.gz archive, a damaged one, or one whose entries point \
+                 outside it, which is refused); nothing was written",
                 source.url
             )
         })?;
@@ -114,7 +116,7 @@ fn find_layout_root(extracted: &Path) -> Option<PathBuf> {
 
 /// Makes sure `dir` holds the layout: downloads it when the folder is missing, checks it otherwise.
 pub fn ensure(dir: &Path, source: &Source) -> Result<()> {
-    if !dir.exists() {
+    if !super::folder_state(dir, "--data-dir")? {
         download(dir, source)?;
     }
     check_layout(dir)

@@ -52,7 +52,9 @@ fn how_to_get(dir: &Path) -> String {
 /// file is present with its exact size.
 pub(crate) fn layout_problem(dir: &Path) -> Option<String> {
     all_files().find_map(|name| match std::fs::metadata(dir.join(name)) {
-        Err(_) => Some(format!("{name} is missing")),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Some(format!("{name} is missing")),
+        Err(err) => Some(format!("{name} cannot be read ({err})")),
+        Ok(meta) if !meta.is_file() => Some(format!("{name} is not a file")),
         Ok(meta) if meta.len() != FILE_BYTES => Some(format!(
             "{name} has {} bytes, expected {FILE_BYTES} ({RECORDS_PER_FILE} records of {RECORD_BYTES} bytes): \
              truncated or not CIFAR-10's binary version",
@@ -62,9 +64,26 @@ pub(crate) fn layout_problem(dir: &Path) -> Option<String> {
     })
 }
 
+/// What keeps `dir` from being read as a folder, when something does: it is missing (`Ok(false)`),
+/// or an error naming the real cause (a file in its place, no permission, a symbolic-link loop),
+/// whose remedy is not to fetch the data again.
+pub fn folder_state(dir: &Path, flag: &str) -> Result<bool> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => match std::fs::read_dir(dir) {
+            Ok(_) => Ok(true),
+            Err(err) => bail!("{flag} {}: cannot read the folder ({err}); check its permissions", dir.display()),
+        },
+        Ok(_) => {
+            bail!("{flag} {} is a file, not a folder; point {flag} at the folder of the binary layout", dir.display())
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound && dir.symlink_metadata().is_err() => Ok(false),
+        Err(err) => bail!("{flag} {}: cannot reach the folder ({err}); check the path and its links", dir.display()),
+    }
+}
+
 /// Checks that every file of the layout is present with its exact size.
 pub fn check_layout(dir: &Path) -> Result<()> {
-    ensure!(dir.is_dir(), "CIFAR-10 folder {} does not exist; {}", dir.display(), how_to_get(dir));
+    ensure!(folder_state(dir, "--data-dir")?, "CIFAR-10 folder {} does not exist; {}", dir.display(), how_to_get(dir));
     if let Some(problem) = layout_problem(dir) {
         bail!("{}: {problem}; {}", dir.display(), how_to_get(dir));
     }
@@ -128,7 +147,7 @@ fn read_class_names(dir: &Path) -> Vec<String> {
 
 impl Cifar {
     /// Keeps a seeded, class-balanced subset of each split (`None`: all of it).
-    pub fn limit(self, train: Option<usize>, test: Option<usize>, seed: u64) -> Result<Cifar> {
+    pub fn limit(&self, train: Option<usize>, test: Option<usize>, seed: u64) -> Result<Cifar> {
         let pick = |images: Tensor, labels: Tensor, limit: Option<usize>, flag: &str, salt: u64| {
             let Some(limit) = limit else { return Ok((images, labels)) };
             let all = Vec::<i64>::try_from(&labels)?;
@@ -140,9 +159,11 @@ impl Cifar {
             let index = Tensor::from_slice(&balanced_subset(&all, limit, seed ^ salt)?);
             Ok((images.index_select(0, &index), labels.index_select(0, &index)))
         };
-        let (train_images, train_labels) = pick(self.train_images, self.train_labels, train, "--train-limit", 0x7472)?;
-        let (test_images, test_labels) = pick(self.test_images, self.test_labels, test, "--test-limit", 0x7465)?;
-        Ok(Cifar { train_images, train_labels, test_images, test_labels, class_names: self.class_names })
+        let (train_images, train_labels) =
+            pick(self.train_images.shallow_clone(), self.train_labels.shallow_clone(), train, "--train-limit", 0x7472)?;
+        let (test_images, test_labels) =
+            pick(self.test_images.shallow_clone(), self.test_labels.shallow_clone(), test, "--test-limit", 0x7465)?;
+        Ok(Cifar { train_images, train_labels, test_images, test_labels, class_names: self.class_names.clone() })
     }
 
     /// Moves the dataset to `device` once; batches are gathered there.

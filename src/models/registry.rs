@@ -8,6 +8,10 @@ use super::{timm, tutorial};
 /// BatchNorm's epsilon (PaddleClas, PyTorch and timm).
 pub const BN_EPS: f64 = 1e-5;
 
+/// The most classes a head may have: far beyond any dataset (ImageNet-21k has 21,843), and small
+/// enough that no parameter or MAC count can overflow.
+pub const MAX_CLASSES: i64 = 1_000_000;
+
 /// One entry of the model registry.
 pub struct ModelInfo {
     pub name: &'static str,

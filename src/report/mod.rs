@@ -1,6 +1,7 @@
 //! Metric files and the comparison report: per-model CSVs, comparison.json and comparison.md, both
 //! rendered from the typed [`Comparison`]; the report over seeds, the plot, the tutorial's figures.
 
+pub mod compare;
 pub mod format;
 pub mod plot;
 pub mod seeds;
@@ -16,19 +17,10 @@ use std::path::Path;
 
 use crate::config::{MemoryFormat, Recipe, RunConfig};
 use crate::environment::RunEnvironment;
-use crate::files::write_atomic;
+use crate::files::{write_atomic, OutDir};
 use crate::models;
 use crate::report::tutorial::{Figures, TUTORIAL_EPOCHS, TUTORIAL_PARAMS};
 use crate::train::metrics::EpochMetrics;
-
-/// The report's file names in a run's output folder.
-pub const JSON_FILE: &str = "comparison.json";
-pub const MARKDOWN_FILE: &str = "comparison.md";
-
-/// A model's metrics CSV in a run's output folder.
-pub fn csv_path(out: &Path, model: &str) -> std::path::PathBuf {
-    out.join(format!("{model}.csv"))
-}
 
 /// Writes one model's per-epoch metrics as CSV (header = the fields of [`EpochMetrics`]).
 pub fn write_csv(path: &Path, rows: &[EpochMetrics]) -> Result<()> {
@@ -241,9 +233,9 @@ impl Comparison {
     }
 
     /// Writes comparison.json and comparison.md into `out`.
-    pub fn write(&self, out: &Path) -> Result<()> {
-        write_atomic(&out.join(JSON_FILE), serde_json::to_string_pretty(self)?.as_bytes())?;
-        write_atomic(&out.join(MARKDOWN_FILE), self.markdown().as_bytes())
+    pub fn write(&self, out: &OutDir) -> Result<()> {
+        write_atomic(&out.json(), serde_json::to_string_pretty(self)?.as_bytes())?;
+        write_atomic(&out.markdown(), self.markdown().as_bytes())
     }
 
     /// The models table, failures and the comparison with the baseline, as Markdown.
@@ -368,8 +360,8 @@ pub struct RecordedModel {
 
 impl RecordedRun {
     /// The comparison.json in `out`, when there is one.
-    pub fn read(out: &Path) -> Result<Option<RecordedRun>> {
-        let path = out.join(JSON_FILE);
+    pub fn read(out: &OutDir) -> Result<Option<RecordedRun>> {
+        let path = out.json();
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

@@ -5,17 +5,13 @@
 
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
-use std::path::Path;
 
 use indexmap::{IndexMap, IndexSet};
 
-use crate::files::write_atomic;
+use crate::files::{write_atomic, OutDir};
 use crate::report::seeds::{ModelSpread, Spread};
 use crate::report::tutorial::TUTORIAL_EPOCHS;
 use crate::report::ModelReport;
-
-/// The figure's file name in a run's output folder.
-pub const SVG_FILE: &str = "curves.svg";
 
 const WIDTH: u32 = 1200;
 const HEIGHT: u32 = 940;
@@ -337,12 +333,12 @@ pub fn render(models: &[ModelCurves]) -> Result<String> {
 }
 
 /// Writes `curves.svg` of a single run's models into `out`.
-pub fn write(out: &Path, models: &IndexMap<String, ModelReport>) -> Result<()> {
+pub fn write(out: &OutDir, models: &IndexMap<String, ModelReport>) -> Result<()> {
     let curves: Vec<ModelCurves> = models.iter().map(|(name, r)| ModelCurves::of_run(name, r)).collect();
     write_curves(out, &curves)
 }
 
 /// Writes `curves.svg` of `models` into `out`.
-pub fn write_curves(out: &Path, models: &[ModelCurves]) -> Result<()> {
-    write_atomic(&out.join(SVG_FILE), render(models)?.as_bytes())
+pub fn write_curves(out: &OutDir, models: &[ModelCurves]) -> Result<()> {
+    write_atomic(&out.svg(), render(models)?.as_bytes())
 }

@@ -10,11 +10,10 @@
 use anyhow::Result;
 use indexmap::{IndexMap, IndexSet};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 use crate::config::RunConfig;
 use crate::environment::RunEnvironment;
-use crate::files::write_atomic;
+use crate::files::{write_atomic, OutDir};
 use crate::models;
 use crate::report::tutorial::TUTORIAL_EPOCHS;
 use crate::report::{self, ModelReport, Status};
@@ -278,9 +277,6 @@ pub struct SeedsReport {
     pub seeds: SeedsSection,
 }
 
-/// The summary CSV of a multi-seed run.
-pub const CSV_FILE: &str = "seeds.csv";
-
 /// One row of seeds.csv.
 #[derive(Serialize)]
 struct CsvRow<'a> {
@@ -297,10 +293,10 @@ struct CsvRow<'a> {
 
 impl SeedsReport {
     /// Writes comparison.json, comparison.md and seeds.csv into `out`.
-    pub fn write(&self, out: &Path) -> Result<()> {
-        write_atomic(&out.join(report::JSON_FILE), serde_json::to_string_pretty(self)?.as_bytes())?;
-        write_atomic(&out.join(report::MARKDOWN_FILE), self.markdown().as_bytes())?;
-        write_atomic(&out.join(CSV_FILE), &self.csv()?)
+    pub fn write(&self, out: &OutDir) -> Result<()> {
+        write_atomic(&out.json(), serde_json::to_string_pretty(self)?.as_bytes())?;
+        write_atomic(&out.markdown(), self.markdown().as_bytes())?;
+        write_atomic(&out.seeds_csv(), &self.csv()?)
     }
 
     fn csv(&self) -> Result<Vec<u8>> {

@@ -1,92 +1,164 @@
 //! `run-all` and `train`: data, every requested model, and the files a run leaves in `--out`;
 //! `report`, which rebuilds a run's report from those files.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indexmap::IndexMap;
-use std::path::Path;
 use tch::Device;
 
 use crate::config::{Preset, RunConfig};
 use crate::data::{self, Cifar, Source};
 use crate::environment::{parse_device, peak_resident_mb, RunEnvironment};
-use crate::files::{self, OutputLock};
+use crate::files::OutDir;
 use crate::models;
 use crate::report::plot::{self, ModelCurves};
 use crate::report::seeds::{self, SeedsReport};
 use crate::report::{self, Comparison, ModelReport};
-use crate::train::checkpoint;
-use crate::train::{self, Interrupted, Progress, Trainer};
+use crate::train::{self, checkpoint, cuda_graph, Interrupted, Progress, Trainer};
 
 mod rebuild;
 use rebuild::collect;
 pub use rebuild::rebuild;
 
-/// Loads the data for a run (already fetched): checked, subset, moved to the device.
-fn load_data(config: &RunConfig, device: Device) -> Result<Cifar> {
+/// A run's settings, checked before anything is touched: what [`run`] acts on. Nothing after
+/// [`Settings::check`] checks them again.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub config: RunConfig,
+    pub device: Device,
+    /// `--resume`: continue each model from its checkpoint instead of starting afresh.
+    pub resume: bool,
+}
+
+impl Settings {
+    /// Checks everything about `config` that can be known without its data: the device, each
+    /// model's least input size, what `--cuda-graphs` comes to with this precision.
+    pub fn check(config: RunConfig, resume: bool) -> Result<Settings> {
+        let device = parse_device(&config.device)?;
+        for name in &config.models {
+            models::model_info(name)?.check_image_size(config.recipe.image_size)?;
+        }
+        cuda_graph::plan(config.recipe.cuda_graphs, device, config.recipe.precision(device))?;
+        Ok(Settings { config, device, resume })
+    }
+
+    /// The single runs this one is made of: itself, or one per seed with `--seeds`.
+    fn single_runs(&self) -> Vec<RunConfig> {
+        match self.config.seeds.as_slice() {
+            [] => vec![self.config.clone()],
+            seeds => seeds.iter().map(|&seed| self.config.for_seed(seed)).collect(),
+        }
+    }
+}
+
+/// Runs `settings`: every model once, or once per seed of `--seeds` (each seed's run in
+/// `out/seed-<s>/` exactly as a single run writes it, and after each seed the report over the seeds
+/// so far in `out`). In this order: lock `--out`, fetch and load the data, check every seed's
+/// subsets against it, and only then, unless resuming, remove the previous run's results (all or
+/// nothing): a bad setting, a data problem or a Ctrl-C before training leaves `--out` as it was.
+/// A model that fails is recorded as failed and the others still run (the result is then an
+/// error); a signal stops the run before its next step, keeping the checkpoints.
+pub fn run(settings: &Settings, source: &Source) -> Result<()> {
+    let config = &settings.config;
+    let out = config.out_dir();
+    let _lock = out.lock()?;
+    out.remove_leftovers()?;
+    data::ensure(&config.data_dir, source)?;
+    // From here on, the first Ctrl-C or SIGTERM stops the run before its next step (a download
+    // before this stops at once). Installed before the data loads, so that no signal is lost.
+    train::stop_on_signals();
     let started = std::time::Instant::now();
-    let cifar = data::load(&config.data_dir)?.limit(config.train_limit, config.test_limit, config.recipe.seed)?;
+    let full = data::load(&config.data_dir)?;
+    let runs = settings
+        .single_runs()
+        .into_iter()
+        .map(|run| {
+            let subsets = full.limit(run.train_limit, run.test_limit, run.recipe.seed)?;
+            Ok((run, subsets))
+        })
+        .collect::<Result<Vec<(RunConfig, Cifar)>>>()?;
+    drop(full);
+    let (first_run, first_data) = &runs[0];
     eprintln!(
         "data: {} train / {} test images from {} ({:.1} s)",
-        cifar.train_len(),
-        cifar.test_len(),
+        first_data.train_len(),
+        first_data.test_len(),
         config.data_dir.display(),
         started.elapsed().as_secs_f64()
     );
-    Ok(cifar.to_device(device))
-}
-
-/// Runs `config`: once, or once per seed of `config.seeds` ([`run_seeds`]).
-pub fn run(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
-    if config.seeds.is_empty() {
-        run_one(config, source, resume).map(drop)
-    } else {
-        run_seeds(config, source, resume)
+    if train::stop_requested() {
+        eprintln!("stopped before any training: nothing in {} was changed", out.root().display());
+        return Err(Interrupted.into());
     }
-}
-
-/// Trains and evaluates every model of `config`, writing `<model>.csv` and the model's checkpoint
-/// after each epoch and the report (comparison.json / .md, curves.svg) after each model. A model that
-/// fails is recorded as failed and the others still run; the result is an error when any failed.
-/// With `resume`, each model continues from its checkpoint, and finished models are not retrained.
-/// The output folder is locked for the whole run, and checked to be writable before any data loads.
-fn run_one(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
-    let device = parse_device(&config.device)?;
-    for name in &config.models {
-        models::model_info(name)?.check_image_size(config.recipe.image_size)?;
-    }
-    let _lock = OutputLock::acquire(&config.out)?;
-    files::remove_leftovers(&config.out)?;
-    files::remove_leftovers(&config.out.join(checkpoint::FOLDER))?;
-    data::ensure(&config.data_dir, source)?;
-    // From here on, the first Ctrl-C stops the run before its next step (a download before this
-    // stops at once). Installed before the data loads, so that no Ctrl-C is lost in between.
-    train::stop_on_ctrl_c();
-    let data = load_data(config, device)?;
-    let mut environment = RunEnvironment::detect(device, config.recipe.precision(device));
-    eprintln!(
-        "{}",
-        crate::train::cuda_graph::decision_line(config.recipe.cuda_graphs, device, config.recipe.precision(device))?
-    );
-    if resume {
+    let precision = config.recipe.precision(settings.device);
+    let environment = RunEnvironment::detect(settings.device, precision);
+    eprintln!("{}", cuda_graph::decision_line(config.recipe.cuda_graphs, settings.device, precision)?);
+    if settings.resume {
         // Refuse a mismatched checkpoint before any training.
-        for name in &config.models {
-            let file = checkpoint::path(&config.out, name);
-            if file.exists() {
-                checkpoint::read_meta(&file)?.check_compatible(&run_meta(config, name, &data, &environment), &file)?;
+        for (run, data) in &runs {
+            for name in &run.models {
+                let file = run.out_dir().checkpoint(name);
+                if file.exists() {
+                    let wanted = run_meta(run, name, data, &environment);
+                    checkpoint::read_meta(&file)?.check_compatible(&wanted, &file)?;
+                }
             }
         }
     } else {
-        remove_previous_outputs(&config.out)?;
+        out.remove_previous(&models::model_names(), !config.seeds.is_empty())?;
     }
+    if config.seeds.is_empty() {
+        let _ = first_run;
+        let (run, data) = runs.into_iter().next().expect("one run");
+        return run_one(&run, data, settings, &environment);
+    }
+    let mut failures = Vec::new();
+    let count = runs.len();
+    for (i, (run, data)) in runs.into_iter().enumerate() {
+        let seed = run.recipe.seed;
+        eprintln!("seed {seed} ({} of {count}): {}", i + 1, run.out.display());
+        match run_one(&run, data, settings, &environment) {
+            Err(err) if err.is::<Interrupted>() => return Err(err),
+            Err(err) => failures.push(format!("seed {seed}: {err:#}")),
+            Ok(()) => {}
+        }
+        let report = write_seeds_report(config)?;
+        if i + 1 == count {
+            println!("{}", report.markdown());
+        }
+    }
+    if !failures.is_empty() {
+        bail!("{}", failures.join("; "));
+    }
+    Ok(())
+}
+
+/// Trains and evaluates every model of the single run `config` on `data` (its subsets), writing
+/// `<model>.csv` and the model's checkpoint after each epoch and the report (comparison.json / .md,
+/// curves.svg) after each model. Its folder is locked meanwhile (a seed folder of a multi-seed run
+/// has its own lock).
+fn run_one(config: &RunConfig, data: Cifar, settings: &Settings, environment: &RunEnvironment) -> Result<()> {
+    let out = config.out_dir();
+    let _lock = match config.out != settings.config.out {
+        true => {
+            let lock = out.lock()?;
+            out.remove_leftovers()?;
+            Some(lock)
+        }
+        false => None,
+    };
+    let device = settings.device;
+    let data = data.to_device(device);
+    let mut environment = environment.clone();
     let progress = Progress::detect();
     let mut reports: IndexMap<String, ModelReport> = IndexMap::new();
     let mut comparison = None;
     for name in &config.models {
         let mut trainer = Trainer::new(name, config.classes, &config.recipe, device)?;
-        let result = train_model(config, &mut trainer, &data, progress, reports.is_empty(), resume, &environment);
+        let result =
+            train_model(config, &mut trainer, &data, progress, reports.is_empty(), settings.resume, &environment);
         if let Err(err) = &result {
             if err.is::<Interrupted>() {
-                eprintln!("{}", stop_message(config, name, trainer.history.len(), !reports.is_empty()));
+                eprintln!("{}", stop_message(config, &trainer, !reports.is_empty()));
                 return result;
             }
             eprintln!("error: {name} failed: {err:#}");
@@ -96,7 +168,7 @@ fn run_one(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
         report.set_graphs(Some(graphs.replayed), graphs.off_reason);
         reports.insert(name.clone(), report);
         environment.peak_resident_mb = peak_resident_mb();
-        comparison = Some(write_report(&config.out, Comparison::new(config, &environment, reports.clone()))?);
+        comparison = Some(write_report(&out, Comparison::new(config, &environment, reports.clone()))?);
     }
     if let Some(comparison) = &comparison {
         println!("{}", comparison.models_markdown());
@@ -109,57 +181,8 @@ fn run_one(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
             failed.len(),
             reports.len(),
             failed.join(", "),
-            config.out.join(report::MARKDOWN_FILE).display()
+            out.markdown().display()
         );
-    }
-    Ok(())
-}
-
-/// Every model once per seed of `config.seeds`, each seed's run in `out/seed-<s>/` exactly as a
-/// single run writes it, and after each seed the report over the seeds so far in `out`. A seed whose
-/// models failed does not stop the others; Ctrl-C does, and `--resume` continues where it stopped
-/// (finished seeds and models are not retrained).
-fn run_seeds(config: &RunConfig, source: &Source, resume: bool) -> Result<()> {
-    let _lock = OutputLock::acquire(&config.out)?;
-    if !resume {
-        remove_previous_outputs(&config.out)?;
-        remove_seed_folders(&config.out)?;
-    }
-    let mut failures = Vec::new();
-    for &seed in &config.seeds {
-        eprintln!(
-            "seed {seed} ({} of {}): {}",
-            seed_position(config, seed),
-            config.seeds.len(),
-            config.for_seed(seed).out.display()
-        );
-        match run_one(&config.for_seed(seed), source, resume) {
-            Err(err) if err.is::<Interrupted>() => return Err(err),
-            Err(err) => failures.push(format!("seed {seed}: {err:#}")),
-            Ok(()) => {}
-        }
-        let report = write_seeds_report(config)?;
-        if seed == *config.seeds.last().expect("seeds") {
-            println!("{}", report.markdown());
-        }
-    }
-    if !failures.is_empty() {
-        bail!("{}", failures.join("; "));
-    }
-    Ok(())
-}
-
-fn seed_position(config: &RunConfig, seed: u64) -> usize {
-    config.seeds.iter().position(|&s| s == seed).map_or(0, |i| i + 1)
-}
-
-/// Removes the seed folders an earlier multi-seed run left in `out` (their csp-tch files only).
-fn remove_seed_folders(out: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
-    for entry in entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("seed-")) {
-        remove_previous_outputs(&entry.path())?;
-        let _ = std::fs::remove_dir(entry.path().join(checkpoint::FOLDER));
-        let _ = std::fs::remove_dir(entry.path());
     }
     Ok(())
 }
@@ -170,15 +193,14 @@ fn write_seeds_report(config: &RunConfig) -> Result<SeedsReport> {
     let mut folders = IndexMap::new();
     let mut environment = None;
     for &seed in &config.seeds {
-        let child = config.for_seed(seed);
-        let has_results = child.out.join(report::JSON_FILE).exists()
-            || config.models.iter().any(|m| report::csv_path(&child.out, m).exists());
+        let child = config.out_dir().seed(seed);
+        let has_results = child.json().exists() || config.models.iter().any(|m| child.csv(m).exists());
         if !has_results {
             continue;
         }
-        let collected = collect(&child.out)?;
+        let collected = collect(&child)?;
         environment.get_or_insert(collected.environment);
-        folders.insert(seed.to_string(), format!("seed-{seed}"));
+        folders.insert(seed.to_string(), OutDir::seed_name(seed));
         runs.push((seed, collected.models));
     }
     let Some(environment) = environment else { bail!("no seed of {} has results yet", config.out.display()) };
@@ -192,13 +214,13 @@ fn write_seeds_report(config: &RunConfig) -> Result<SeedsReport> {
         })
         .collect();
     let report = SeedsReport { config: config.clone(), environment, runs: folders, seeds: section };
-    report.write(&config.out)?;
-    plot::write_curves(&config.out, &curves)?;
+    report.write(&config.out_dir())?;
+    plot::write_curves(&config.out_dir(), &curves)?;
     Ok(report)
 }
 
 /// Writes comparison.json, comparison.md and curves.svg into `out`.
-fn write_report(out: &Path, comparison: Comparison) -> Result<Comparison> {
+fn write_report(out: &OutDir, comparison: Comparison) -> Result<Comparison> {
     comparison.write(out)?;
     plot::write(out, &comparison.models)?;
     Ok(comparison)
@@ -219,6 +241,7 @@ fn run_meta(config: &RunConfig, name: &str, data: &Cifar, environment: &RunEnvir
         environment: environment.clone(),
         cuda_graphs: None,
         cuda_graphs_off: None,
+        epoch_progress: None,
     }
 }
 
@@ -234,18 +257,37 @@ fn train_model(
     environment: &RunEnvironment,
 ) -> Result<()> {
     let name = trainer.name.clone();
-    let file = checkpoint::path(&config.out, &name);
-    let csv = report::csv_path(&config.out, &name);
+    let file = config.out_dir().checkpoint(&name);
+    let csv = config.out_dir().csv(&name);
     if resume && file.exists() {
         let meta = trainer.restore_checkpoint(&file)?;
-        eprintln!("{name}: resuming after epoch {} from {}", meta.epochs_done, file.display());
+        match &trainer.epoch_progress {
+            Some(place) => eprintln!(
+                "{name}: resuming in epoch {} after step {} from {}",
+                place.epoch,
+                place.steps,
+                file.display()
+            ),
+            None => eprintln!("{name}: resuming after epoch {} from {}", meta.epochs_done, file.display()),
+        }
         report::write_csv(&csv, &trainer.history)?;
     }
     let announce = first_model && trainer.vs.device() == Device::Cpu && config.preset == Preset::Tutorial;
     let mut first_steps = |ms_per_step: f64| announce.then(|| cpu_estimate(config, data, ms_per_step));
     let mut meta = run_meta(config, &name, data, environment);
     while trainer.history.len() < config.recipe.epochs {
-        trainer.run_epoch(data, &config.recipe, progress, &mut first_steps)?;
+        let epoch = trainer.run_epoch(data, &config.recipe, progress, &mut first_steps);
+        if let Err(err) = epoch {
+            // Stopped by a signal inside an epoch: save the place, so that --resume goes on from it.
+            if let Some(place) = trainer.epoch_progress.clone().filter(|p| err.is::<Interrupted>() && p.steps > 0) {
+                meta.epoch_progress = Some(place);
+                meta.adam_steps = trainer.adam.steps();
+                meta.loss_scaler = trainer.scaler.clone();
+                trainer.save_checkpoint(&file, &meta)?;
+            }
+            return Err(err);
+        }
+        meta.epoch_progress = None;
         meta.epochs_done = trainer.history.len();
         meta.adam_steps = trainer.adam.steps();
         meta.loss_scaler = trainer.scaler.clone();
@@ -260,31 +302,40 @@ fn train_model(
 
 /// What to tell a user who pressed Ctrl-C while `name` trained with `epochs_done` epochs
 /// checkpointed; `earlier_done`: models before it in this run finished.
-fn stop_message(config: &RunConfig, name: &str, epochs_done: usize, earlier_done: bool) -> String {
+fn stop_message(config: &RunConfig, trainer: &Trainer, earlier_done: bool) -> String {
+    let (name, epochs_done) = (&trainer.name, trainer.history.len());
     let mut args: Vec<String> = std::env::args().collect();
     if !args.iter().any(|a| a == "--resume") {
         args.push("--resume".into());
     }
-    let quoted: Vec<String> = args
-        .iter()
-        .map(|a| {
-            if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,".contains(c)) {
-                a.clone()
-            } else {
-                format!("'{a}'")
-            }
-        })
-        .collect();
-    let kept = if epochs_done > 0 {
-        format!(
-            "{name} keeps its checkpoint after epoch {epochs_done} in {}",
-            checkpoint::path(&config.out, name).display()
-        )
-    } else {
-        let earlier = if earlier_done { "; the models before it are finished and kept" } else { "" };
-        format!("{name} had not finished an epoch, so nothing of it was saved{earlier}")
+    let quoted: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
+    let checkpoint = config.out_dir().checkpoint(name);
+    let kept = match &trainer.epoch_progress {
+        Some(place) if place.steps > 0 => format!(
+            "{name} saved its place in epoch {} (after step {}) in {}",
+            place.epoch,
+            place.steps,
+            checkpoint.display()
+        ),
+        _ if epochs_done > 0 => {
+            format!("{name} keeps its checkpoint after epoch {epochs_done} in {}", checkpoint.display())
+        }
+        _ => {
+            let earlier = if earlier_done { "; the models before it are finished and kept" } else { "" };
+            format!("{name} had not taken a step, so nothing of it was saved{earlier}")
+        }
     };
     format!("stopped: {kept}; resume with:\n  {}", quoted.join(" "))
+}
+
+/// `arg` as a POSIX shell reads it back: as it is when it holds only safe characters, else in
+/// single quotes, each `'` inside closed, escaped and reopened.
+pub fn shell_quote(arg: &str) -> String {
+    if !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,".contains(c)) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
 }
 
 /// On a CPU with the tutorial preset: how long the whole run will take, from the first steps.
@@ -316,18 +367,4 @@ fn cpu_estimate(config: &RunConfig, data: &Cifar, ms_per_step: f64) -> String {
         config.models.len(),
         config.recipe.epochs
     )
-}
-
-/// Removes what an earlier run left in `out` (every model's CSV and checkpoint, the report files),
-/// so that a folder never mixes two runs' results.
-fn remove_previous_outputs(out: &Path) -> Result<()> {
-    let per_model =
-        models::model_names().into_iter().flat_map(|name| [report::csv_path(out, name), checkpoint::path(out, name)]);
-    let reports = [report::JSON_FILE, report::MARKDOWN_FILE, plot::SVG_FILE, seeds::CSV_FILE].map(|f| out.join(f));
-    for path in per_model.chain(reports) {
-        if path.exists() {
-            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
-        }
-    }
-    Ok(())
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::config::RunConfig;
@@ -23,14 +23,6 @@ use crate::train::optim::{Adam, LossScaler};
 
 pub const FORMAT: u32 = 1;
 const META_KEY: &str = "csp_tch";
-
-/// The folder of a run's output folder that holds the checkpoints.
-pub const FOLDER: &str = "checkpoints";
-
-/// The checkpoint of `model` in a run's output folder.
-pub fn path(out: &Path, model: &str) -> PathBuf {
-    out.join(FOLDER).join(format!("{model}.safetensors"))
-}
 
 /// What a checkpoint says about itself.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -55,14 +47,35 @@ pub struct Meta {
     /// Why they did not, when they did not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuda_graphs_off: Option<String>,
+    /// Where in an epoch a stopped run was: `--resume` continues from that step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_progress: Option<EpochProgress>,
+}
+
+/// A position inside an epoch, with the epoch's running sums so far: with the weights, statistics
+/// and optimizer state of the same moment, what an epoch needs to go on as if never stopped (its
+/// shuffle is a function of the seed and the epoch).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochProgress {
+    pub epoch: usize,
+    /// Batches done.
+    pub steps: usize,
+    pub images: i64,
+    /// The sums of [`crate::train::Trainer::train_totals`] and the last batch's loss.
+    pub loss_sum: f64,
+    pub correct: f64,
+    pub last_loss: f64,
 }
 
 impl Meta {
     /// The settings that must match for a run to continue this checkpoint: everything that
-    /// changes what is computed, except the number of epochs (a run may be extended).
+    /// changes what is computed, the data folder among them (compared as the folder it names),
+    /// except the number of epochs (a run may be extended).
     fn fingerprint(&self) -> Value {
         let r = &self.config.recipe;
+        let data_dir = std::fs::canonicalize(&self.config.data_dir).unwrap_or_else(|_| self.config.data_dir.clone());
         serde_json::json!({
+            "data_dir": data_dir,
             "model": self.model,
             "classes": self.config.classes,
             "batch_size": r.batch_size,
@@ -87,6 +100,16 @@ impl Meta {
             .filter(|(key, value)| theirs.get(key.as_str()) != Some(value))
             .map(|(key, value)| format!("{key}: checkpoint {value}, this run {}", theirs[key.as_str()]))
             .collect();
+        if self.epochs_done > wanted.config.recipe.epochs {
+            bail!(
+                "{} has {} epochs done, more than --epochs {}: resume with --epochs {} or more, or run \
+                 without --resume (or with another --out) to start afresh",
+                file.display(),
+                self.epochs_done,
+                wanted.config.recipe.epochs,
+                self.epochs_done
+            );
+        }
         if !differences.is_empty() {
             bail!(
                 "{} was written under another configuration ({}); rerun with the checkpoint's \
@@ -164,7 +187,34 @@ fn read(file: &Path) -> Result<(Vec<u8>, Meta)> {
         file.display(),
         meta.format
     );
+    meta.check(file)?;
     Ok((bytes, meta))
+}
+
+impl Meta {
+    /// Checks what a checkpoint records as a command line would be checked, so that an edited or
+    /// damaged file is refused with its name instead of failing (or panicking) later.
+    fn check(&self, file: &Path) -> Result<()> {
+        let damaged = |what: String| {
+            anyhow::anyhow!("{}: {what}; the file was edited or damaged, train it again", file.display())
+        };
+        let info = crate::models::model_info(&self.model).map_err(|e| damaged(format!("{e:#}")))?;
+        let r = &self.config.recipe;
+        if !(1..=4096).contains(&r.image_size) {
+            return Err(damaged(format!("its image size {} is not in 1..=4096", r.image_size)));
+        }
+        info.check_image_size(r.image_size).map_err(|e| damaged(format!("{e:#}")))?;
+        if r.batch_size < 2 {
+            return Err(damaged(format!("its batch size {} is below 2", r.batch_size)));
+        }
+        if !(1..=crate::models::MAX_CLASSES).contains(&self.config.classes) {
+            return Err(damaged(format!("its class count {} is out of range", self.config.classes)));
+        }
+        if !(r.adam.lr.is_finite() && r.adam.lr > 0.0) {
+            return Err(damaged(format!("its learning rate {} is not a positive number", r.adam.lr)));
+        }
+        Ok(())
+    }
 }
 
 /// A checkpoint's metadata alone.

@@ -1,12 +1,12 @@
-//! Stopping a run between steps: the first Ctrl-C asks training to stop before its next step;
-//! a second one quits at once.
+//! Stopping a run between steps: the first Ctrl-C, SIGTERM or SIGHUP (what schedulers and torchrun
+//! send) asks training to stop before its next step; a second one quits at once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Set by the Ctrl-C handler; training stops before the next step.
+/// Set by the signal handler; training stops before the next step.
 pub(super) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// The error of a run stopped by Ctrl-C.
+/// The error of a run stopped by a signal.
 #[derive(Debug)]
 pub struct Interrupted;
 
@@ -18,9 +18,9 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
-/// Makes Ctrl-C stop training at the next step (the epoch in progress is dropped, the last
-/// checkpoint kept); a second Ctrl-C quits at once.
-pub fn stop_on_ctrl_c() {
+/// Makes Ctrl-C, SIGTERM and SIGHUP stop training before its next step (the run saves where it is);
+/// a second signal quits at once.
+pub fn stop_on_signals() {
     // Only one handler per process: a second call (several runs in one process) keeps the first.
     let _ = ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
@@ -29,11 +29,11 @@ pub fn stop_on_ctrl_c() {
             // complete or absent, so there is nothing to flush.
             unsafe { libc::_exit(130) };
         }
-        eprintln!("\ninterrupt: stopping before the next step (Ctrl-C again quits at once)");
+        eprintln!("\ninterrupt: stopping before the next step (a second Ctrl-C quits at once)");
     });
 }
 
 /// Whether a stop was asked for.
-pub fn requested() -> bool {
+pub fn stop_requested() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }

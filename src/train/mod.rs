@@ -15,7 +15,7 @@ mod progress;
 mod timing;
 
 pub use evaluate::{eval_logits, evaluate, ClassAccuracy, Evaluation, Evaluator};
-pub use interrupt::{stop_on_ctrl_c, Interrupted};
+pub use interrupt::{stop_on_signals, stop_requested, Interrupted};
 pub use progress::Progress;
 pub use timing::{warmup_seconds, PhaseTimes};
 
@@ -36,6 +36,7 @@ use crate::environment::synchronize;
 use crate::models::Backbone;
 use crate::train::metrics::EpochMetrics;
 use crate::train::optim::{Adam, LossScaler};
+use checkpoint::EpochProgress;
 use cuda_graph::{GraphPlan, MemoryPoolSlot, Replayer};
 
 /// The input of `model` for the images at `index`: the recipe's transform, in the model's layout.
@@ -138,6 +139,9 @@ pub struct Trainer {
     graphs: Option<StepGraphs>,
     /// Why they do not, when `graphs` is absent.
     eager_reason: Option<String>,
+    /// Where the epoch in progress stands: set when a stop request ended it early (to be saved),
+    /// or restored from a checkpoint (to continue from).
+    pub epoch_progress: Option<EpochProgress>,
     train_sums: TrainSums,
     eval_sums: EvalSums,
 }
@@ -194,6 +198,7 @@ impl Trainer {
             },
             train_sums: TrainSums::new(device),
             eval_sums: EvalSums::new(device),
+            epoch_progress: None,
         };
         trainer.set_precision(precision);
         Ok(trainer)
@@ -242,6 +247,7 @@ impl Trainer {
             *scaler = saved.clone();
         }
         self.history = meta.history.clone();
+        self.epoch_progress = meta.epoch_progress.clone().filter(|p| p.epoch == self.history.len() + 1);
         Ok(meta)
     }
 
@@ -389,9 +395,24 @@ impl Trainer {
         self.zero_train_totals();
         let mut watch = Watch::new(bar);
         let (mut images, mut timed_from, mut head_seconds) = (0i64, started, 0.0);
-        for (step, &(start, len)) in bounds.iter().enumerate() {
-            if interrupt::requested() {
+        // A resumed epoch goes on from where it stopped, with its sums as they were.
+        let first = match self.epoch_progress.take().filter(|p| p.epoch == epoch) {
+            Some(p) => {
+                let _ = self.train_sums.loss.fill_(p.loss_sum);
+                let _ = self.train_sums.correct.fill_(p.correct);
+                let _ = self.train_sums.last_loss.fill_(p.last_loss);
+                images = p.images;
+                bar.set_position(p.steps as u64);
+                p.steps
+            }
+            None => 0,
+        };
+        for (step, &(start, len)) in bounds.iter().enumerate().skip(first) {
+            if stop_requested() {
                 bar.abandon();
+                let (loss_sum, correct) = self.train_totals();
+                let last_loss = self.last_train_loss();
+                self.epoch_progress = Some(EpochProgress { epoch, steps: step, images, loss_sum, correct, last_loss });
                 return Err(Interrupted.into());
             }
             if step == 1 {
