@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # csp-tch against PyTorch eager (the torch that scripts/setup.sh installed), side by side on this machine:
 # for each model and mode, rounds that alternate which of the two runs first; prints the median ms/step of
-# each and the ratio csp-tch / PyTorch in images/s (above 1: csp-tch is faster).
+# each and PyTorch's time over csp-tch's (above 1: csp-tch is faster), through scripts/bench_table.py.
 #   scripts/bench.sh [--models a,b,c] [--modes train,eval] [--image-size 32] [--batch-size 64]
 #                    [--steps 10] [--warmup 3] [--rounds 3] [--device cpu] [--amp] [--channels-last]
 #                    [--peer-keeps-freed-memory] [--peer-compile MODE] [--out FILE.jsonl]
@@ -11,7 +11,7 @@
 # --peer-compile MODE runs PyTorch through torch.compile (default, reduce-overhead, max-autotune, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-models=darknet53,cspdarknet53,cspdarknet53-pad0 modes=train,eval image_size=32 batch_size=64
+models="" modes=train,eval image_size=32 batch_size=64
 steps=10 warmup=3 rounds=3 device=cpu out="" options=() peer_options=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -30,6 +30,8 @@ while [ $# -gt 0 ]; do
 done
 scripts/setup.sh >/dev/null
 cargo build --release --quiet
+# The binary knows which models run by default.
+[ -n "$models" ] || models=$(target/release/csp-tch models --default | paste -sd, -)
 py=$(sed -n 's/^CSP_TCH_PYTHON = "\(.*\)"$/\1/p' .cargo/config.toml 2>/dev/null || true)
 py=${py:-python3}
 "$py" -c 'import torch' 2>/dev/null || { echo "bench.sh: $py has no torch; run scripts/setup.sh" >&2; exit 1; }
@@ -49,29 +51,4 @@ for model in ${models//,/ }; do
   done
 done
 [ -z "$out" ] || cp "$lines" "$out"
-"$py" - "$lines" <<'PY'
-import json, statistics, sys
-runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-first = runs[0]
-peer_compile = {r.get("compile") for r in runs if r["implementation"] == "pytorch"}
-print("PyTorch: " + ", ".join(f"torch.compile {m}" if m else "eager" for m in sorted(peer_compile, key=str)))
-print(f"{first['image_size']} px, batch {first['batch_size']}, {first['device']}, {first['precision']}, "
-      f"{first['threads']} threads, "
-      f"median ms/step over {first['steps']} steps after {first['warmup']} warm-up, median of rounds")
-kept = {impl: all(r.get("keeps_freed_memory", False) for r in runs if r["implementation"] == impl) for impl in ("csp-tch", "pytorch")}
-print("freed memory kept in the heap: " + ", ".join(f"{name} {'yes' if kept[impl] else 'no (glibc defaults)'}"
-                                                  for impl, name in (("csp-tch", "csp-tch"), ("pytorch", "PyTorch"))))
-print()
-print("| model | mode | layout csp-tch / PyTorch | csp-tch ms/step | PyTorch ms/step | csp-tch images/s | PyTorch images/s | ratio csp-tch / PyTorch |")
-print("|---|---|---|---:|---:|---:|---:|---:|")
-keys = sorted({(r["model"], r["mode"]) for r in runs}, key=lambda k: (["darknet53", "cspdarknet53", "cspdarknet53-pad0"].index(k[0]) if k[0] in ["darknet53", "cspdarknet53", "cspdarknet53-pad0"] else 9, k[1] != "train"))
-for model, mode in keys:
-    ms = {impl: statistics.median(r["ms_per_step"] for r in runs if (r["model"], r["mode"], r["implementation"]) == (model, mode, impl))
-          for impl in ("csp-tch", "pytorch")}
-    layout = {impl: "/".join(sorted({"NHWC" if r["channels_last"] else "NCHW" for r in runs
-                                       if (r["model"], r["mode"], r["implementation"]) == (model, mode, impl)}))
-              for impl in ("csp-tch", "pytorch")}
-    bs = first["batch_size"]
-    print(f"| {model} | {mode} | {layout['csp-tch']} / {layout['pytorch']} | {ms['csp-tch']:.1f} | {ms['pytorch']:.1f} | {bs / ms['csp-tch'] * 1e3:.1f} | "
-          f"{bs / ms['pytorch'] * 1e3:.1f} | {ms['pytorch'] / ms['csp-tch']:.2f}x |")
-PY
+"$py" scripts/bench_table.py "$lines"

@@ -25,7 +25,6 @@ OUT=${OUT:?set OUT to a folder for the results}
 BIN=${BIN:-.device/csp-tch}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-MODELS=${MODELS:-darknet53 cspdarknet53 cspdarknet53-pad0}
 PARTS=${PARTS:-graphs bench run compile}
 SIZE=${SIZE:-224}
 BENCH_STEPS=${BENCH_STEPS:-20}
@@ -54,6 +53,9 @@ cat "$OUT/env.txt"
 # Everything below measures the CUDA-graph path: a binary without it would measure the wrong thing.
 grep -q '^CUDA graphs: available in this build' "$OUT/env.txt" ||
   { say "FAILED: $BIN has no CUDA graphs ($(grep '^CUDA graphs' "$OUT/env.txt")); rebuild with scripts/prepare-device.sh"; exit 1; }
+
+# The binary knows which models run by default.
+MODELS=${MODELS:-$("$BIN" models --default | tr '\n' ' ')}
 
 if wants graphs; then
   for model in $MODELS; do
@@ -110,20 +112,5 @@ if wants compile; then
   done
 fi
 
-if [ -s "$OUT/bench.jsonl" ]; then
-  $PY - "$OUT/bench.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-def who(r):
-    if r["implementation"] == "csp-tch":
-        return "csp-tch, CUDA graphs" if r.get("cuda_graphs") else "csp-tch, eager"
-    return f"PyTorch torch.compile {r['compile']}" if r.get("compile") else "PyTorch eager"
-print("| model | precision | who | ms/step | warm-up s | PyTorch eager ms / this ms |")
-print("|---|---|---|---:|---:|---:|")
-for r in rows:
-    base = [b["ms_per_step"] for b in rows if (b["model"], b["precision"], who(b)) == (r["model"], r["precision"], "PyTorch eager")]
-    ratio = f"{base[0] / r['ms_per_step']:.2f}x" if base else "-"
-    print(f"| {r['model']} | {r['precision']} | {who(r)} | {r['ms_per_step']:.2f} | {r.get('warmup_s', float('nan')):.1f} | {ratio} |")
-PY
-fi
+[ -s "$OUT/bench.jsonl" ] && $PY scripts/bench_table.py "$OUT/bench.jsonl"
 say done

@@ -30,6 +30,12 @@ enum Command {
     Summary(SummaryArgs),
     /// csp-tch, tch and libtorch versions; CUDA, cuDNN and CPU threads.
     Env,
+    /// The models csp-tch knows, one name a line (what --models and --model take).
+    Models {
+        /// Only the ones run-all trains without --models: the tutorial's three.
+        #[arg(long)]
+        default: bool,
+    },
     /// Train and evaluate every backbone (or --models), write CSVs and the comparison report.
     RunAll(RunAllArgs),
     /// Train and evaluate one backbone into the same layout as run-all.
@@ -398,6 +404,11 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Summary(args) => summary(args),
         Command::Env => env(),
+        Command::Models { default } => {
+            let names = if default { models::default_models() } else { models::model_names() };
+            names.iter().for_each(|name| println!("{name}"));
+            Ok(())
+        }
         Command::RunAll(args) => {
             let models: Vec<String> = match args.models.as_slice() {
                 [] => models::default_models().into_iter().map(String::from).collect(),

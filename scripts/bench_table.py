@@ -1,0 +1,47 @@
+"""The side-by-side table of `csp-tch bench --json` and `scripts/bench_pytorch.py bench --json` lines,
+for scripts/bench.sh and scripts/gpu-check.sh: per model, mode and precision, each implementation's
+median ms/step over its lines (rounds), images/s, warm-up, and PyTorch eager's time over its own
+(above 1: faster than PyTorch eager). Models and modes appear in the order the lines first name them.
+
+    python3 scripts/bench_table.py BENCH.jsonl
+"""
+import json
+import statistics
+import sys
+
+
+def who(r):
+    if r["implementation"] == "csp-tch":
+        return "csp-tch, CUDA graphs" if r.get("cuda_graphs") else "csp-tch"
+    return f"PyTorch torch.compile {r['compile']}" if r.get("compile") else "PyTorch eager"
+
+
+def main(path):
+    runs = [json.loads(line) for line in open(path) if line.strip()]
+    if not runs:
+        sys.exit(f"{path}: no bench lines")
+    first = runs[0]
+    kept = {name: all(r.get("keeps_freed_memory", False) for r in runs if (r["implementation"] == "csp-tch") == (name == "csp-tch"))
+            for name in ("csp-tch", "PyTorch")}
+    print(f"{first['image_size']} px, batch {first['batch_size']}, {first['device']}, {first['threads']} threads, "
+          f"median ms/step over {first['steps']} steps after {first['warmup']} warm-up, median over rounds")
+    print("freed memory kept in the heap: " + ", ".join(f"{n} {'yes' if k else 'no (glibc defaults)'}" for n, k in kept.items()))
+    print()
+    print("| model | mode | precision | who | layout | ms/step | images/s | warm-up s | PyTorch eager ms / this ms |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|")
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["model"], r["mode"], r["precision"]), {}).setdefault(who(r), []).append(r)
+    for (model, mode, precision), by_who in groups.items():
+        median = {w: statistics.median(r["ms_per_step"] for r in rs) for w, rs in by_who.items()}
+        base = median.get("PyTorch eager")
+        for w, rs in by_who.items():
+            layout = "/".join(sorted({"NHWC" if r["channels_last"] else "NCHW" for r in rs}))
+            warmup = statistics.median(r.get("warmup_s", float("nan")) for r in rs)
+            ratio = f"{base / median[w]:.2f}x" if base else "-"
+            print(f"| {model} | {mode} | {precision} | {w} | {layout} | {median[w]:.2f} | "
+                  f"{first['batch_size'] / median[w] * 1e3:.1f} | {warmup:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
