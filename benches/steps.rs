@@ -13,6 +13,7 @@ fn main() {
             let config = BenchConfig {
                 model: model.to_string(),
                 recipe: Recipe { epochs: 1, image_size: 32, ..Recipe::tutorial() },
+                execution: Default::default(),
                 steps: 5,
                 warmup: 2,
                 mode,

@@ -7,7 +7,7 @@ use serde::Serialize;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{CudaGraphs, Recipe};
+use crate::config::{CudaGraphs, Execution, Recipe};
 use crate::environment::{device_label, synchronize};
 use crate::train::cuda_graph::WARMUP_STEPS;
 use crate::train::{PhaseTimes, Trainer};
@@ -25,6 +25,7 @@ pub enum Mode {
 pub struct BenchConfig {
     pub model: String,
     pub recipe: Recipe,
+    pub execution: Execution,
     pub steps: usize,
     pub warmup: usize,
     pub mode: Mode,
@@ -114,15 +115,18 @@ impl SyntheticBatches {
 }
 
 pub fn run(config: &BenchConfig) -> Result<BenchResult> {
-    let mut recipe = config.recipe.clone();
+    let mut execution = config.execution;
     if config.breakdown {
-        recipe.cuda_graphs = CudaGraphs::Off;
+        execution.cuda_graphs = CudaGraphs::Off;
     }
-    let recipe = &recipe;
+    let recipe = &config.recipe;
     let bs = recipe.batch_size as i64;
-    let mut trainer = Trainer::new(&config.model, crate::data::CLASSES, recipe, config.device)?;
+    let mut trainer = Trainer::new(&config.model, crate::data::CLASSES, recipe, &execution, config.device)?;
+    eprintln!(
+        "{}",
+        crate::train::cuda_graph::decision_line(execution.cuda_graphs, config.device, trainer.precision())?
+    );
     // With CUDA graphs, the untimed steps include the eager ones and the capture.
-    eprintln!("{}", crate::train::cuda_graph::decision_line(recipe.cuda_graphs, config.device, trainer.precision())?);
     let warmup = if trainer.graph_status().replayed { config.warmup.max(WARMUP_STEPS + 1) } else { config.warmup };
     let batches = SyntheticBatches::new(recipe.batch_size, 0, config.device);
     let (images, labels) = (&batches.images, &batches.labels);

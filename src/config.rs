@@ -56,6 +56,9 @@ pub struct RunConfig {
     pub models: Vec<String>,
     #[serde(flatten)]
     pub recipe: Recipe,
+    /// How it computes (`--amp`, `--memory-format`, `--cuda-graphs`), serialised beside the recipe.
+    #[serde(flatten)]
+    pub execution: Execution,
     pub classes: i64,
     pub data_dir: PathBuf,
     pub train_limit: Option<usize>,
@@ -87,19 +90,12 @@ impl RunConfig {
     /// Whether this run follows the tutorial's recipe on its full data, so that its numbers can be
     /// set beside the tutorial's.
     pub fn comparable_to_tutorial(&self) -> bool {
-        let tutorial = Recipe {
-            seed: self.recipe.seed,
-            // Execution details, not part of the recipe.
-            amp: self.recipe.amp,
-            memory_format: self.recipe.memory_format,
-            cuda_graphs: self.recipe.cuda_graphs,
-            ..Recipe::tutorial()
-        };
+        let tutorial = Recipe { seed: self.recipe.seed, ..Recipe::tutorial() };
         self.recipe == tutorial && self.train_limit.is_none() && self.test_limit.is_none()
     }
 }
 
-/// Everything that decides what a training run computes (timings aside).
+/// Everything that decides what a training run computes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Recipe {
     pub epochs: usize,
@@ -108,6 +104,12 @@ pub struct Recipe {
     pub image_size: i64,
     pub normalize: Normalize,
     pub seed: u64,
+}
+
+/// How a run computes, not what: its numbers agree to rounding whatever these are (fp16 aside,
+/// whose loss scaling can skip a step).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Execution {
     /// Mixed precision on CUDA: bf16 autocast where supported, else fp16 with dynamic loss scaling
     /// (no effect on the CPU); see [`crate::train::amp`].
     #[serde(default)]
@@ -118,6 +120,13 @@ pub struct Recipe {
     /// Whether CUDA runs replay recorded CUDA graphs (`--cuda-graphs`).
     #[serde(default)]
     pub cuda_graphs: CudaGraphs,
+}
+
+impl Execution {
+    /// The precision forward passes run in on `device`.
+    pub fn precision(&self, device: Device) -> Precision {
+        Precision::for_run(self.amp, device)
+    }
 }
 
 /// `--cuda-graphs`: whether full-batch steps are recorded once as CUDA graphs and replayed. The
@@ -189,7 +198,7 @@ impl MemoryFormat {
 
 impl Recipe {
     /// The tutorial's recipe: 5 epochs of batch 64 at 224 px, Adam at 1e-3, Normalize(0.5, 0.5) on raw
-    /// pixels, seed 0; fp32, `auto` layout and CUDA graphs.
+    /// pixels, seed 0.
     pub fn tutorial() -> Recipe {
         Recipe {
             epochs: 5,
@@ -198,15 +207,7 @@ impl Recipe {
             image_size: 224,
             normalize: Normalize::Tutorial,
             seed: 0,
-            amp: false,
-            memory_format: MemoryFormat::Auto,
-            cuda_graphs: CudaGraphs::Auto,
         }
-    }
-
-    /// The precision forward passes run in on `device`.
-    pub fn precision(&self, device: Device) -> Precision {
-        Precision::for_run(self.amp, device)
     }
 }
 

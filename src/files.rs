@@ -308,3 +308,39 @@ impl OutDir {
             .with_context(|| format!("cannot remove {}, the earlier run's results moved aside", aside.display()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_earlier_run_is_removed_whole_and_nothing_else_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = OutDir::new(tmp.path().join("out"));
+        let _lock = out.lock().unwrap();
+        let earlier = [out.csv("m"), out.checkpoint("m"), out.json(), out.markdown(), out.svg(), out.seeds_csv()];
+        let seed = out.seed(3);
+        let kept = [out.root().join("notes.txt"), out.csv("not-a-model"), out.root().join("seedling/x")];
+        for path in earlier.iter().chain(&kept).chain([&seed.csv("m")]) {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, "x").unwrap();
+        }
+        assert_eq!(out.seed_folders(), vec![(3, seed.clone())]);
+        out.remove_previous(&["m"], true).unwrap();
+        assert!(earlier.iter().all(|p| !p.exists()), "every result of the earlier run is gone");
+        assert!(!seed.root().exists() && !out.checkpoints().exists());
+        assert!(kept.iter().all(|p| p.exists()), "what csp-tch did not write stays");
+        assert!(out.root().join(OutputLock::FILE).exists(), "this run's lock stays");
+        let hidden: Vec<_> = std::fs::read_dir(out.root()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert!(!hidden.iter().any(|n| n.to_string_lossy().starts_with(".previous")), "{hidden:?}");
+    }
+
+    #[test]
+    fn hidden_names_fit_in_a_file_name() {
+        let long = "d".repeat(255);
+        assert!(hidden_name(&long, PARTIAL_MARK).len() <= 255);
+        let name = hidden_name("comparison.json", TMP_MARK);
+        assert_eq!(name, format!(".comparison.json.tmp-{}", std::process::id()));
+        assert!(hidden_name(&"é".repeat(150), TMP_MARK).starts_with(".é"), "cut at a character boundary");
+    }
+}

@@ -14,7 +14,7 @@ use serde::Serialize;
 use tch::Tensor;
 
 use crate::bench::{BenchConfig, SyntheticBatches};
-use crate::config::{CudaGraphs, Recipe};
+use crate::config::{CudaGraphs, Execution};
 use crate::environment::device_label;
 use crate::train::Trainer;
 
@@ -55,8 +55,9 @@ struct Trace {
 }
 
 fn run(config: &BenchConfig, batches: &SyntheticBatches, cuda_graphs: CudaGraphs) -> Result<Trace> {
-    let recipe = Recipe { cuda_graphs, ..config.recipe.clone() };
-    let mut trainer = Trainer::new(&config.model, crate::data::CLASSES, &recipe, config.device)?;
+    let recipe = &config.recipe;
+    let execution = Execution { cuda_graphs, ..config.execution };
+    let mut trainer = Trainer::new(&config.model, crate::data::CLASSES, recipe, &execution, config.device)?;
     let (images, labels) = (&batches.images, &batches.labels);
     let (mut losses, mut accuracies, mut epoch_images) = (Vec::new(), Vec::new(), 0i64);
     let end_epoch = |trainer: &Trainer, losses: &mut Vec<f64>, accuracies: &mut Vec<f64>, images: i64| {
@@ -79,11 +80,11 @@ fn run(config: &BenchConfig, batches: &SyntheticBatches, cuda_graphs: CudaGraphs
                     _ => batches.tail_index(),
                 };
                 epoch_images += index.size()[0];
-                trainer.train_batch(images, labels, &index, &recipe)?;
+                trainer.train_batch(images, labels, &index, recipe)?;
                 losses.push(trainer.last_train_loss());
             }
             Op::Eval => {
-                let (evaluation, _) = trainer.evaluator_folding(false).run(images, labels, &recipe)?;
+                let (evaluation, _) = trainer.evaluator_folding(false).run(images, labels, recipe)?;
                 losses.push(evaluation.loss);
                 accuracies.push(evaluation.accuracy);
             }

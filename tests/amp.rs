@@ -5,7 +5,7 @@
 mod common;
 
 use csp_tch::config::Precision;
-use csp_tch::config::{MemoryFormat, Preset, Recipe, RunConfig};
+use csp_tch::config::{Execution, MemoryFormat, Preset, Recipe, RunConfig};
 use csp_tch::environment::RunEnvironment;
 use csp_tch::train::amp;
 use csp_tch::train::checkpoint::{self, Meta};
@@ -13,7 +13,11 @@ use csp_tch::train::Trainer;
 use tch::{Device, Kind, Tensor};
 
 fn recipe() -> Recipe {
-    common::tiny_recipe(3, true, MemoryFormat::Contiguous)
+    common::tiny_recipe(3)
+}
+
+fn execution() -> Execution {
+    common::execution(true, MemoryFormat::Contiguous)
 }
 
 #[test]
@@ -48,7 +52,7 @@ const STEPS: usize = 8;
 fn train(precision: Precision) -> (Vec<f64>, Trainer) {
     let _rng = common::rng_turn();
     let recipe = recipe();
-    let mut trainer = Trainer::new("cspdarknet53-pad0", 10, &recipe, Device::Cpu).unwrap();
+    let mut trainer = Trainer::new("cspdarknet53-pad0", 10, &recipe, &execution(), Device::Cpu).unwrap();
     trainer.set_precision(precision);
     (common::train_on_one_batch(&mut trainer, &recipe, STEPS, 11), trainer)
 }
@@ -82,6 +86,7 @@ fn checkpoints_keep_the_loss_scale() {
         preset: Preset::Quick,
         models: vec!["cspdarknet53-pad0".into()],
         recipe: recipe(),
+        execution: execution(),
         classes: 10,
         data_dir: dir.clone(),
         train_limit: None,
@@ -106,7 +111,7 @@ fn checkpoints_keep_the_loss_scale() {
         epoch_progress: None,
     };
     trained.save_checkpoint(&file, &meta).unwrap();
-    let mut resumed = Trainer::new("cspdarknet53-pad0", 10, &recipe(), Device::Cpu).unwrap();
+    let mut resumed = Trainer::new("cspdarknet53-pad0", 10, &recipe(), &execution(), Device::Cpu).unwrap();
     resumed.set_precision(Precision::Fp16);
     resumed.restore_checkpoint(&file).unwrap();
     assert_eq!(resumed.scaler.as_ref(), Some(&scaler));

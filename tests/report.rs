@@ -113,6 +113,7 @@ fn each_csp_model_is_compared_with_its_own_plain_network() {
         preset: Preset::Quick,
         models: names.iter().map(|n| n.to_string()).collect(),
         recipe: Recipe { epochs: 1, image_size: 32, ..Recipe::tutorial() },
+        execution: Default::default(),
         classes: 10,
         data_dir: "data".into(),
         train_limit: None,

@@ -1,27 +1,25 @@
-//! Execution options of a train step: --amp leaves CPU runs unaffected, --memory-format changes the
-//! layout and not the result, and `auto` picks channels-last only where every feature map is 4 px or more.
+//! Execution options of a train step: --memory-format changes the layout and not the result, and
+//! `auto` picks channels-last only where every feature map is 4 px or more.
 
 mod common;
 
-use csp_tch::config::{MemoryFormat, Recipe};
+use csp_tch::config::MemoryFormat;
 use csp_tch::train::Trainer;
 use tch::Device;
 
-fn recipe(amp: bool, memory_format: MemoryFormat) -> Recipe {
-    common::tiny_recipe(2, amp, memory_format)
-}
-
-/// The losses of three train steps of cspdarknet53-pad0 on fixed data.
-fn losses(recipe: &Recipe) -> (Vec<f64>, Trainer) {
+/// The losses of three train steps of cspdarknet53-pad0 on fixed data, in `memory_format`.
+fn losses(memory_format: MemoryFormat) -> (Vec<f64>, Trainer) {
     let _rng = common::rng_turn();
-    let mut trainer = Trainer::new("cspdarknet53-pad0", 10, recipe, Device::Cpu).unwrap();
-    (common::train_on_one_batch(&mut trainer, recipe, 3, 9), trainer)
+    let recipe = common::tiny_recipe(2);
+    let execution = common::execution(false, memory_format);
+    let mut trainer = Trainer::new("cspdarknet53-pad0", 10, &recipe, &execution, Device::Cpu).unwrap();
+    (common::train_on_one_batch(&mut trainer, &recipe, 3, 9), trainer)
 }
 
 #[test]
 fn channels_last_changes_the_layout_not_the_result() {
-    let (plain, _) = losses(&recipe(false, MemoryFormat::Contiguous));
-    let (nhwc, trainer) = losses(&recipe(false, MemoryFormat::ChannelsLast));
+    let (plain, _) = losses(MemoryFormat::Contiguous);
+    let (nhwc, trainer) = losses(MemoryFormat::ChannelsLast);
     let weight = &trainer.vs.variables()["stage.2.3.1.conv.weight"];
     let [_, c, h, w] = weight.size()[..] else { panic!() };
     assert_eq!(weight.stride(), vec![h * w * c, 1, w * c, c], "NHWC strides");
@@ -52,6 +50,7 @@ fn auto_picks_channels_last_where_every_map_is_at_least_4_px() {
         assert!(!MemoryFormat::Contiguous.channels_last(|| summary.smallest_map));
         assert!(MemoryFormat::ChannelsLast.channels_last(|| summary.smallest_map));
     }
-    let trainer = Trainer::new("cspdarknet53", 10, &recipe(false, MemoryFormat::Auto), Device::Cpu).unwrap();
+    let execution = common::execution(false, MemoryFormat::Auto);
+    let trainer = Trainer::new("cspdarknet53", 10, &common::tiny_recipe(2), &execution, Device::Cpu).unwrap();
     assert!(trainer.model.is_channels_last(), "cspdarknet53 at 32 px trains channels-last under auto");
 }

@@ -110,7 +110,8 @@ pub(super) fn eval(args: EvalArgs) -> Result<()> {
     let data_dir = args.data_dir.unwrap_or_else(|| meta.config.data_dir.clone());
     let test_limit = args.test_limit.map_or(meta.config.test_limit, |l| l.0);
     let cifar = data::load(&data_dir)?.limit(None, test_limit, meta.config.recipe.seed)?.to_device(device);
-    let e = crate::train::evaluate(&model, &cifar.test_images, &cifar.test_labels, &meta.config.recipe)?;
+    let precision = meta.config.execution.precision(device);
+    let e = crate::train::evaluate(&model, &cifar.test_images, &cifar.test_labels, &meta.config.recipe, precision)?;
     let per_class = e.per_class(&cifar.class_names);
     let report = EvalReport {
         checkpoint: args.checkpoint,
@@ -162,7 +163,7 @@ fn print_eval(r: &EvalReport) {
 }
 
 pub(super) fn bench(args: BenchArgs) -> Result<()> {
-    let recipe = args.acceleration.recipe();
+    let recipe = args.acceleration.execution();
     let config = args.step.config(recipe, args.steps, args.warmup, args.mode, args.breakdown)?;
     let result = crate::bench::run(&config)?;
     if args.json {
@@ -203,7 +204,7 @@ fn print_bench(r: &crate::bench::BenchResult) {
 }
 
 pub(super) fn check_graphs(args: CheckGraphsArgs) -> Result<()> {
-    let config = args.step.config(args.numerics.recipe(), 0, 0, Mode::Train, false)?;
+    let config = args.step.config(args.numerics.execution(), 0, 0, Mode::Train, false)?;
     let check = crate::graph_check::check_graphs(&config)?;
     if args.json {
         println!("{}", serde_json::to_string(&check)?);

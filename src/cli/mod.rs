@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use crate::bench::{BenchConfig, Mode};
 use crate::config::AdamConfig;
 use crate::config::Normalize;
-use crate::config::{CudaGraphs, MemoryFormat, Preset, Recipe, RunConfig};
+use crate::config::{CudaGraphs, Execution, MemoryFormat, Preset, Recipe, RunConfig};
 use crate::data::{self, Source};
 use crate::environment::parse_device;
 use crate::models;
@@ -154,17 +154,16 @@ struct NumericsArgs {
 }
 
 impl NumericsArgs {
-    /// The tutorial's recipe with this precision and layout.
-    fn recipe(&self) -> Recipe {
+    /// This precision and layout (and CUDA graphs as by default).
+    fn execution(&self) -> Execution {
         let memory_format = if self.channels_last { MemoryFormat::ChannelsLast } else { self.memory_format };
-        Recipe { amp: self.amp, memory_format, ..Recipe::tutorial() }
+        Execution { amp: self.amp, memory_format, ..Execution::default() }
     }
 }
 
 impl AccelerationArgs {
-    /// The tutorial's recipe with these execution options.
-    fn recipe(&self) -> Recipe {
-        Recipe { cuda_graphs: self.cuda_graphs, ..self.numerics.recipe() }
+    fn execution(&self) -> Execution {
+        Execution { cuda_graphs: self.cuda_graphs, ..self.numerics.execution() }
     }
 }
 
@@ -244,8 +243,8 @@ impl RecipeArgs {
                 image_size: self.image_size.unwrap_or(defaults.image_size),
                 normalize: self.normalize,
                 seed,
-                ..self.acceleration.recipe()
             },
+            execution: self.acceleration.execution(),
             classes: data::CLASSES,
             data_dir: self.source.data_dir.clone(),
             train_limit: self.train_limit.map_or(defaults.train_limit, |l| l.0),
@@ -289,11 +288,17 @@ struct StepArgs {
 }
 
 impl StepArgs {
-    /// The bench configuration of these steps with `recipe`'s precision, layout and CUDA graphs.
-    fn config(self, recipe: Recipe, steps: u32, warmup: u32, mode: Mode, breakdown: bool) -> Result<BenchConfig> {
+    /// The bench configuration of these steps computed as `execution` says.
+    fn config(self, execution: Execution, steps: u32, warmup: u32, mode: Mode, breakdown: bool) -> Result<BenchConfig> {
         models::model_info(&self.model)?.check_image_size(self.image_size)?;
         Ok(BenchConfig {
-            recipe: Recipe { epochs: 1, batch_size: self.batch_size as usize, image_size: self.image_size, ..recipe },
+            recipe: Recipe {
+                epochs: 1,
+                batch_size: self.batch_size as usize,
+                image_size: self.image_size,
+                ..Recipe::tutorial()
+            },
+            execution,
             model: self.model,
             steps: steps as usize,
             warmup: warmup as usize,

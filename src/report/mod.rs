@@ -133,7 +133,7 @@ impl ModelReport {
             trainable_params: summary.trainable_params,
             paddle_style_params: summary.paddle_style_params,
             macs: summary.macs,
-            memory_format: MemoryFormat::label(config.recipe.memory_format.channels_last(|| summary.smallest_map))
+            memory_format: MemoryFormat::label(config.execution.memory_format.channels_last(|| summary.smallest_map))
                 .into(),
             final_eval_acc: epochs.last().map(|e| e.eval_acc),
             best_eval_acc: epochs.iter().map(|e| e.eval_acc).reduce(f64::max),

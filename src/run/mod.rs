@@ -37,7 +37,7 @@ impl Settings {
         for name in &config.models {
             models::model_info(name)?.check_image_size(config.recipe.image_size)?;
         }
-        cuda_graph::plan(config.recipe.cuda_graphs, device, config.recipe.precision(device))?;
+        cuda_graph::plan(config.execution.cuda_graphs, device, config.execution.precision(device))?;
         Ok(Settings { config, device, resume })
     }
 
@@ -89,9 +89,9 @@ pub fn run(settings: &Settings, source: &Source) -> Result<()> {
         eprintln!("stopped before any training: nothing in {} was changed", out.root().display());
         return Err(Interrupted.into());
     }
-    let precision = config.recipe.precision(settings.device);
+    let precision = config.execution.precision(settings.device);
     let environment = RunEnvironment::detect(settings.device, precision);
-    eprintln!("{}", cuda_graph::decision_line(config.recipe.cuda_graphs, settings.device, precision)?);
+    eprintln!("{}", cuda_graph::decision_line(config.execution.cuda_graphs, settings.device, precision)?);
     if settings.resume {
         // Refuse a mismatched checkpoint before any training.
         for (run, data) in &runs {
@@ -153,7 +153,7 @@ fn run_one(config: &RunConfig, data: Cifar, settings: &Settings, environment: &R
     let mut reports: IndexMap<String, ModelReport> = IndexMap::new();
     let mut comparison = None;
     for name in &config.models {
-        let mut trainer = Trainer::new(name, config.classes, &config.recipe, device)?;
+        let mut trainer = Trainer::new(name, config.classes, &config.recipe, &config.execution, device)?;
         let result =
             train_model(config, &mut trainer, &data, progress, reports.is_empty(), settings.resume, &environment);
         if let Err(err) = &result {

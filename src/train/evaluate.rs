@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::timing::{warmup_seconds, HEAD_STEPS};
 use super::{amp, batch_bounds, model_input, partial_batch, StepGraphs};
-use crate::config::Recipe;
+use crate::config::{Precision, Recipe};
 use crate::data;
 use crate::environment::synchronize;
 use crate::models::fastpath::FoldedBatchNorm;
@@ -100,10 +100,9 @@ impl EvalSums {
 
 /// Logits of the images at `index` with BatchNorm in eval mode (call under `no_grad`, and with
 /// the model's BatchNorms folded for speed).
-pub fn eval_logits(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &Recipe) -> Tensor {
+pub fn eval_logits(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &Recipe, precision: Precision) -> Tensor {
     let xs = model_input(model, images, index, recipe);
-    let device = images.device();
-    amp::autocast(device, recipe.precision(device), || model.forward_t(&xs, false)).to_kind(Kind::Float)
+    amp::autocast(images.device(), precision, || model.forward_t(&xs, false)).to_kind(Kind::Float)
 }
 
 /// A model set up for evaluation: its BatchNorms folded into the convolutions for eager steps, or
@@ -111,6 +110,7 @@ pub fn eval_logits(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &R
 /// from epoch to epoch, where a fold makes new ones).
 pub struct Evaluator<'a> {
     model: &'a Backbone,
+    precision: Precision,
     graphs: Option<&'a mut StepGraphs>,
     sums: &'a mut EvalSums,
     _folded: Option<FoldedBatchNorm<'a>>,
@@ -119,20 +119,22 @@ pub struct Evaluator<'a> {
 impl<'a> Evaluator<'a> {
     pub(super) fn new(
         model: &'a Backbone,
+        precision: Precision,
         graphs: Option<&'a mut StepGraphs>,
         sums: &'a mut EvalSums,
         fold: bool,
     ) -> Evaluator<'a> {
         let folded = fold.then(|| model.fold_batch_norm());
-        Evaluator { model, graphs, sums, _folded: folded }
+        Evaluator { model, precision, graphs, sums, _folded: folded }
     }
 
     /// One batch into the sums: replayed when steps are recorded and the batch is full.
     pub fn batch(&mut self, images: &Tensor, labels: &Tensor, index: &Tensor, recipe: &Recipe) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        let (model, sums) = (self.model, &mut *self.sums);
-        let mut step =
-            |index: &Tensor| sums.add(&eval_logits(model, images, index, recipe), &labels.index_select(0, index));
+        let (model, precision, sums) = (self.model, self.precision, &mut *self.sums);
+        let mut step = |index: &Tensor| {
+            sums.add(&eval_logits(model, images, index, recipe, precision), &labels.index_select(0, index))
+        };
         let full = index.size()[0] == recipe.batch_size as i64;
         match self.graphs.as_deref_mut() {
             Some(StepGraphs { eval, pool, .. }) if full => eval.run(index, pool, step),
@@ -166,7 +168,13 @@ impl<'a> Evaluator<'a> {
 }
 
 /// Test loss, accuracy and confusion matrix over all of `images` (BatchNorm in eval mode), eagerly.
-pub fn evaluate(model: &Backbone, images: &Tensor, labels: &Tensor, recipe: &Recipe) -> Result<Evaluation> {
+pub fn evaluate(
+    model: &Backbone,
+    images: &Tensor,
+    labels: &Tensor,
+    recipe: &Recipe,
+    precision: Precision,
+) -> Result<Evaluation> {
     let mut sums = EvalSums::new(images.device());
-    Ok(Evaluator::new(model, None, &mut sums, true).run(images, labels, recipe)?.0)
+    Ok(Evaluator::new(model, precision, None, &mut sums, true).run(images, labels, recipe)?.0)
 }

@@ -29,7 +29,7 @@ use std::time::Instant;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{CudaGraphs, Precision, Recipe};
+use crate::config::{CudaGraphs, Execution, Precision, Recipe};
 use crate::data::transform;
 use crate::data::{self, Cifar};
 use crate::environment::synchronize;
@@ -147,13 +147,14 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// A freshly initialised model (seeded by the recipe) with its optimizer.
-    pub fn new(name: &str, classes: i64, recipe: &Recipe, device: Device) -> Result<Trainer> {
+    /// A freshly initialised model (seeded by the recipe) with its optimizer, computing as
+    /// `execution` says.
+    pub fn new(name: &str, classes: i64, recipe: &Recipe, execution: &Execution, device: Device) -> Result<Trainer> {
         let info = crate::models::model_info(name)?;
         info.check_image_size(recipe.image_size)?;
-        let precision = recipe.precision(device);
-        let plan = cuda_graph::plan(recipe.cuda_graphs, device, precision)?;
-        let channels_last = recipe
+        let precision = execution.precision(device);
+        let plan = cuda_graph::plan(execution.cuda_graphs, device, precision)?;
+        let channels_last = execution
             .memory_format
             .channels_last(|| crate::models::summary(info, classes, recipe.image_size).smallest_map);
         tch::manual_seed(recipe.seed as i64);
@@ -183,7 +184,7 @@ impl Trainer {
             history: Vec::new(),
             graphs: match &plan {
                 GraphPlan::Replay(recorder) => {
-                    let fall_back = recipe.cuda_graphs == CudaGraphs::Auto;
+                    let fall_back = execution.cuda_graphs == CudaGraphs::Auto;
                     Some(StepGraphs {
                         train: Replayer::new(device, *recorder, fall_back),
                         eval: Replayer::new(device, *recorder, fall_back),
@@ -467,8 +468,8 @@ impl Trainer {
     /// The model set up for evaluation, with its BatchNorms folded for eager steps or not
     /// (`check-graphs` compares graphs, which keep the layers unfolded, with unfolded eager steps).
     pub fn evaluator_folding(&mut self, fold: bool) -> Evaluator<'_> {
-        let Trainer { model, graphs, eval_sums, .. } = self;
-        Evaluator::new(model, graphs.as_mut(), eval_sums, fold)
+        let Trainer { model, graphs, eval_sums, precision, .. } = self;
+        Evaluator::new(model, *precision, graphs.as_mut(), eval_sums, fold)
     }
 }
 

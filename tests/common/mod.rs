@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use csp_tch::config::Normalize;
-use csp_tch::config::{MemoryFormat, Recipe};
+use csp_tch::config::{Execution, MemoryFormat, Recipe};
 use csp_tch::train::Trainer;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -127,17 +127,13 @@ pub fn rng_turn() -> MutexGuard<'static, ()> {
 }
 
 /// One small CPU batch's recipe: batch 8 at 32 px, inputs in [-1, 1].
-pub fn tiny_recipe(seed: u64, amp: bool, memory_format: MemoryFormat) -> Recipe {
-    Recipe {
-        epochs: 1,
-        batch_size: 8,
-        image_size: 32,
-        normalize: Normalize::Unit,
-        seed,
-        amp,
-        memory_format,
-        ..Recipe::tutorial()
-    }
+pub fn tiny_recipe(seed: u64) -> Recipe {
+    Recipe { epochs: 1, batch_size: 8, image_size: 32, normalize: Normalize::Unit, seed, ..Recipe::tutorial() }
+}
+
+/// `--amp` and `--memory-format` as given, CUDA graphs as by default.
+pub fn execution(amp: bool, memory_format: MemoryFormat) -> Execution {
+    Execution { amp, memory_format, ..Execution::default() }
 }
 
 /// The losses of `steps` train steps of `trainer` on one batch of 8 random images, drawn after
