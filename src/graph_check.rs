@@ -202,7 +202,7 @@ pub fn check_graphs(config: &BenchConfig) -> Result<GraphCheck> {
     let (eager, again, graphs) = runs?;
     let (e, a, g) = (State::of(&eager.trainer), State::of(&again.trainer), State::of(&graphs.trainer));
     let eval_images = batches.labels.size()[0] as f64;
-    let compared = vec![
+    let mut compared = vec![
         Compared::new(
             "losses",
             "relative",
@@ -218,29 +218,14 @@ pub fn check_graphs(config: &BenchConfig) -> Result<GraphCheck> {
             // Two images' predictions flipped by rounding near a tie.
             2.0 / eval_images,
         ),
-        Compared::new(
-            "weights",
-            "relative norm",
-            tensor_difference(&e.weights, &g.weights),
-            tensor_difference(&e.weights, &a.weights),
-            LEAST_RELATIVE,
-        ),
-        Compared::new(
-            "batchnorm statistics",
-            "relative norm",
-            tensor_difference(&e.statistics, &g.statistics),
-            tensor_difference(&e.statistics, &a.statistics),
-            LEAST_RELATIVE,
-        ),
-        Compared::new(
-            "adam moments",
-            "relative norm",
-            tensor_difference(&e.moments, &g.moments),
-            tensor_difference(&e.moments, &a.moments),
-            LEAST_RELATIVE,
-        ),
         Compared::new("adam steps", "absolute", (e.steps - g.steps).abs(), (e.steps - a.steps).abs(), 0.0),
     ];
+    let tensors: [(&'static str, fn(&State) -> &[Tensor]); 3] =
+        [("weights", |s| &s.weights), ("batchnorm statistics", |s| &s.statistics), ("adam moments", |s| &s.moments)];
+    for (i, (quantity, of)) in tensors.into_iter().enumerate() {
+        let (graphs, floor) = (tensor_difference(of(&e), of(&g)), tensor_difference(of(&e), of(&a)));
+        compared.insert(2 + i, Compared::new(quantity, "relative norm", graphs, floor, LEAST_RELATIVE));
+    }
     let status = graphs.trainer.graph_status();
     Ok(GraphCheck {
         model: config.model.clone(),
