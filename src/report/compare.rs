@@ -141,10 +141,14 @@ fn difference(model: &str, seed: Option<u64>, a: &[EpochMetrics], b: &[EpochMetr
     }
 }
 
-/// The single runs of a run folder: itself, or its seed folders.
+/// The single runs of a run folder with their seeds: itself (its recorded seed), or its seed
+/// folders; so that a single run compares with the seed folder of its seed in a multi-seed run.
 fn single_runs(out: &OutDir) -> Vec<(Option<u64>, OutDir)> {
     match out.seed_folders() {
-        seeds if seeds.is_empty() => vec![(None, out.clone())],
+        seeds if seeds.is_empty() => {
+            let seed = RecordedRun::read(out).ok().flatten().map(|r| r.config.recipe.seed);
+            vec![(seed, out.clone())]
+        }
         seeds => seeds.into_iter().map(|(seed, dir)| (Some(seed), dir)).collect(),
     }
 }

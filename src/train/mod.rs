@@ -148,10 +148,10 @@ pub struct Trainer {
 
 impl Trainer {
     /// A freshly initialised model (seeded by the recipe) with its optimizer, computing as
-    /// `execution` says.
+    /// `execution` says. The recipe's image size must suit the model: settings are checked where
+    /// they are made (`run::Settings::check`, the bench arguments, a checkpoint's metadata).
     pub fn new(name: &str, classes: i64, recipe: &Recipe, execution: &Execution, device: Device) -> Result<Trainer> {
         let info = crate::models::model_info(name)?;
-        info.check_image_size(recipe.image_size)?;
         let precision = execution.precision(device);
         let plan = cuda_graph::plan(execution.cuda_graphs, device, precision)?;
         let channels_last = execution
