@@ -346,3 +346,29 @@ fn compare_says_whether_a_rerun_reproduced_a_run_where_it_can() {
     let elsewhere = csp_tch_ok(&["compare", s(&a), s(&b)]);
     assert!(String::from_utf8_lossy(&elsewhere.stdout).contains("different environments"));
 }
+
+#[test]
+fn an_archive_whose_entries_point_outside_it_is_refused_as_such() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("escaping.tar.gz");
+    let gz = flate2::write::GzEncoder::new(std::fs::File::create(&archive).unwrap(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    let mut link = tar::Header::new_gnu();
+    link.set_entry_type(tar::EntryType::Symlink);
+    link.set_size(0);
+    tar.append_link(&mut link, "cifar-10-batches-bin/up", "../../..").unwrap();
+    let mut file = tar::Header::new_gnu();
+    file.set_size(4);
+    file.set_mode(0o644);
+    tar.append_data(&mut file, "cifar-10-batches-bin/up/escaped.txt", &b"pwnd"[..]).unwrap();
+    tar.into_inner().unwrap().finish().unwrap();
+    let md5 = format!("{:x}", md5::compute(std::fs::read(&archive).unwrap()));
+    let url = format!("file://{}", archive.display());
+    let data = tmp.path().join("data");
+    let run = csp_tch(&["data", "download", "--data-dir", s(&data), "--data-url", &url, "--data-md5", &md5]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(err.contains("outside of destination path"), "tar's own reason: {err}");
+    assert!(!err.contains(".partial-"), "names no deleted temporary folder: {err}");
+    assert!(!data.exists() && !tmp.path().join("escaped.txt").exists());
+}

@@ -87,10 +87,17 @@ pub fn download(dir: &Path, source: &Source) -> Result<()> {
         .unpack(&extracted)
         // tar's own message names the temporary folder, which is gone by the time anyone reads it.
         .map_err(|err| {
-            let why = err.to_string().replace(&extracted.display().to_string(), "the data folder");
+            // tar's words, with the entry named as in the archive and the cause it wraps.
+            let staged = extracted.display().to_string();
+            let archive_relative =
+                |text: String| text.replace(&format!(": {staged}"), "").replace(&format!("{staged}/"), "");
+            let mut why = archive_relative(err.to_string());
+            if let Some(cause) = std::error::Error::source(&err) {
+                why += &format!(" ({})", archive_relative(cause.to_string()));
+            }
             anyhow::anyhow!(
-                "cannot extract {}: {why} (not a .tar.gz archive, a damaged one, or one whose entries point \
-                 outside it, which is refused); nothing was written",
+                "cannot extract {}: {why}; it is not a .tar.gz archive, a damaged one, or one whose entries \
+                 point outside it, which is refused; nothing was written",
                 source.url
             )
         })?;
