@@ -141,7 +141,10 @@ fn each_csp_model_is_compared_with_its_own_plain_network() {
         .iter()
         .zip(accuracy)
         .map(|(name, acc)| {
-            (name.to_string(), ModelReport::new(name, &config, vec![epoch(acc, 100.0 * acc)], None).unwrap())
+            (
+                name.to_string(),
+                ModelReport::new(name, &config, vec![epoch(acc, 100.0 * acc)], Default::default(), None).unwrap(),
+            )
         })
         .collect();
     let environment = RunEnvironment::detect(tch::Device::Cpu, csp_tch::config::Precision::Fp32);

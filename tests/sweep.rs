@@ -372,3 +372,29 @@ fn an_archive_whose_entries_point_outside_it_is_refused_as_such() {
     assert!(!err.contains(".partial-"), "names no deleted temporary folder: {err}");
     assert!(!data.exists() && !tmp.path().join("escaped.txt").exists());
 }
+
+#[test]
+fn a_lock_that_cannot_be_written_is_not_left_behind_empty() {
+    // A full disk, as a write limit of 8 bytes: writing the lock's pid and command fails (EFBIG, with
+    // SIGXFSZ ignored as a full disk's ENOSPC would not signal).
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let args = tiny(&["run-all"], &out, &[]);
+    let mut command = common::command(&args);
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit { rlim_cur: 8, rlim_max: 8 };
+            match libc::setrlimit(libc::RLIMIT_FSIZE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let run = command.output().unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot write in it (is the disk full?)"), "{err}");
+    assert!(!out.join(".csp-tch.lock").exists(), "no empty lock left");
+}

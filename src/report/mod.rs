@@ -106,20 +106,25 @@ pub fn non_finite(epochs: &[EpochMetrics]) -> Option<String> {
     epochs.iter().find(|e| !e.all_finite()).map(|e| format!("epoch {} has a non-finite metric", e.epoch))
 }
 
-impl ModelReport {
-    /// Records whether its full batches replayed CUDA graphs, and why not.
-    pub fn set_graphs(&mut self, replayed: Option<bool>, off_reason: Option<String>) {
-        self.cuda_graphs = replayed;
-        self.cuda_graphs_off = off_reason;
-    }
+/// How a model ran, as only its run knew: its memory layout and whether its full batches replayed
+/// CUDA graphs (and why not). Each is unknown (`None`) in a report rebuilt without a record of it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RanAs {
+    pub channels_last: Option<bool>,
+    pub cuda_graphs: Option<bool>,
+    pub cuda_graphs_off: Option<String>,
+}
 
-    /// The report of a model trained under `config`: the epochs it completed and, when it
-    /// failed, the error that stopped it. Fewer epochs than configured without an error is
-    /// `incomplete`; a non-finite metric is a failure whatever else is known.
+impl ModelReport {
+    /// The report of a model trained under `config`: the epochs it completed, how it ran and, when
+    /// it failed, the error that stopped it. Fewer epochs than configured without an error is
+    /// `incomplete`; a non-finite metric is a failure whatever else is known. A layout nobody
+    /// recorded is the one `--memory-format`'s rule gives.
     pub fn new(
         name: &str,
         config: &RunConfig,
         epochs: Vec<EpochMetrics>,
+        ran_as: RanAs,
         error: Option<String>,
     ) -> Result<ModelReport> {
         let error = error.or_else(|| non_finite(&epochs));
@@ -133,15 +138,19 @@ impl ModelReport {
             trainable_params: summary.trainable_params,
             paddle_style_params: summary.paddle_style_params,
             macs: summary.macs,
-            memory_format: MemoryFormat::label(config.execution.memory_format.channels_last(|| summary.smallest_map))
-                .into(),
+            memory_format: MemoryFormat::label(
+                ran_as
+                    .channels_last
+                    .unwrap_or_else(|| config.execution.memory_format.channels_last(|| summary.smallest_map)),
+            )
+            .into(),
             final_eval_acc: epochs.last().map(|e| e.eval_acc),
             best_eval_acc: epochs.iter().map(|e| e.eval_acc).reduce(f64::max),
             // Summed from +0.0 (a float sum of nothing is -0.0).
             total_train_seconds: epochs.iter().fold(0.0, |s, e| s + e.epoch_seconds),
             warmup_seconds: epochs.iter().fold(0.0, |s, e| s + e.warmup_seconds),
-            cuda_graphs: None,
-            cuda_graphs_off: None,
+            cuda_graphs: ran_as.cuda_graphs,
+            cuda_graphs_off: ran_as.cuda_graphs_off,
             mean_train_ms_per_step: mean(epochs.iter().map(|e| e.train_ms_per_step)),
             mean_eval_ms_per_step: mean(epochs.iter().map(|e| e.eval_ms_per_step)),
             status,
@@ -352,6 +361,8 @@ pub struct RecordedRun {
 pub struct RecordedModel {
     pub status: Status,
     pub error: Option<String>,
+    #[serde(default)]
+    pub memory_format: Option<String>,
     #[serde(default)]
     pub cuda_graphs: Option<bool>,
     #[serde(default)]

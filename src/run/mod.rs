@@ -12,7 +12,7 @@ use crate::files::OutDir;
 use crate::models;
 use crate::report::plot::{self, ModelCurves};
 use crate::report::seeds::{self, SeedsReport};
-use crate::report::{self, Comparison, ModelReport};
+use crate::report::{self, Comparison, ModelReport, RanAs};
 use crate::train::{self, checkpoint, cuda_graph, Interrupted, Progress, Trainer};
 
 mod rebuild;
@@ -164,8 +164,12 @@ fn run_one(config: &RunConfig, data: Cifar, settings: &Settings, environment: &R
             eprintln!("error: {name} failed: {err:#}");
         }
         let graphs = trainer.graph_status();
-        let mut report = ModelReport::new(name, config, trainer.history, result.err().map(|e| format!("{e:#}")))?;
-        report.set_graphs(Some(graphs.replayed), graphs.off_reason);
+        let ran_as = RanAs {
+            channels_last: Some(trainer.model.is_channels_last()),
+            cuda_graphs: Some(graphs.replayed),
+            cuda_graphs_off: graphs.off_reason,
+        };
+        let report = ModelReport::new(name, config, trainer.history, ran_as, result.err().map(|e| format!("{e:#}")))?;
         reports.insert(name.clone(), report);
         environment.peak_resident_mb = peak_resident_mb();
         comparison = Some(write_report(&out, Comparison::new(config, &environment, reports.clone()))?);

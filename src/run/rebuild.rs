@@ -5,11 +5,11 @@ use indexmap::IndexMap;
 use std::path::Path;
 
 use super::{write_report, write_seeds_report};
-use crate::config::RunConfig;
+use crate::config::{MemoryFormat, RunConfig};
 use crate::environment::RunEnvironment;
 use crate::files::OutDir;
 use crate::models;
-use crate::report::{self, Comparison, ModelReport, RecordedRun};
+use crate::report::{self, Comparison, ModelReport, RanAs, RecordedRun};
 use crate::train::checkpoint;
 use crate::train::metrics::EpochMetrics;
 
@@ -118,12 +118,15 @@ pub(super) fn collect(out: &OutDir) -> Result<Collected> {
             epochs => report::non_finite(epochs),
         });
         let error = from_csv.or_else(|| recorded.and_then(|r| r.error.clone()));
-        let mut report = ModelReport::new(&name, &config, epochs.unwrap_or_default(), error)?;
-        match (meta.as_ref().filter(|m| m.cuda_graphs.is_some()), recorded) {
-            (Some(m), _) => report.set_graphs(m.cuda_graphs, m.cuda_graphs_off.clone()),
-            (None, Some(r)) => report.set_graphs(r.cuda_graphs, r.cuda_graphs_off.clone()),
-            (None, None) => {}
-        }
+        // How it ran: from its checkpoint, else from the recorded report.
+        let channels_last = recorded.and_then(|r| r.memory_format.as_deref()).map(|f| f == MemoryFormat::label(true));
+        let (cuda_graphs, cuda_graphs_off) = match (meta.as_ref().filter(|m| m.cuda_graphs.is_some()), recorded) {
+            (Some(m), _) => (m.cuda_graphs, m.cuda_graphs_off.clone()),
+            (None, Some(r)) => (r.cuda_graphs, r.cuda_graphs_off.clone()),
+            (None, None) => (None, None),
+        };
+        let ran_as = RanAs { channels_last, cuda_graphs, cuda_graphs_off };
+        let report = ModelReport::new(&name, &config, epochs.unwrap_or_default(), ran_as, error)?;
         reports.insert(name, report);
     }
     Ok(Collected { config, environment, models: reports })
