@@ -5,10 +5,8 @@
 mod common;
 
 use csp_tch::config::Precision;
-use csp_tch::config::{Execution, MemoryFormat, Preset, Recipe, RunConfig};
-use csp_tch::environment::RunEnvironment;
+use csp_tch::config::{Execution, MemoryFormat, Recipe};
 use csp_tch::train::amp;
-use csp_tch::train::checkpoint::{self, Meta};
 use csp_tch::train::Trainer;
 use tch::{Device, Kind, Tensor};
 
@@ -82,34 +80,7 @@ fn checkpoints_keep_the_loss_scale() {
     let scaler = trained.scaler.clone().expect("fp16 scaler");
     // fp16 gradients overflow at the initial scale: the first steps are skipped and the scale halved.
     assert!(scaler.scale() < csp_tch::train::optim::LossScaler::new().scale(), "{scaler:?}");
-    let config = RunConfig {
-        preset: Preset::Quick,
-        models: vec!["cspdarknet53-pad0".into()],
-        recipe: recipe(),
-        execution: execution(),
-        classes: 10,
-        data_dir: dir.clone(),
-        train_limit: None,
-        test_limit: None,
-        device: "cpu".into(),
-        out: dir.clone(),
-        seeds: Vec::new(),
-    };
-    let meta = Meta {
-        format: checkpoint::FORMAT,
-        model: "cspdarknet53-pad0".into(),
-        config,
-        train_size: 8,
-        test_size: 8,
-        epochs_done: 1,
-        adam_steps: trained.adam.steps(),
-        loss_scaler: trained.scaler.clone(),
-        history: Vec::new(),
-        environment: RunEnvironment::detect(Device::Cpu, Precision::Fp16),
-        cuda_graphs: None,
-        cuda_graphs_off: None,
-        epoch_progress: None,
-    };
+    let meta = common::run_meta("cspdarknet53-pad0", &dir, recipe(), execution());
     trained.save_checkpoint(&file, &meta).unwrap();
     let mut resumed = Trainer::new("cspdarknet53-pad0", 10, &recipe(), &execution(), Device::Cpu).unwrap();
     resumed.set_precision(Precision::Fp16);

@@ -3,6 +3,9 @@
 mod common;
 
 use common::{csp_tch, csp_tch_ok};
+use csp_tch::train::checkpoint::{self, EpochProgress};
+use csp_tch::train::metrics::EpochMetrics;
+use csp_tch::train::Trainer;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -142,4 +145,47 @@ fn mismatched_and_corrupt_checkpoints_are_refused_clearly() {
     }
     a.pop();
     assert!(csp_tch(&a).status.success(), "without --resume a fresh run replaces the broken files");
+}
+
+#[test]
+fn a_checkpoint_holds_the_trainer_s_own_progress_whatever_metadata_it_is_given() {
+    // A stop inside the first epoch after a resume saves metadata made afresh for this process:
+    // the history and the place must come from the trainer, or the next resume starts over.
+    let _rng = common::rng_turn();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("cspdarknet53-pad0.safetensors");
+    let (recipe, execution) = (common::tiny_recipe(4), common::execution(false, csp_tch::config::MemoryFormat::Auto));
+    let mut trainer = Trainer::new("cspdarknet53-pad0", 10, &recipe, &execution, tch::Device::Cpu).unwrap();
+    common::train_on_one_batch(&mut trainer, &recipe, 2, 3);
+    let done = metrics_row(1);
+    trainer.history = vec![done.clone(), metrics_row(2)];
+    let place = EpochProgress { epoch: 3, steps: 4, images: 32, loss_sum: 70.5, correct: 9.0, last_loss: 2.25 };
+    trainer.epoch_progress = Some(place.clone());
+    trainer
+        .save_checkpoint(&file, &common::run_meta("cspdarknet53-pad0", tmp.path(), recipe.clone(), execution))
+        .unwrap();
+    let meta = checkpoint::read_meta(&file).unwrap();
+    assert_eq!((meta.epochs_done, meta.history.len(), meta.adam_steps), (2, 2, 2));
+    assert_eq!(meta.epoch_progress.as_ref(), Some(&place));
+    let mut resumed = Trainer::new("cspdarknet53-pad0", 10, &recipe, &execution, tch::Device::Cpu).unwrap();
+    resumed.restore_checkpoint(&file).unwrap();
+    assert_eq!(resumed.history[0].train_loss, done.train_loss);
+    assert_eq!(resumed.epoch_progress, Some(place), "the next resume goes on inside epoch 3");
+}
+
+fn metrics_row(epoch: usize) -> EpochMetrics {
+    EpochMetrics {
+        epoch,
+        train_loss: 2.0 / epoch as f64,
+        train_acc: 0.5,
+        eval_loss: 2.0,
+        eval_acc: 0.4,
+        train_ms_per_step: 1.0,
+        eval_ms_per_step: 1.0,
+        epoch_seconds: 1.0,
+        train_images_per_s: 1.0,
+        last_train_loss: 2.0,
+        last_eval_loss: 2.0,
+        warmup_seconds: 0.0,
+    }
 }

@@ -230,7 +230,7 @@ fn write_report(out: &OutDir, comparison: Comparison) -> Result<Comparison> {
     Ok(comparison)
 }
 
-/// The checkpoint metadata of `name` in this run, with `trainer`'s progress filled in by the caller.
+/// The checkpoint metadata of `name` in this run, before any progress (the trainer fills its own in).
 fn run_meta(config: &RunConfig, name: &str, data: &Cifar, environment: &RunEnvironment) -> checkpoint::Meta {
     checkpoint::Meta {
         format: checkpoint::FORMAT,
@@ -278,26 +278,16 @@ fn train_model(
     }
     let announce = first_model && trainer.vs.device() == Device::Cpu && config.preset == Preset::Tutorial;
     let mut first_steps = |ms_per_step: f64| announce.then(|| cpu_estimate(config, data, ms_per_step));
-    let mut meta = run_meta(config, &name, data, environment);
+    let meta = run_meta(config, &name, data, environment);
     while trainer.history.len() < config.recipe.epochs {
         let epoch = trainer.run_epoch(data, &config.recipe, progress, &mut first_steps);
         if let Err(err) = epoch {
             // Stopped by a signal inside an epoch: save the place, so that --resume goes on from it.
-            if let Some(place) = trainer.epoch_progress.clone().filter(|p| err.is::<Interrupted>() && p.steps > 0) {
-                meta.epoch_progress = Some(place);
-                meta.adam_steps = trainer.adam.steps();
-                meta.loss_scaler = trainer.scaler.clone();
+            if err.is::<Interrupted>() && trainer.epoch_progress.as_ref().is_some_and(|p| p.steps > 0) {
                 trainer.save_checkpoint(&file, &meta)?;
             }
             return Err(err);
         }
-        meta.epoch_progress = None;
-        meta.epochs_done = trainer.history.len();
-        meta.adam_steps = trainer.adam.steps();
-        meta.loss_scaler = trainer.scaler.clone();
-        meta.history = trainer.history.clone();
-        let graphs = trainer.graph_status();
-        (meta.cuda_graphs, meta.cuda_graphs_off) = (Some(graphs.replayed), graphs.off_reason);
         trainer.save_checkpoint(&file, &meta)?;
         report::write_csv(&csv, &trainer.history)?;
     }

@@ -1,10 +1,12 @@
 //! Checkpoints: `<out>/checkpoints/<model>.safetensors` holds a model's variables (weights and
 //! BatchNorm statistics, as `model/<name>`), Adam's moments (`adam.exp_avg/<name>`,
 //! `adam.exp_avg_sq/<name>`) and, in the safetensors metadata, the run position: epochs done,
-//! Adam's step count, the metrics so far and the configuration that produced them.
+//! Adam's step count, the metrics so far, the configuration that produced them and, after a stop
+//! inside an epoch, the place there ([`EpochProgress`]).
 //!
-//! The shuffle of epoch `e` is a function of `(seed, e)` alone, so weights, moments and the epoch
-//! count are the whole training state: a resumed run replays exactly what an uninterrupted one does.
+//! The shuffle of epoch `e` is a function of `(seed, e)` alone, so weights, moments, the epoch count
+//! and the place inside an epoch are the whole training state: a resumed run replays exactly what an
+//! uninterrupted one does.
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};

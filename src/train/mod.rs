@@ -235,9 +235,22 @@ impl Trainer {
         GraphStatus { replayed: off_reason.is_none(), off_reason }
     }
 
-    /// Writes the trainer's state to `file` with `meta` (see [`checkpoint`]).
-    pub fn save_checkpoint(&self, file: &std::path::Path, meta: &checkpoint::Meta) -> Result<()> {
-        checkpoint::save(file, &self.vs, &self.adam, meta)
+    /// Writes the trainer's state to `file` (see [`checkpoint`]): weights, statistics, Adam's state,
+    /// and `run`'s metadata with the trainer's own progress in it: epochs, steps, loss scale,
+    /// history, CUDA graphs and, after a stop inside an epoch, its place there.
+    pub fn save_checkpoint(&self, file: &std::path::Path, run: &checkpoint::Meta) -> Result<()> {
+        let graphs = self.graph_status();
+        let meta = checkpoint::Meta {
+            epochs_done: self.history.len(),
+            adam_steps: self.adam.steps(),
+            loss_scaler: self.scaler.clone(),
+            history: self.history.clone(),
+            cuda_graphs: Some(graphs.replayed),
+            cuda_graphs_off: graphs.off_reason,
+            epoch_progress: self.epoch_progress.clone(),
+            ..run.clone()
+        };
+        checkpoint::save(file, &self.vs, &self.adam, &meta)
     }
 
     /// Continues from the checkpoint in `file`: weights, statistics, Adam's state, the metrics so far
@@ -396,8 +409,9 @@ impl Trainer {
         self.zero_train_totals();
         let mut watch = Watch::new(bar);
         let (mut images, mut timed_from, mut head_seconds) = (0i64, started, 0.0);
-        // A resumed epoch goes on from where it stopped, with its sums as they were.
-        let first = match self.epoch_progress.take().filter(|p| p.epoch == epoch) {
+        // A resumed epoch goes on from where it stopped, with its sums as they were (a restored
+        // place is always the next epoch's: see `restore_checkpoint`).
+        let first = match self.epoch_progress.take() {
             Some(p) => {
                 let _ = self.train_sums.loss.fill_(p.loss_sum);
                 let _ = self.train_sums.correct.fill_(p.correct);
@@ -445,7 +459,8 @@ impl Trainer {
             loss: self.train_sums.loss.double_value(&[]) / images as f64,
             accuracy: self.train_sums.correct.double_value(&[]) / images as f64,
             last_loss: self.train_sums.last_loss.double_value(&[]),
-            steps: bounds.len(),
+            // The steps this call ran, for the time per step.
+            steps: bounds.len() - first,
             images,
             seconds,
             warmup_seconds: warmup_seconds(head_seconds, HEAD_STEPS, seconds, bounds.len()),

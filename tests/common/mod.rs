@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 
 use csp_tch::config::Normalize;
-use csp_tch::config::{Execution, MemoryFormat, Recipe};
+use csp_tch::config::{Execution, MemoryFormat, Preset, Recipe, RunConfig};
+use csp_tch::environment::RunEnvironment;
+use csp_tch::train::checkpoint::{self, Meta};
 use csp_tch::train::Trainer;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -134,6 +136,39 @@ pub fn tiny_recipe(seed: u64) -> Recipe {
 /// `--amp` and `--memory-format` as given, CUDA graphs as by default.
 pub fn execution(amp: bool, memory_format: MemoryFormat) -> Execution {
     Execution { amp, memory_format, ..Execution::default() }
+}
+
+/// A checkpoint's metadata for a CPU run of `model` under `recipe` and `execution` in `dir`, before
+/// any progress (what a trainer's `save_checkpoint` fills in).
+pub fn run_meta(model: &str, dir: &Path, recipe: Recipe, execution: Execution) -> Meta {
+    let config = RunConfig {
+        preset: Preset::Quick,
+        models: vec![model.into()],
+        recipe,
+        execution,
+        classes: 10,
+        data_dir: dir.to_path_buf(),
+        train_limit: None,
+        test_limit: None,
+        device: "cpu".into(),
+        out: dir.to_path_buf(),
+        seeds: Vec::new(),
+    };
+    Meta {
+        format: checkpoint::FORMAT,
+        model: model.into(),
+        config,
+        train_size: 8,
+        test_size: 8,
+        epochs_done: 0,
+        adam_steps: 0,
+        loss_scaler: None,
+        history: Vec::new(),
+        environment: RunEnvironment::detect(Device::Cpu, execution.precision(Device::Cpu)),
+        cuda_graphs: None,
+        cuda_graphs_off: None,
+        epoch_progress: None,
+    }
 }
 
 /// The losses of `steps` train steps of `trainer` on one batch of 8 random images, drawn after
