@@ -145,16 +145,6 @@ pub enum CudaGraphs {
     Off,
 }
 
-impl CudaGraphs {
-    pub fn label(self) -> &'static str {
-        match self {
-            CudaGraphs::Auto => "auto",
-            CudaGraphs::On => "on",
-            CudaGraphs::Off => "off",
-        }
-    }
-}
-
 /// Memory layout of weights and activations. The layout changes how libtorch's kernels round, not
 /// what is computed; `auto` is a fixed rule, so that runs reproduce one another.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -197,6 +187,9 @@ impl MemoryFormat {
 }
 
 impl Recipe {
+    /// The smallest batch a recipe may train on: BatchNorm cannot train on one value per channel.
+    pub const MIN_BATCH_SIZE: usize = 2;
+
     /// The tutorial's recipe: 5 epochs of batch 64 at 224 px, Adam at 1e-3, Normalize(0.5, 0.5) on raw
     /// pixels, seed 0.
     pub fn tutorial() -> Recipe {

@@ -262,14 +262,12 @@ impl OutDir {
     }
 
     /// The csp-tch files of an earlier run present here, for any of `models`: CSVs, checkpoints,
-    /// reports, and with `seed_folders` every seed folder (whole).
-    fn previous(&self, models: &[&str], seed_folders: bool) -> Vec<PathBuf> {
+    /// reports, and the seed folders `seeds` (whole).
+    fn previous(&self, models: &[&str], seeds: &[(u64, OutDir)]) -> Vec<PathBuf> {
         let per_model = models.iter().flat_map(|m| [self.csv(m), self.checkpoint(m)]);
         let reports = [self.json(), self.markdown(), self.svg(), self.seeds_csv()];
         let mut found: Vec<PathBuf> = per_model.chain(reports).filter(|p| p.symlink_metadata().is_ok()).collect();
-        if seed_folders {
-            found.extend(self.seed_folders().into_iter().map(|(_, dir)| dir.root));
-        }
+        found.extend(seeds.iter().map(|(_, dir)| dir.root.clone()));
         found
     }
 
@@ -278,16 +276,14 @@ impl OutDir {
     /// so far are put back and nothing is lost. A seed folder that another live run holds locked
     /// stops the removal before anything moves.
     pub fn remove_previous(&self, models: &[&str], seed_folders: bool) -> Result<()> {
-        let found = self.previous(models, seed_folders);
+        let seeds = if seed_folders { self.seed_folders() } else { Vec::new() };
+        // Held for the removal: another live run's seed folder stops it, and nobody writes there meanwhile.
+        let _locks = seeds.iter().map(|(_, dir)| dir.lock()).collect::<Result<Vec<OutputLock>>>()?;
+        let found = self.previous(models, &seeds);
         if found.is_empty() {
             return Ok(());
         }
-        // Held for the removal: another live run's seed folder stops it, and nobody writes there meanwhile.
-        let _locks: Vec<OutputLock> = match seed_folders {
-            true => self.seed_folders().iter().map(|(_, dir)| dir.lock()).collect::<Result<_>>()?,
-            false => Vec::new(),
-        };
-        let aside = self.root.join(format!(".previous{PARTIAL_MARK}{}", std::process::id()));
+        let aside = self.root.join(hidden_name("previous", PARTIAL_MARK));
         std::fs::create_dir(&aside).with_context(|| format!("cannot create {}", aside.display()))?;
         let mut moved: Vec<(PathBuf, PathBuf)> = Vec::new();
         for (i, path) in found.iter().enumerate() {

@@ -6,24 +6,9 @@ mod common;
 use common::{csp_tch, csp_tch_ok, read_json, s, Running};
 use std::path::{Path, PathBuf};
 
-/// A one-epoch cspdarknet53-pad0 run on 64 / 32 images in batches of 16 (fast), with `flags`.
-fn tiny<'a>(command: &[&'a str], out: &'a Path, flags: &[&'a str]) -> Vec<&'a str> {
-    tiny_on(command, common::synth(), out, flags)
-}
-
-/// [`tiny`] on the data in `data`.
-fn tiny_on<'a>(command: &[&'a str], data: &'a Path, out: &'a Path, flags: &[&'a str]) -> Vec<&'a str> {
-    let mut args = common::small_run(command, data, out, ["1", "64", "32"]);
-    args.extend(["--batch-size", "16"]);
-    if command == ["run-all"] {
-        args.extend(["--models", "cspdarknet53-pad0"]);
-    }
-    args.extend(flags);
-    args
-}
-
-/// `run-all` of [`tiny`]'s settings with some replaced: `(flag, value)` pairs.
-fn tiny_with(out: &Path, replaced: &[(&str, &str)], extra: &[&str]) -> Vec<String> {
+/// `run-all` of one epoch of cspdarknet53-pad0 on 64 / 32 images in batches of 16 (fast), with some
+/// settings replaced (`(flag, value)` pairs) and `extra` flags after them.
+fn tiny(out: &Path, replaced: &[(&str, &str)], extra: &[&str]) -> Vec<String> {
     let mut settings: Vec<(&str, String)> = vec![
         ("--data-dir", s(common::synth()).to_string()),
         ("--out", s(out).to_string()),
@@ -47,8 +32,9 @@ fn tiny_with(out: &Path, replaced: &[(&str, &str)], extra: &[&str]) -> Vec<Strin
     args
 }
 
-fn run_strings(args: &[String]) -> std::process::Output {
-    csp_tch(&args.iter().map(String::as_str).collect::<Vec<_>>())
+/// `args` as the common helpers take them.
+fn refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 /// Plants an earlier multi-seed run's files (contents beside the point) and returns them.
@@ -95,7 +81,7 @@ fn a_run_that_cannot_start_keeps_the_previous_results_and_names_the_real_reason(
         (&[("--data-dir", s(&missing)), ("--data-url", "file:///no/such/archive.tar.gz")], "archive.tar.gz"),
     ];
     for (flags, reason) in cases {
-        let run = run_strings(&tiny_with(&out, flags, &["--seeds", "0,1"]));
+        let run = csp_tch(&refs(&tiny(&out, flags, &["--seeds", "0,1"])));
         let err = String::from_utf8_lossy(&run.stderr);
         assert!(!run.status.success(), "{flags:?}");
         assert!(err.contains(reason), "{flags:?}: the real reason:\n{err}");
@@ -111,7 +97,7 @@ fn a_new_run_does_not_touch_a_seed_folder_another_run_holds() {
     let planted = plant_previous_results(&out);
     // Another run writing into seed-0 holds its lock (here this test process does).
     let _held = csp_tch::files::OutDir::new(out.join("seed-0")).lock().unwrap();
-    let run = csp_tch(&tiny(&["run-all"], &out, &["--seeds", "0,1"]));
+    let run = csp_tch(&refs(&tiny(&out, &[], &["--seeds", "0,1"])));
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success());
     assert!(err.contains("is in use by another csp-tch run"), "{err}");
@@ -178,7 +164,7 @@ fn out_has_temporaries(dir: &Path) -> bool {
 fn report_rebuilds_an_interrupted_multi_seed_run_even_without_its_top_report() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    csp_tch_ok(&tiny(&["run-all"], &out, &["--seeds", "0,1"]));
+    csp_tch_ok(&refs(&tiny(&out, &[], &["--seeds", "0,1"])));
     // Seed 1 stopped before it wrote anything, and the top report is gone.
     std::fs::remove_dir_all(out.join("seed-1")).unwrap();
     std::fs::create_dir(out.join("seed-1")).unwrap();
@@ -241,7 +227,7 @@ fn edit_checkpoint(file: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 fn eval_refuses_an_edited_checkpoint_instead_of_panicking() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    csp_tch_ok(&tiny(&["run-all"], &out, &[]));
+    csp_tch_ok(&refs(&tiny(&out, &[], &[])));
     let file = out.join("checkpoints/cspdarknet53-pad0.safetensors");
     let edits: [(&str, serde_json::Value); 3] =
         [("image_size", 8.into()), ("batch_size", 0.into()), ("image_size", 100_000.into())];
@@ -265,11 +251,11 @@ fn impossible_sizes_are_refused_at_the_command_line() {
     let summary: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
     assert!(summary["trainable_params"].as_i64().unwrap() > 1_000_000_000, "no overflow at the largest head");
     let tmp = tempfile::tempdir().unwrap();
-    let one = run_strings(&tiny_with(&tmp.path().join("b1"), &[("--batch-size", "1")], &[]));
+    let one = csp_tch(&refs(&tiny(&tmp.path().join("b1"), &[("--batch-size", "1")], &[])));
     let err = String::from_utf8_lossy(&one.stderr);
     assert_eq!(one.status.code(), Some(2), "{err}");
     assert!(err.contains("--batch-size"), "{err}");
-    let single = run_strings(&tiny_with(&tmp.path().join("l1"), &[("--train-limit", "1")], &[]));
+    let single = csp_tch(&refs(&tiny(&tmp.path().join("l1"), &[("--train-limit", "1")], &[])));
     assert!(
         String::from_utf8_lossy(&single.stderr).contains("BatchNorm"),
         "{}",
@@ -285,7 +271,7 @@ fn a_lock_file_that_is_a_symbolic_link_is_not_followed() {
     let target = tmp.path().join("precious.txt");
     std::fs::write(&target, "precious").unwrap();
     std::os::unix::fs::symlink(&target, out.join(".csp-tch.lock")).unwrap();
-    let run = csp_tch(&tiny(&["run-all"], &out, &[]));
+    let run = csp_tch(&refs(&tiny(&out, &[], &[])));
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success());
     assert!(err.contains("symbolic link"), "{err}");
@@ -314,7 +300,7 @@ fn data_folder_problems_name_their_real_cause() {
         assert!(!run.status.success());
         assert!(err.contains(cause), "{}: {err}", dir.display());
         assert!(!err.contains("remove"), "good data is never to be deleted: {err}");
-        let run = csp_tch(&tiny_on(&["run-all"], dir, &tmp.path().join("out"), &[]));
+        let run = csp_tch(&refs(&tiny(&tmp.path().join("out"), &[("--data-dir", s(dir))], &[])));
         assert!(String::from_utf8_lossy(&run.stderr).contains(cause), "run-all too");
     }
 }
@@ -323,8 +309,8 @@ fn data_folder_problems_name_their_real_cause() {
 fn compare_says_whether_a_rerun_reproduced_a_run_where_it_can() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    csp_tch_ok(&tiny(&["run-all"], &a, &[]));
-    csp_tch_ok(&tiny(&["run-all"], &b, &[]));
+    csp_tch_ok(&refs(&tiny(&a, &[], &[])));
+    csp_tch_ok(&refs(&tiny(&b, &[], &[])));
     let same = csp_tch_ok(&["compare", s(&a), s(&b)]);
     let text = String::from_utf8_lossy(&same.stdout);
     assert!(text.contains("same environment") && text.contains("cspdarknet53-pad0 seed 0: identical"), "{text}");
@@ -380,8 +366,8 @@ fn a_lock_that_cannot_be_written_is_not_left_behind_empty() {
     use std::os::unix::process::CommandExt;
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let args = tiny(&["run-all"], &out, &[]);
-    let mut command = common::command(&args);
+    let args = tiny(&out, &[], &[]);
+    let mut command = common::command(&refs(&args));
     unsafe {
         command.pre_exec(|| {
             libc::signal(libc::SIGXFSZ, libc::SIG_IGN);

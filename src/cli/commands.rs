@@ -163,8 +163,7 @@ fn print_eval(r: &EvalReport) {
 }
 
 pub(super) fn bench(args: BenchArgs) -> Result<()> {
-    let recipe = args.acceleration.execution();
-    let config = args.step.config(recipe, args.steps, args.warmup, args.mode, args.breakdown)?;
+    let config = args.step.config(args.acceleration.execution(), args.steps, args.warmup, args.mode, args.breakdown)?;
     let result = crate::bench::run(&config)?;
     if args.json {
         println!("{}", serde_json::to_string(&result)?);

@@ -177,7 +177,7 @@ struct RecipeArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     epochs: Option<u32>,
     /// Square input size after resizing [preset].
-    #[arg(long, value_parser = clap::value_parser!(i64).range(1..=4096))]
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..=models::MAX_IMAGE_SIZE))]
     image_size: Option<i64>,
     /// Training images: a seeded class-balanced subset of N, or `all` [preset].
     #[arg(long, value_parser = parse_limit)]
@@ -186,7 +186,7 @@ struct RecipeArgs {
     #[arg(long, value_parser = parse_limit)]
     test_limit: Option<Limit>,
     /// Images per batch, at least 2: BatchNorm cannot train on one value per channel.
-    #[arg(long, default_value_t = Recipe::tutorial().batch_size as u32, value_parser = clap::value_parser!(u32).range(2..))]
+    #[arg(long, default_value_t = Recipe::tutorial().batch_size as u32, value_parser = clap::value_parser!(u32).range(Recipe::MIN_BATCH_SIZE as i64..))]
     batch_size: u32,
     /// Adam learning rate (betas 0.9/0.999, eps 1e-8 as in the tutorial).
     #[arg(long, default_value_t = Recipe::tutorial().adam.lr)]
@@ -279,9 +279,9 @@ struct EvalArgs {
 struct StepArgs {
     #[arg(long, value_parser = model_name_parser())]
     model: String,
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(i64).range(1..=4096))]
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(i64).range(1..=models::MAX_IMAGE_SIZE))]
     image_size: i64,
-    #[arg(long, default_value_t = Recipe::tutorial().batch_size as u32, value_parser = clap::value_parser!(u32).range(2..))]
+    #[arg(long, default_value_t = Recipe::tutorial().batch_size as u32, value_parser = clap::value_parser!(u32).range(Recipe::MIN_BATCH_SIZE as i64..))]
     batch_size: u32,
     #[arg(long, default_value = "auto")]
     device: String,
@@ -367,7 +367,7 @@ struct SummaryArgs {
     #[arg(long, value_parser = model_name_parser())]
     model: String,
     /// Square input size in pixels.
-    #[arg(long, default_value_t = Recipe::tutorial().image_size, value_parser = clap::value_parser!(i64).range(1..=4096))]
+    #[arg(long, default_value_t = Recipe::tutorial().image_size, value_parser = clap::value_parser!(i64).range(1..=models::MAX_IMAGE_SIZE))]
     image_size: i64,
     /// Classes in the linear head (at most 1,000,000).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i64).range(1..=models::MAX_CLASSES))]

@@ -12,6 +12,9 @@ pub const BN_EPS: f64 = 1e-5;
 /// enough that no parameter or MAC count can overflow.
 pub const MAX_CLASSES: i64 = 1_000_000;
 
+/// The largest square input size csp-tch accepts, in pixels.
+pub const MAX_IMAGE_SIZE: i64 = 4096;
+
 /// One entry of the model registry.
 pub struct ModelInfo {
     pub name: &'static str,

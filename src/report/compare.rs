@@ -155,10 +155,12 @@ fn single_runs(out: &OutDir) -> Vec<(Option<u64>, OutDir)> {
 
 fn environment(out: &OutDir) -> Result<RunEnvironment> {
     let recorded = single_runs(out).into_iter().find_map(|(_, dir)| RecordedRun::read(&dir).ok().flatten());
-    let recorded = recorded.or(RecordedRun::read(out)?);
-    let run = recorded.ok_or_else(|| {
-        anyhow::anyhow!("{} holds no comparison.json; point at a run's output folder", out.root().display())
-    })?;
+    let run = match recorded {
+        Some(run) => run,
+        None => RecordedRun::read(out)?.ok_or_else(|| {
+            anyhow::anyhow!("{} holds no comparison.json; point at a run's output folder", out.root().display())
+        })?,
+    };
     Ok(run.environment)
 }
 

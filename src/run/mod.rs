@@ -16,8 +16,8 @@ use crate::report::{self, Comparison, ModelReport, RanAs};
 use crate::train::{self, checkpoint, cuda_graph, Interrupted, Progress, Trainer};
 
 mod rebuild;
-use rebuild::collect;
 pub use rebuild::rebuild;
+use rebuild::{collect, has_results};
 
 /// A run's settings, checked before anything is touched: what [`run`] acts on. Nothing after
 /// [`Settings::check`] checks them again.
@@ -77,7 +77,7 @@ pub fn run(settings: &Settings, source: &Source) -> Result<()> {
         })
         .collect::<Result<Vec<(RunConfig, Cifar)>>>()?;
     drop(full);
-    let (first_run, first_data) = &runs[0];
+    let first_data = &runs[0].1;
     eprintln!(
         "data: {} train / {} test images from {} ({:.1} s)",
         first_data.train_len(),
@@ -107,7 +107,6 @@ pub fn run(settings: &Settings, source: &Source) -> Result<()> {
         out.remove_previous(&models::model_names(), !config.seeds.is_empty())?;
     }
     if config.seeds.is_empty() {
-        let _ = first_run;
         let (run, data) = runs.into_iter().next().expect("one run");
         return run_one(&run, data, settings, &environment);
     }
@@ -198,8 +197,7 @@ fn write_seeds_report(config: &RunConfig) -> Result<SeedsReport> {
     let mut environment = None;
     for &seed in &config.seeds {
         let child = config.out_dir().seed(seed);
-        let has_results = child.json().exists() || config.models.iter().any(|m| child.csv(m).exists());
-        if !has_results {
+        if !has_results(&child) {
             continue;
         }
         let collected = collect(&child)?;

@@ -55,7 +55,7 @@ fn rebuild_one(out: &OutDir) -> Result<Vec<String>> {
 }
 
 /// Whether `folder` holds a model CSV or a report.
-fn has_results(folder: &OutDir) -> bool {
+pub(super) fn has_results(folder: &OutDir) -> bool {
     folder.json().exists() || models::model_names().iter().any(|m| folder.csv(m).exists())
 }
 

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::config::RunConfig;
+use crate::config::{Recipe, RunConfig};
 use crate::environment::RunEnvironment;
 use crate::files::write_atomic;
 use crate::models::Backbone;
@@ -70,6 +70,34 @@ pub struct EpochProgress {
 }
 
 impl Meta {
+    /// Checks what a checkpoint records as a command line would be checked, so that an edited or
+    /// damaged file is refused with its name instead of failing (or panicking) later.
+    fn check(&self, file: &Path) -> Result<()> {
+        let damaged = |what: String| {
+            anyhow::anyhow!("{}: {what}; the file was edited or damaged, train it again", file.display())
+        };
+        let info = crate::models::model_info(&self.model).map_err(|e| damaged(format!("{e:#}")))?;
+        let r = &self.config.recipe;
+        if !(1..=crate::models::MAX_IMAGE_SIZE).contains(&r.image_size) {
+            return Err(damaged(format!(
+                "its image size {} is not in 1..={}",
+                r.image_size,
+                crate::models::MAX_IMAGE_SIZE
+            )));
+        }
+        info.check_image_size(r.image_size).map_err(|e| damaged(format!("{e:#}")))?;
+        if r.batch_size < Recipe::MIN_BATCH_SIZE {
+            return Err(damaged(format!("its batch size {} is below {}", r.batch_size, Recipe::MIN_BATCH_SIZE)));
+        }
+        if !(1..=crate::models::MAX_CLASSES).contains(&self.config.classes) {
+            return Err(damaged(format!("its class count {} is out of range", self.config.classes)));
+        }
+        if !(r.adam.lr.is_finite() && r.adam.lr > 0.0) {
+            return Err(damaged(format!("its learning rate {} is not a positive number", r.adam.lr)));
+        }
+        Ok(())
+    }
+
     /// The settings that must match for a run to continue this checkpoint: everything that
     /// changes what is computed, the data folder among them (compared as the folder it names),
     /// except the number of epochs (a run may be extended).
@@ -191,32 +219,6 @@ fn read(file: &Path) -> Result<(Vec<u8>, Meta)> {
     );
     meta.check(file)?;
     Ok((bytes, meta))
-}
-
-impl Meta {
-    /// Checks what a checkpoint records as a command line would be checked, so that an edited or
-    /// damaged file is refused with its name instead of failing (or panicking) later.
-    fn check(&self, file: &Path) -> Result<()> {
-        let damaged = |what: String| {
-            anyhow::anyhow!("{}: {what}; the file was edited or damaged, train it again", file.display())
-        };
-        let info = crate::models::model_info(&self.model).map_err(|e| damaged(format!("{e:#}")))?;
-        let r = &self.config.recipe;
-        if !(1..=4096).contains(&r.image_size) {
-            return Err(damaged(format!("its image size {} is not in 1..=4096", r.image_size)));
-        }
-        info.check_image_size(r.image_size).map_err(|e| damaged(format!("{e:#}")))?;
-        if r.batch_size < 2 {
-            return Err(damaged(format!("its batch size {} is below 2", r.batch_size)));
-        }
-        if !(1..=crate::models::MAX_CLASSES).contains(&self.config.classes) {
-            return Err(damaged(format!("its class count {} is out of range", self.config.classes)));
-        }
-        if !(r.adam.lr.is_finite() && r.adam.lr > 0.0) {
-            return Err(damaged(format!("its learning rate {} is not a positive number", r.adam.lr)));
-        }
-        Ok(())
-    }
 }
 
 /// A checkpoint's metadata alone.

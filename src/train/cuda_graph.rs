@@ -255,7 +255,7 @@ impl Replayer {
             }
         }
         let first = self.recorded.as_ref().is_some_and(|r| r.replays == 0);
-        match self.replay(index, &mut step) {
+        match self.replay(index, first, &mut step) {
             Err(err) if first => self.fail(err.context("first replay"), || step(index)),
             other => other,
         }
@@ -282,10 +282,10 @@ impl Replayer {
         Ok(Recorded { graph, captured_index: static_index.copy(), static_index, replays: 0 })
     }
 
-    fn replay(&mut self, index: &Tensor, step: &mut impl FnMut(&Tensor)) -> Result<()> {
+    /// Replays the recorded step on `index`; `first`: no replay has run yet.
+    fn replay(&mut self, index: &Tensor, first: bool, step: &mut impl FnMut(&Tensor)) -> Result<()> {
         let recorded = self.recorded.as_mut().expect("recorded before replaying");
         recorded.static_index.copy_(index);
-        let first = recorded.replays == 0;
         recorded.replays += 1;
         match (&recorded.graph, self.recorder) {
             (Some(graph), _) => {
@@ -386,7 +386,8 @@ pub fn plan(setting: CudaGraphs, device: Device, precision: Precision) -> Result
 
 /// The one line `run-all`, `train` and `bench` print about CUDA graphs.
 pub fn decision_line(setting: CudaGraphs, device: Device, precision: Precision) -> Result<String> {
-    let flag = format!("--cuda-graphs {}", setting.label());
+    let name = clap::ValueEnum::to_possible_value(&setting).map(|v| v.get_name().to_string()).unwrap_or_default();
+    let flag = format!("--cuda-graphs {name}");
     Ok(match plan(setting, device, precision)? {
         GraphPlan::Replay(Recorder::Cuda) => {
             format!("CUDA graphs: on ({flag}): full batches replay recorded steps")
