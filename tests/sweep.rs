@@ -305,6 +305,34 @@ fn data_folder_problems_name_their_real_cause() {
     }
 }
 
+/// csp-tch run by a user whom permissions bind: as root, the same binary with the two capabilities
+/// that let root read any file taken away (setpriv is util-linux's; its absence fails the test).
+fn without_read_override(args: &[&str]) -> std::process::Output {
+    let root = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap();
+    let mut command = if root {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--bounding-set=-dac_override,-dac_read_search", env!("CARGO_BIN_EXE_csp-tch")]);
+        c
+    } else {
+        std::process::Command::new(env!("CARGO_BIN_EXE_csp-tch"))
+    };
+    command.args(args).env("OMP_NUM_THREADS", "1").output().expect("run csp-tch (as root: through setpriv)")
+}
+
+#[test]
+fn an_unreadable_data_folder_is_not_called_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let locked = tmp.path().join("cifar");
+    std::fs::create_dir(&locked).unwrap();
+    std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    let run = without_read_override(&["data", "check", "--data-dir", s(&locked)]);
+    std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{err}");
+    assert!(err.contains("cannot read the folder") && err.contains("check its permissions"), "{err}");
+    assert!(!err.contains("does not exist") && !err.contains("remove"), "good data is never to be deleted: {err}");
+}
+
 #[test]
 fn compare_says_whether_a_rerun_reproduced_a_run_where_it_can() {
     let tmp = tempfile::tempdir().unwrap();
