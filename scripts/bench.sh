@@ -9,13 +9,17 @@
 # (--memory-format auto) and PyTorch its own (NCHW); the table says which each used. csp-tch keeps freed
 # memory in its heap (src/environment.rs); --peer-keeps-freed-memory sets PyTorch's glibc the same way.
 # --peer-compile MODE runs PyTorch through torch.compile (default, reduce-overhead, max-autotune, ...).
+#   scripts/bench.sh --data-folder DIR [--image-size 224] [--limit N] [--rounds 3]
+# instead times the loaders on the image folder DIR (its train/ split): `csp-tch data bench` (decode and
+# resize on every core, then an epoch's gathers once held) against torchvision's ImageFolder + DataLoader
+# with one worker per core (scripts/bench_imagefolder.py), images/s and per-epoch time side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models="" modes=train,eval image_size=32 batch_size=64
-steps=10 warmup=3 rounds=3 device=cpu out="" options=() peer_options=()
+steps=10 warmup=3 rounds=3 device=cpu out="" options=() peer_options=() data_folder="" limit=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --models|--modes|--image-size|--batch-size|--steps|--warmup|--rounds|--device|--out|--peer-compile)
+    --models|--modes|--image-size|--batch-size|--steps|--warmup|--rounds|--device|--out|--peer-compile|--data-folder|--limit)
       [ $# -ge 2 ] || { echo "bench.sh: $1 needs a value (see the header of $0)" >&2; exit 2; } ;;
   esac
   case "$1" in
@@ -24,6 +28,7 @@ while [ $# -gt 0 ]; do
     --peer-compile) peer_options+=(--compile "$2") ;;
     --models) models=$2 ;; --modes) modes=$2 ;; --image-size) image_size=$2 ;; --batch-size) batch_size=$2 ;;
     --steps) steps=$2 ;; --warmup) warmup=$2 ;; --rounds) rounds=$2 ;; --device) device=$2 ;; --out) out=$2 ;;
+    --data-folder) data_folder=$2 ;; --limit) limit=$2 ;;
     *) echo "bench.sh: unknown flag $1 (see the header of $0)" >&2; exit 2 ;;
   esac
   shift 2
@@ -36,6 +41,22 @@ py=$(sed -n 's/^CSP_TCH_PYTHON = "\(.*\)"$/\1/p' .cargo/config.toml 2>/dev/null 
 py=${py:-python3}
 "$py" -c 'import torch' 2>/dev/null || { echo "bench.sh: $py has no torch; run scripts/setup.sh" >&2; exit 1; }
 lines=$(mktemp); trap 'rm -f "$lines"' EXIT
+if [ -n "$data_folder" ]; then
+  [ "$image_size" != 32 ] || image_size=224
+  limits=(); [ -z "$limit" ] || limits=(--limit "$limit")
+  for round in $(seq "$rounds"); do
+    ours=(target/release/csp-tch data bench --data-dir "$data_folder" --image-size "$image_size" --batch-size "$batch_size" --device "$device" ${limits[@]+"${limits[@]}"} --json)
+    theirs=("$py" scripts/bench_imagefolder.py "$data_folder/train" --image-size "$image_size" --batch-size "$batch_size" --workers "$(nproc)" ${limits[@]+"${limits[@]}"})
+    if [ $((round % 2)) -eq 1 ]; then order=(ours theirs); else order=(theirs ours); fi
+    for who in "${order[@]}"; do
+      if [ "$who" = ours ]; then "${ours[@]}" 2>/dev/null; else "${theirs[@]}"; fi >> "$lines"
+    done
+    echo "bench: data round $round/$rounds done" >&2
+  done
+  [ -z "$out" ] || cp "$lines" "$out"
+  "$py" scripts/bench_table.py "$lines"
+  exit 0
+fi
 common=(--image-size "$image_size" --batch-size "$batch_size" --steps "$steps" --warmup "$warmup" --device "$device" ${options[@]+"${options[@]}"} --json)
 for model in ${models//,/ }; do
   for mode in ${modes//,/ }; do

@@ -2,6 +2,8 @@
 for scripts/bench.sh and scripts/gpu-check.sh: per model, mode and precision, each implementation's
 median ms/step over its lines (rounds), images/s, warm-up, and PyTorch eager's time over its own
 (above 1: faster than PyTorch eager). Models and modes appear in the order the lines first name them.
+Lines of `csp-tch data bench --json` and `scripts/bench_imagefolder.py` (kind "data") make the loader
+table instead: images/s to decode and resize, and an epoch's time once read, medians over rounds.
 
     python3 scripts/bench_table.py BENCH.jsonl
 """
@@ -16,10 +18,30 @@ def who(r):
     return f"PyTorch torch.compile {r['compile']}" if r.get("compile") else "PyTorch eager"
 
 
+def data_table(runs):
+    first = runs[0]
+    print(f"{first['images']} images of {first['folder']} at {first['image_size']} px, batch {first['batch_size']}, "
+          "medians over rounds")
+    print()
+    print("| loader | workers/threads | decode + resize images/s | epoch once read, ms | csp-tch's images/s over this |")
+    print("|---|---:|---:|---:|---:|")
+    by_who = {}
+    for r in runs:
+        by_who.setdefault(r["implementation"], []).append(r)
+    rate = {w: statistics.median(r["decode_images_per_s"] for r in rs) for w, rs in by_who.items()}
+    for w, rs in by_who.items():
+        name = "csp-tch (decoded once, gathered from memory)" if w == "csp-tch" else "torchvision ImageFolder + DataLoader (decodes every epoch)"
+        epoch = statistics.median(r["epoch_gather_ms"] for r in rs)
+        ratio = f"{rate['csp-tch'] / rate[w]:.2f}x" if "csp-tch" in rate else "-"
+        print(f"| {name} | {rs[0]['threads']} | {rate[w]:.0f} | {epoch:.1f} | {ratio} |")
+
+
 def main(path):
     runs = [json.loads(line) for line in open(path) if line.strip()]
     if not runs:
         sys.exit(f"{path}: no bench lines")
+    if all(r.get("kind") == "data" for r in runs):
+        return data_table(runs)
     first = runs[0]
     kept = {name: all(r.get("keeps_freed_memory", False) for r in runs if (r["implementation"] == "csp-tch") == (name == "csp-tch"))
             for name in ("csp-tch", "PyTorch")}

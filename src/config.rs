@@ -60,6 +60,9 @@ pub struct RunConfig {
     #[serde(flatten)]
     pub execution: Execution,
     pub classes: i64,
+    /// `--dataset` and how it is read; absent from comparison.json for CIFAR-10 read as always.
+    #[serde(default, skip_serializing_if = "DatasetSpec::is_default")]
+    pub dataset: DatasetSpec,
     pub data_dir: PathBuf,
     pub train_limit: Option<usize>,
     pub test_limit: Option<usize>,
@@ -91,7 +94,77 @@ impl RunConfig {
     /// set beside the tutorial's.
     pub fn comparable_to_tutorial(&self) -> bool {
         let tutorial = Recipe { seed: self.recipe.seed, ..Recipe::tutorial() };
-        self.recipe == tutorial && self.train_limit.is_none() && self.test_limit.is_none()
+        self.recipe == tutorial && self.dataset.is_default() && self.train_limit.is_none() && self.test_limit.is_none()
+    }
+}
+
+/// `--dataset`: which data a run reads from `--data-dir`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetName {
+    /// CIFAR-10, binary version (the tutorial's).
+    #[default]
+    Cifar10,
+    /// CIFAR-100, binary version.
+    Cifar100,
+    /// Oxford Flowers-102 (102flowers.tgz, imagelabels.mat, setid.mat).
+    Flowers102,
+    /// An image folder: <data-dir>/<split>/<class>/<image files>, as torchvision's ImageFolder.
+    Folder,
+}
+
+/// `--cifar100-labels`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Cifar100Labels {
+    /// The 100 classes.
+    #[default]
+    Fine,
+    /// The 20 superclasses.
+    Coarse,
+}
+
+/// `--flowers-split`: whose assignment of Flowers-102's published lists to train / val / test.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowersSplit {
+    /// Paddle's `Flowers` (the tutorial's framework): train tstid (6,149), val valid, test trnid (1,020).
+    #[default]
+    Paddle,
+    /// torchvision's `Flowers102`: train trnid (1,020), val valid (1,020), test tstid (6,149).
+    Torchvision,
+}
+
+/// Which data a run reads and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DatasetSpec {
+    pub name: DatasetName,
+    /// The split trained on (`--train-split`, folders and Flowers-102).
+    pub train_split: String,
+    /// The split evaluated on (`--val-split`); `None`: `val`, else `test` for folders, `test` for Flowers-102.
+    pub val_split: Option<String>,
+    pub cifar100_labels: Cifar100Labels,
+    pub flowers_split: FlowersSplit,
+    /// `--skip-bad-images`: leave out files that cannot be decoded (listed) instead of failing.
+    pub skip_bad_images: bool,
+}
+
+impl Default for DatasetSpec {
+    fn default() -> Self {
+        DatasetSpec {
+            name: DatasetName::Cifar10,
+            train_split: "train".into(),
+            val_split: None,
+            cifar100_labels: Cifar100Labels::Fine,
+            flowers_split: FlowersSplit::Paddle,
+            skip_bad_images: false,
+        }
+    }
+}
+
+impl DatasetSpec {
+    pub fn is_default(&self) -> bool {
+        *self == DatasetSpec::default()
     }
 }
 

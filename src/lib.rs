@@ -8,8 +8,8 @@
 //!   graphs, checkpoints and per-epoch metrics;
 //! - [`models`]: the backbones as architectures and modules, their registry and layer-by-layer
 //!   summary, and how their layers compute with less work;
-//! - [`data`]: CIFAR-10's binary layout (check, download, load, subsets, synthetic sets) and the
-//!   per-batch transform;
+//! - [`data`]: the datasets (CIFAR-10 and CIFAR-100 binary layouts, Flowers-102, image folders):
+//!   check, download, decode once into a cache, subsets, synthetic sets, and the per-batch transform;
 //! - [`report`]: the metric CSVs, comparison.json / .md, the report over seeds, curves.svg, the
 //!   tutorial's figures;
 //! - [`native`]: the C++ shim for what tch does not bind (every `extern "C"` declaration);

@@ -2,7 +2,8 @@
 
 mod common;
 
-use csp_tch::data::{self, Source, FILE_BYTES, RECORD_BYTES};
+use csp_tch::data::cifar10::{FILE_BYTES, RECORD_BYTES};
+use csp_tch::data::{self, Access};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
@@ -19,7 +20,7 @@ fn leftovers(parent: &Path) -> Vec<String> {
 fn synthetic_set_loads_through_tch_with_balanced_labels() {
     let dir = common::synth();
     data::check_layout(dir).unwrap();
-    let cifar = data::load(dir).unwrap();
+    let cifar = data::load(&Default::default(), dir, &Access::default(), 32).unwrap();
     assert_eq!(cifar.train_images.size(), [50_000, 3, 32, 32]);
     assert_eq!(cifar.train_images.kind(), tch::Kind::Uint8);
     assert_eq!(cifar.test_labels.size(), [10_000]);
@@ -36,7 +37,7 @@ fn synthetic_set_loads_through_tch_with_balanced_labels() {
 #[test]
 fn balanced_subset_is_balanced_seeded_and_distinct() {
     let labels: Vec<i64> = (0..1000).map(|i| (i * 7 % 10) as i64).collect();
-    let a = data::balanced_subset(&labels, 105, 1).unwrap();
+    let a = data::balanced_subset(&labels, 10, 105, 1).unwrap();
     assert_eq!(a.len(), 105);
     let mut per_class = [0; 10];
     for &i in &a {
@@ -46,9 +47,9 @@ fn balanced_subset_is_balanced_seeded_and_distinct() {
     let mut unique = a.clone();
     unique.dedup();
     assert_eq!(unique.len(), a.len(), "indices are sorted and distinct");
-    assert_eq!(a, data::balanced_subset(&labels, 105, 1).unwrap());
-    assert_ne!(a, data::balanced_subset(&labels, 105, 2).unwrap());
-    assert!(data::balanced_subset(&labels, 1001, 1).is_err());
+    assert_eq!(a, data::balanced_subset(&labels, 10, 105, 1).unwrap());
+    assert_ne!(a, data::balanced_subset(&labels, 10, 105, 2).unwrap());
+    assert!(data::balanced_subset(&labels, 10, 1001, 1).is_err());
 }
 
 #[test]
@@ -73,7 +74,7 @@ fn missing_truncated_and_corrupt_files_are_named() {
     f.seek(SeekFrom::Start(5 * RECORD_BYTES as u64)).unwrap();
     f.write_all(&[10]).unwrap();
     drop(f);
-    let err = format!("{:#}", data::load(&dir).err().unwrap());
+    let err = format!("{:#}", data::load(&Default::default(), &dir, &Access::default(), 32).err().unwrap());
     assert!(err.contains("data_batch_3.bin") && err.contains("record 5") && err.contains("label byte 10"), "{err}");
 
     // Truncated.
@@ -113,15 +114,15 @@ fn download_from_a_file_url_verifies_and_extracts_atomically() {
 
     // Wrong checksum: refused, nothing left.
     let dest = parent.join("cifar-10-batches-bin");
-    let wrong = Source { url: url.clone(), md5: "0".repeat(32) };
-    let err = format!("{:#}", data::ensure(&dest, &wrong).unwrap_err());
+    let wrong = source(url.clone(), "0".repeat(32));
+    let err = format!("{:#}", data::ensure(&Default::default(), &dest, &wrong).unwrap_err());
     assert!(err.contains("MD5") && err.contains(&md5), "{err}");
     assert!(!dest.exists());
     assert!(leftovers(&parent).is_empty(), "{:?}", leftovers(&parent));
 
     // Unreachable: a clear error saying where to put the files, nothing left.
-    let offline = Source { url: "http://127.0.0.1:9/cifar-10-binary.tar.gz".into(), md5: md5.clone() };
-    let err = format!("{:#}", data::ensure(&dest, &offline).unwrap_err());
+    let offline = source("http://127.0.0.1:9/cifar-10-binary.tar.gz", md5.clone());
+    let err = format!("{:#}", data::ensure(&Default::default(), &dest, &offline).unwrap_err());
     assert!(err.contains("without network") && err.contains("cifar-10-batches-bin"), "{err}");
     assert!(!dest.exists() && leftovers(&parent).is_empty());
 
@@ -129,8 +130,8 @@ fn download_from_a_file_url_verifies_and_extracts_atomically() {
     let junk = tmp.path().join("junk.tar.gz");
     std::fs::write(&junk, b"not a tarball").unwrap();
     let junk_md5 = format!("{:x}", md5::compute(b"not a tarball"));
-    let bad = Source { url: format!("file://{}", junk.display()), md5: junk_md5 };
-    let err = format!("{:#}", data::ensure(&dest, &bad).unwrap_err());
+    let bad = source(format!("file://{}", junk.display()), junk_md5);
+    let err = format!("{:#}", data::ensure(&Default::default(), &dest, &bad).unwrap_err());
     assert!(err.contains("not a .tar.gz archive") && !err.contains("partial"), "names no deleted temp path: {err}");
     assert!(!dest.exists() && leftovers(&parent).is_empty());
 
@@ -140,13 +141,13 @@ fn download_from_a_file_url_verifies_and_extracts_atomically() {
     std::fs::copy(src.join("data_batch_1.bin"), part.join("data_batch_1.bin")).unwrap();
     let incomplete = tmp.path().join("incomplete.tar.gz");
     let incomplete_md5 = make_archive(&part, &incomplete);
-    let source = Source { url: format!("file://{}", incomplete.display()), md5: incomplete_md5 };
-    let err = format!("{:#}", data::ensure(&dest, &source).unwrap_err());
+    let incomplete_source = source(format!("file://{}", incomplete.display()), incomplete_md5);
+    let err = format!("{:#}", data::ensure(&Default::default(), &dest, &incomplete_source).unwrap_err());
     assert!(err.contains("is incomplete: data_batch_2.bin is missing") && !err.contains("partial"), "{err}");
     assert!(!dest.exists() && leftovers(&parent).is_empty());
 
     // The real thing.
-    data::ensure(&dest, &Source { url, md5 }).unwrap();
+    data::ensure(&Default::default(), &dest, &source(url, md5)).unwrap();
     for name in ["data_batch_1.bin", "data_batch_5.bin", "test_batch.bin"] {
         assert_eq!(std::fs::read(dest.join(name)).unwrap(), std::fs::read(src.join(name)).unwrap());
     }
@@ -160,7 +161,10 @@ fn data_commands_report_and_fail_clearly() {
     common::csp_tch_ok(&["data", "synth", "--out", common::s(&dir), "--train", "100", "--test", "50"]);
     let out = common::csp_tch_ok(&["data", "check", "--data-dir", common::s(&dir)]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("50000 train / 10000 test") && text.contains("pattern9"), "{text}");
+    assert!(
+        text.contains("50000 train (train) / 10000 test (test) images, 10 classes") && text.contains("pattern9"),
+        "{text}"
+    );
 
     let out = common::csp_tch(&["data", "check", "--data-dir", common::s(&tmp.path().join("none"))]);
     assert!(!out.status.success());
@@ -169,4 +173,9 @@ fn data_commands_report_and_fail_clearly() {
     let out = common::csp_tch(&["data", "synth", "--out", common::s(&dir)]);
     assert!(!out.status.success(), "refuses to overwrite");
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+}
+
+/// Where CIFAR-10 comes from, with no image cache.
+fn source(url: impl Into<String>, md5: impl Into<String>) -> Access {
+    Access { url: Some(url.into()), md5: Some(md5.into()), cache_dir: None }
 }

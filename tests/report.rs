@@ -115,6 +115,7 @@ fn each_csp_model_is_compared_with_its_own_plain_network() {
         recipe: Recipe { epochs: 1, image_size: 32, ..Recipe::tutorial() },
         execution: Default::default(),
         classes: 10,
+        dataset: Default::default(),
         data_dir: "data".into(),
         train_limit: None,
         test_limit: None,
@@ -148,7 +149,7 @@ fn each_csp_model_is_compared_with_its_own_plain_network() {
         })
         .collect();
     let environment = RunEnvironment::detect(tch::Device::Cpu, csp_tch::config::Precision::Fp32);
-    let report = Comparison::new(&config, &environment, models);
+    let report = Comparison::new(&config, &environment, None, models);
     let csp_resnet = &report.comparison["cspresnet50"];
     assert_eq!(csp_resnet.baseline, "resnet50");
     assert_eq!(csp_resnet.param_ratio, 20_601_418.0 / 23_528_522.0);

@@ -77,3 +77,28 @@ fn batch_gathers_resizes_and_normalises() {
     );
     assert!(out.get(0).unsqueeze(0).equal(&direct));
 }
+
+#[test]
+fn the_device_resize_equals_the_host_resize_in_both_pass_orders() {
+    // Enlarging, shrinking, one axis only, and shrinks that send Pillow 13 vertical-first.
+    tch::manual_seed(3);
+    for (w, h, size) in [(13, 9, 40), (32, 32, 224), (40, 30, 24), (30, 40, 24), (30, 40, 37), (24, 60, 24), (7, 7, 5)]
+    {
+        let images = Tensor::randint(256, [2, 3, h, w], (Kind::Float, tch::Device::Cpu));
+        let device = Vec::<f32>::try_from(transform::resize(&images, size).flatten(0, -1)).unwrap();
+        for n in 0..2usize {
+            let hwc: Vec<u8> = Vec::<f32>::try_from(images.get(n as i64).permute([1, 2, 0]).flatten(0, -1))
+                .unwrap()
+                .iter()
+                .map(|&v| v as u8)
+                .collect();
+            let host = csp_tch::data::resample::resize_rgb(&hwc, w as usize, h as usize, size as usize, size as usize);
+            let plane = (size * size) as usize;
+            let ours: Vec<u8> = (0..plane)
+                .flat_map(|i| (0..3).map(move |c| (c, i)))
+                .map(|(c, i)| device[n * 3 * plane + c * plane + i] as u8)
+                .collect();
+            assert!(ours == host, "{w}x{h} -> {size}, image {n}");
+        }
+    }
+}

@@ -2,13 +2,13 @@
 //! summary, env, data check, eval, bench, check-graphs, and how each prints.
 
 use anyhow::{bail, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::Device;
 
 use super::{BenchArgs, CheckGraphsArgs, EvalArgs, SummaryArgs};
 use crate::bench::Mode;
-use crate::config::CudaGraphs;
-use crate::data;
+use crate::config::{CudaGraphs, DatasetSpec};
+use crate::data::{self, Access};
 use crate::environment::{device_label, device_name, parse_device, Environment};
 use crate::models;
 use crate::report::{si, thousands};
@@ -74,16 +74,27 @@ pub(super) fn env() -> Result<()> {
     Ok(())
 }
 
-pub(super) fn data_check(dir: &std::path::Path) -> Result<()> {
-    let cifar = data::load(dir)?;
+/// `data check`: the dataset read as a run at `image_size` px would read it (image files decoded
+/// into the cache, so that such a run finds them there).
+pub(super) fn data_check(spec: &DatasetSpec, dir: &Path, access: &Access, image_size: i64) -> Result<()> {
+    let data = data::load(spec, dir, access, image_size)?;
     let counts = |labels: &tch::Tensor| {
-        Vec::<i64>::try_from(labels.bincount::<tch::Tensor>(None, data::CLASSES)).unwrap_or_default()
+        Vec::<i64>::try_from(labels.bincount::<tch::Tensor>(None, data.classes())).unwrap_or_default()
     };
-    let (train, test) = (counts(&cifar.train_labels), counts(&cifar.test_labels));
-    println!("{}: {} train / {} test images", dir.display(), cifar.train_len(), cifar.test_len());
-    println!("{:<12} {:>8} {:>8}", "class", "train", "test");
-    for (c, name) in cifar.class_names.iter().enumerate() {
-        println!("{name:<12} {:>8} {:>8}", train[c], test[c]);
+    let (train, test) = (counts(&data.train_labels), counts(&data.test_labels));
+    let info = &data.info;
+    println!(
+        "{}: {} train ({}) / {} test ({}) images, {} classes",
+        dir.display(),
+        data.train_len(),
+        info.train_split,
+        data.test_len(),
+        info.test_split,
+        data.classes()
+    );
+    println!("{:<16} {:>8} {:>8}", "class", "train", "test");
+    for (c, name) in data.class_names.iter().enumerate() {
+        println!("{name:<16} {:>8} {:>8}", train[c], test[c]);
     }
     Ok(())
 }
@@ -109,7 +120,20 @@ pub(super) fn eval(args: EvalArgs) -> Result<()> {
     let (meta, _vs, model) = crate::train::checkpoint::load_model(&args.checkpoint, device)?;
     let data_dir = args.data_dir.unwrap_or_else(|| meta.config.data_dir.clone());
     let test_limit = args.test_limit.map_or(meta.config.test_limit, |l| l.0);
-    let cifar = data::load(&data_dir)?.limit(None, test_limit, meta.config.recipe.seed)?.to_device(device);
+    let (spec, recipe) = (&meta.config.dataset, &meta.config.recipe);
+    let access = Access { cache_dir: super::default_cache_dir(&args.cache_dir), ..Access::default() };
+    let full = data::load(spec, &data_dir, &access, recipe.image_size)?;
+    if full.classes() != meta.config.classes {
+        bail!(
+            "{} was trained on {} classes; {} holds {} ({:?}): evaluate it on the data it was trained for",
+            args.checkpoint.display(),
+            meta.config.classes,
+            data_dir.display(),
+            full.classes(),
+            spec.name
+        );
+    }
+    let cifar = full.limit(None, test_limit, recipe.seed)?.to_device(device);
     let precision = meta.config.execution.precision(device);
     let e = crate::train::evaluate(&model, &cifar.test_images, &cifar.test_labels, &meta.config.recipe, precision)?;
     let per_class = e.per_class(&cifar.class_names);

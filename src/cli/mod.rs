@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use crate::bench::{BenchConfig, Mode};
 use crate::config::AdamConfig;
 use crate::config::Normalize;
+use crate::config::{Cifar100Labels, DatasetName, DatasetSpec, FlowersSplit};
 use crate::config::{CudaGraphs, Execution, MemoryFormat, Preset, Recipe, RunConfig};
-use crate::data::{self, Source};
+use crate::data::{self, Access};
 use crate::environment::parse_device;
 use crate::models;
 use crate::run;
@@ -61,19 +62,49 @@ enum Command {
     Bench(BenchArgs),
     /// Train a schedule of steps eagerly twice and once replayed from CUDA graphs; compare everything.
     CheckGraphs(CheckGraphsArgs),
-    /// Fetch, check or synthesise CIFAR-10 in its binary layout.
+    /// Fetch or check a dataset (--dataset), or synthesise CIFAR-10 in its binary layout.
     #[command(subcommand)]
     Data(DataCommand),
 }
 
 #[derive(Subcommand, Debug)]
 enum DataCommand {
-    /// Download cifar-10-binary.tar.gz, verify its MD5 and extract it into --data-dir.
-    Download(SourceArgs),
-    /// Check the binary layout in --data-dir (file sizes, labels) and count images per class.
+    /// Download the dataset's published files, verify their MD5s and lay them out in --data-dir.
+    Download(DataArgs),
+    /// Read the dataset in --data-dir as a run would (layout, labels, every image decoded into the
+    /// cache) and count images per class.
     Check {
-        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        #[command(flatten)]
+        data: DataArgs,
+        /// The run's input size, to which image files larger than it are resized.
+        #[arg(long, default_value_t = Recipe::tutorial().image_size, value_parser = clap::value_parser!(i64).range(1..=models::MAX_IMAGE_SIZE))]
+        image_size: i64,
+    },
+    /// Images per second to decode and resize an image folder (no cache, every core), and the time an
+    /// epoch's batches take to gather once it is held; `scripts/bench.sh --data-folder` sets
+    /// torchvision's ImageFolder + DataLoader beside it.
+    Bench {
+        /// An image folder (<split>/<class>/<image files>).
+        #[arg(long)]
         data_dir: PathBuf,
+        /// Its split to read.
+        #[arg(long, default_value = "train")]
+        split: String,
+        #[arg(long, default_value_t = Recipe::tutorial().image_size, value_parser = clap::value_parser!(i64).range(1..=models::MAX_IMAGE_SIZE))]
+        image_size: i64,
+        /// Read only the first N files (torchvision's order).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = Recipe::tutorial().batch_size as u32, value_parser = clap::value_parser!(u32).range(1..))]
+        batch_size: u32,
+        /// Epochs of gathering timed (the median is reported).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        epochs: u32,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Write a learnable synthetic set in the same binary layout, for tests and demos.
     Synth {
@@ -91,25 +122,83 @@ enum DataCommand {
     },
 }
 
-const DEFAULT_DATA_DIR: &str = "data/cifar-10-batches-bin";
-
+/// Where the data of a run, `eval` or `data` command come from, and how they are read.
 #[derive(Args, Debug)]
-struct SourceArgs {
-    /// Folder of the CIFAR-10 binary layout (data_batch_1..5.bin, test_batch.bin).
-    #[arg(long, default_value = DEFAULT_DATA_DIR)]
-    data_dir: PathBuf,
-    /// Where to fetch cifar-10-binary.tar.gz when --data-dir is missing (http(s):// or file://).
-    #[arg(long, env = "CSP_TCH_DATA_URL", default_value = data::DEFAULT_URL)]
-    data_url: String,
-    /// Expected MD5 of the archive.
-    #[arg(long, default_value = data::DEFAULT_MD5)]
-    data_md5: String,
+struct DataArgs {
+    /// Dataset to read from --data-dir.
+    #[arg(long, value_enum, default_value_t = DatasetName::Cifar10)]
+    dataset: DatasetName,
+    /// The dataset's folder [data/cifar-10-batches-bin, data/cifar-100-binary, data/flowers-102;
+    /// required for --dataset folder].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Where to fetch the dataset when --data-dir is missing (http(s):// or file://) [the published
+    /// archive; for flowers102 the folder URL of its three files].
+    #[arg(long, env = "CSP_TCH_DATA_URL")]
+    data_url: Option<String>,
+    /// Expected MD5 of the archive (flowers102: three, comma-separated) [the published ones].
+    #[arg(long)]
+    data_md5: Option<String>,
+    /// The split to train on: a subfolder of --data-dir (folder), or train / val / test (flowers102).
+    #[arg(long, default_value = "train")]
+    train_split: String,
+    /// The split to evaluate on [folder: val, else test; flowers102: test].
+    #[arg(long)]
+    val_split: Option<String>,
+    /// CIFAR-100's fine labels (100 classes) or coarse ones (20 superclasses).
+    #[arg(long, value_enum, default_value_t = Cifar100Labels::Fine)]
+    cifar100_labels: Cifar100Labels,
+    /// Whose assignment of Flowers-102's published lists to train / val / test.
+    #[arg(long, value_enum, default_value_t = FlowersSplit::Paddle)]
+    flowers_split: FlowersSplit,
+    /// Leave out image files that cannot be read or decoded (each listed in the log and in
+    /// comparison.json) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad_images: bool,
+    /// Where decoded image files are cached [$XDG_CACHE_HOME/csp-tch or ~/.cache/csp-tch].
+    #[arg(long, env = "CSP_TCH_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
-impl SourceArgs {
-    fn source(&self) -> Source {
-        Source { url: self.data_url.clone(), md5: self.data_md5.clone() }
+impl DataArgs {
+    fn spec(&self) -> DatasetSpec {
+        DatasetSpec {
+            name: self.dataset,
+            train_split: self.train_split.clone(),
+            val_split: self.val_split.clone(),
+            cifar100_labels: self.cifar100_labels,
+            flowers_split: self.flowers_split,
+            skip_bad_images: self.skip_bad_images,
+        }
     }
+
+    fn data_dir(&self) -> Result<PathBuf> {
+        let default = match self.dataset {
+            DatasetName::Cifar10 => "data/cifar-10-batches-bin",
+            DatasetName::Cifar100 => "data/cifar-100-binary",
+            DatasetName::Flowers102 => "data/flowers-102",
+            DatasetName::Folder => {
+                return self.data_dir.clone().ok_or_else(|| {
+                    anyhow::anyhow!("--dataset folder needs --data-dir: a folder of <split>/<class>/<image files>")
+                })
+            }
+        };
+        Ok(self.data_dir.clone().unwrap_or_else(|| default.into()))
+    }
+
+    fn access(&self) -> Access {
+        Access { url: self.data_url.clone(), md5: self.data_md5.clone(), cache_dir: default_cache_dir(&self.cache_dir) }
+    }
+}
+
+/// `--cache-dir`, else `$XDG_CACHE_HOME/csp-tch`, else `~/.cache/csp-tch`.
+fn default_cache_dir(explicit: &Option<PathBuf>) -> Option<PathBuf> {
+    explicit.clone().or_else(|| {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+        Some(base.join("csp-tch"))
+    })
 }
 
 /// `N` images, or `all`.
@@ -212,7 +301,7 @@ struct RecipeArgs {
     #[arg(long)]
     resume: bool,
     #[command(flatten)]
-    source: SourceArgs,
+    data: DataArgs,
 }
 
 impl RecipeArgs {
@@ -245,8 +334,9 @@ impl RecipeArgs {
                 seed,
             },
             execution: self.acceleration.execution(),
-            classes: data::CLASSES,
-            data_dir: self.source.data_dir.clone(),
+            classes: data::class_count(&self.data.spec(), &self.data.data_dir()?)?,
+            dataset: self.data.spec(),
+            data_dir: self.data.data_dir()?,
             train_limit: self.train_limit.map_or(defaults.train_limit, |l| l.0),
             test_limit: self.test_limit.map_or(defaults.test_limit, |l| l.0),
             device: self.device.clone(),
@@ -261,9 +351,13 @@ struct EvalArgs {
     /// A checkpoint written by run-all or train (`<out>/checkpoints/<model>.safetensors`).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// CIFAR-10 folder [the checkpoint's].
+    /// The dataset's folder [the checkpoint's]; the dataset is the checkpoint's, and must have its
+    /// number of classes.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Where decoded image files are cached [$XDG_CACHE_HOME/csp-tch or ~/.cache/csp-tch].
+    #[arg(long, env = "CSP_TCH_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
     /// Test images: a seeded class-balanced subset of N, or `all` [the checkpoint's].
     #[arg(long, value_parser = parse_limit)]
     test_limit: Option<Limit>,
@@ -426,11 +520,11 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--models lists {twice} twice; name each model once");
             }
             let settings = run::Settings::check(args.recipe.resolve(models)?, args.recipe.resume)?;
-            run::run(&settings, &args.recipe.source.source())
+            run::run(&settings, &args.recipe.data.access())
         }
         Command::Train(args) => {
             let settings = run::Settings::check(args.recipe.resolve(vec![args.model])?, args.recipe.resume)?;
-            run::run(&settings, &args.recipe.source.source())
+            run::run(&settings, &args.recipe.data.access())
         }
         Command::Eval(args) => eval(args),
         Command::Compare { a, b, json } => compare(&a, &b, json),
@@ -441,8 +535,30 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("rebuilt the report of {} in {}", models.join(", "), out.display());
             Ok(())
         }
-        Command::Data(DataCommand::Download(args)) => data::download(&args.data_dir, &args.source()),
-        Command::Data(DataCommand::Check { data_dir }) => data_check(&data_dir),
+        Command::Data(DataCommand::Download(args)) => data::download(&args.spec(), &args.data_dir()?, &args.access()),
+        Command::Data(DataCommand::Check { data, image_size }) => {
+            data_check(&data.spec(), &data.data_dir()?, &data.access(), image_size)
+        }
+        Command::Data(DataCommand::Bench { data_dir, split, image_size, limit, batch_size, epochs, device, json }) => {
+            let device = parse_device(&device)?;
+            let (size, batch) = (image_size as usize, batch_size as usize);
+            let result = data::bench::run(&data_dir.join(&split), size, limit, batch, epochs as usize, device)?;
+            if json {
+                println!("{}", serde_json::to_string(&result)?);
+            } else {
+                println!(
+                    "{}: {} images decoded and resized to {image_size} px in {:.2} s ({:.0} images/s, {} threads); \
+                     an epoch's batches of {batch_size} gathered in {:.2} ms (median of {epochs})",
+                    result.folder,
+                    result.images,
+                    result.decode_seconds,
+                    result.decode_images_per_s,
+                    result.threads,
+                    result.epoch_gather_ms
+                );
+            }
+            Ok(())
+        }
         Command::Data(DataCommand::Synth { out, train, test, seed }) => {
             data::write_synthetic(&out, train, test, seed)?;
             eprintln!(

@@ -1,24 +1,23 @@
-//! Fetching CIFAR-10's binary archive: download, checksum, extraction into a staging folder.
+//! Fetching a dataset's published files: download with an MD5 check, extraction of an archive into
+//! a staging folder that becomes the data folder only when complete.
 
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::{check_layout, layout_problem, DEFAULT_MD5, DEFAULT_URL, TRAIN_FILES};
 use crate::files::Staging;
 
-/// Where the CIFAR-10 archive comes from, and its expected checksum.
-#[derive(Clone, Debug)]
-pub struct Source {
-    pub url: String,
-    pub md5: String,
-}
-
-impl Default for Source {
-    fn default() -> Self {
-        Source { url: DEFAULT_URL.into(), md5: DEFAULT_MD5.into() }
-    }
+/// A binary-layout dataset as published: one archive holding a folder of fixed files.
+pub struct ArchiveLayout {
+    /// `CIFAR-10 (binary version)`.
+    pub what: &'static str,
+    /// A file the layout's folder holds, to find that folder in the archive.
+    pub marker: &'static str,
+    /// What is wrong with a folder's layout, naming the file; `None` when it is complete.
+    pub problem: fn(&Path) -> Option<String>,
+    /// What to put where without network.
+    pub by_hand: &'static str,
 }
 
 /// Opens `url` (`http(s)://` or `file://`) as a byte stream with its length when known.
@@ -46,23 +45,14 @@ fn download_bar(len: Option<u64>) -> ProgressBar {
     bar
 }
 
-/// Downloads the archive, verifies its MD5 and extracts the binary layout into `dir`, which must
-/// not exist yet. Nothing is left behind on failure.
-pub fn download(dir: &Path, source: &Source) -> Result<()> {
-    let staging = Staging::new(dir)?;
-    let archive = staging.path.join("archive.tar.gz");
-    eprintln!("downloading {} ...", source.url);
-    let no_network = || {
-        format!(
-            "cannot download {}; without network, put data_batch_1..5.bin and test_batch.bin \
-             (CIFAR-10 binary version) into {}, or pass --data-url file:///path/to/cifar-10-binary.tar.gz",
-            source.url,
-            dir.display()
-        )
-    };
-    let (mut reader, len) = open_url(&source.url).with_context(no_network)?;
+/// Downloads `url` into `file`, checking its MD5 (`--data-md5` names another).
+pub fn fetch_file(url: &str, md5: &str, file: &Path, by_hand: &str) -> Result<()> {
+    eprintln!("downloading {url} ...");
+    let no_network =
+        || format!("cannot download {url}; without network, {by_hand}, or pass --data-url file:///path/to/it");
+    let (mut reader, len) = open_url(url).with_context(no_network)?;
     let bar = download_bar(len);
-    let mut out = std::fs::File::create(&archive)?;
+    let mut out = std::fs::File::create(file)?;
     let mut digest = md5::Context::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -75,20 +65,22 @@ pub fn download(dir: &Path, source: &Source) -> Result<()> {
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
-    let md5 = format!("{:x}", digest.finalize());
+    let got = format!("{:x}", digest.finalize());
     ensure!(
-        md5.eq_ignore_ascii_case(&source.md5),
-        "{} has MD5 {md5}, expected {} (pass --data-md5 for another archive); nothing was written",
-        source.url,
-        source.md5
+        got.eq_ignore_ascii_case(md5),
+        "{url} has MD5 {got}, expected {md5} (pass --data-md5 for another file); nothing was written"
     );
-    let extracted = staging.path.join("extracted");
-    tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(&archive)?))
-        .unpack(&extracted)
+    Ok(())
+}
+
+/// Extracts the .tar.gz `archive` (downloaded from `url`) into `into`.
+pub fn extract(archive: &Path, into: &Path, url: &str) -> Result<()> {
+    tar::Archive::new(flate2::read::GzDecoder::new(std::fs::File::open(archive)?))
+        .unpack(into)
         // tar's own message names the temporary folder, which is gone by the time anyone reads it.
         .map_err(|err| {
             // tar's words, with the entry named as in the archive and the cause it wraps.
-            let staged = extracted.display().to_string();
+            let staged = into.display().to_string();
             let archive_relative =
                 |text: String| text.replace(&format!(": {staged}"), "").replace(&format!("{staged}/"), "");
             let mut why = archive_relative(err.to_string());
@@ -96,35 +88,37 @@ pub fn download(dir: &Path, source: &Source) -> Result<()> {
                 why += &format!(" ({})", archive_relative(cause.to_string()));
             }
             anyhow::anyhow!(
-                "cannot extract {}: {why}; it is not a .tar.gz archive, a damaged one, or one whose entries \
-                 point outside it, which is refused; nothing was written",
-                source.url
+                "cannot extract {url}: {why}; it is not a .tar.gz archive, a damaged one, or one whose entries \
+                 point outside it, which is refused; nothing was written"
             )
-        })?;
-    let root = find_layout_root(&extracted)
-        .with_context(|| format!("{} holds no data_batch_1.bin: not the CIFAR-10 binary version", source.url))?;
+        })
+}
+
+/// Downloads the archive at `url`, verifies its MD5 and extracts `layout` into `dir`, which must
+/// not exist yet. Nothing is left behind on failure.
+pub fn download_archive(dir: &Path, url: &str, md5: &str, layout: &ArchiveLayout) -> Result<()> {
+    let staging = Staging::new(dir)?;
+    let archive = staging.path.join("archive.tar.gz");
+    let by_hand = format!("{} into {}", layout.by_hand, dir.display());
+    fetch_file(url, md5, &archive, &by_hand)?;
+    let extracted = staging.path.join("extracted");
+    extract(&archive, &extracted, url)?;
+    let root = find_layout_root(&extracted, layout.marker)
+        .with_context(|| format!("{url} holds no {}: not {}", layout.marker, layout.what))?;
     // The staging folder is gone once this returns: name the archive, not where it was unpacked.
-    if let Some(problem) = layout_problem(&root) {
-        bail!("the archive from {} is incomplete: {problem}; nothing was written", source.url);
+    if let Some(problem) = (layout.problem)(&root) {
+        bail!("the archive from {url} is incomplete: {problem}; nothing was written");
     }
     std::fs::rename(&root, dir).with_context(|| format!("cannot move the data into {}", dir.display()))?;
-    eprintln!("CIFAR-10 is in {}", dir.display());
+    eprintln!("{} is in {}", layout.what, dir.display());
     Ok(())
 }
 
-/// The folder of an extracted archive that holds `data_batch_1.bin` (the archive's own
+/// The folder of an extracted archive that holds `marker` (the archive's own top folder, such as
 /// `cifar-10-batches-bin/`, or the top level).
-fn find_layout_root(extracted: &Path) -> Option<PathBuf> {
-    if extracted.join(TRAIN_FILES[0]).exists() {
+fn find_layout_root(extracted: &Path, marker: &str) -> Option<PathBuf> {
+    if extracted.join(marker).exists() {
         return Some(extracted.to_path_buf());
     }
-    std::fs::read_dir(extracted).ok()?.flatten().map(|e| e.path()).find(|p| p.join(TRAIN_FILES[0]).exists())
-}
-
-/// Makes sure `dir` holds the layout: downloads it when the folder is missing, checks it otherwise.
-pub fn ensure(dir: &Path, source: &Source) -> Result<()> {
-    if !super::folder_state(dir, "--data-dir")? {
-        download(dir, source)?;
-    }
-    check_layout(dir)
+    std::fs::read_dir(extracted).ok()?.flatten().map(|e| e.path()).find(|p| p.join(marker).exists())
 }

@@ -3,8 +3,6 @@
 
 use anyhow::{ensure, Result};
 
-use super::CLASSES;
-
 /// SplitMix64: a tiny, fast, well-mixed generator; device-independent, so a seed means the same
 /// subset and the same shuffles on CPU and GPU.
 #[derive(Clone, Debug)]
@@ -55,17 +53,18 @@ pub fn epoch_permutation(n: usize, seed: u64, epoch: usize) -> Vec<i64> {
     order
 }
 
-/// Indices of a class-balanced subset of `limit` records: `limit / 10` per class, the remainder
-/// spread one each over the first classes, each class's records drawn at random; sorted.
-pub fn balanced_subset(labels: &[i64], limit: usize, seed: u64) -> Result<Vec<i64>> {
+/// Indices of a class-balanced subset of `limit` records with labels in `0..classes`:
+/// `limit / classes` per class, the remainder spread one each over the first classes, each class's
+/// records drawn at random; sorted.
+pub fn balanced_subset(labels: &[i64], classes: usize, limit: usize, seed: u64) -> Result<Vec<i64>> {
     let mut rng = SplitMix64::new(seed);
-    let mut by_class: Vec<Vec<i64>> = vec![Vec::new(); CLASSES as usize];
+    let mut by_class: Vec<Vec<i64>> = vec![Vec::new(); classes];
     for (i, &label) in labels.iter().enumerate() {
         by_class[label as usize].push(i as i64);
     }
     let mut picked = Vec::with_capacity(limit);
     for (class, members) in by_class.iter_mut().enumerate() {
-        let want = limit / CLASSES as usize + usize::from(class < limit % CLASSES as usize);
+        let want = limit / classes + usize::from(class < limit % classes);
         ensure!(
             members.len() >= want,
             "a balanced subset of {limit} needs {want} images of class {class}, the split has {}",

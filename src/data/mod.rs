@@ -1,67 +1,42 @@
-//! CIFAR-10 in its binary layout: check, fetch, load (through tch's loader), subset, synthesise.
+//! The data a run trains and evaluates on (`--dataset`): CIFAR-10 and CIFAR-100 in their binary
+//! layouts, Flowers-102 in its published one, image folders as torchvision's `ImageFolder` reads
+//! them; fetched when missing, checked, held as uint8 images, subset, and transformed per batch.
 //!
-//! The layout is fixed: `data_batch_1..5.bin` and `test_batch.bin`, each 10,000 records of
-//! 3,073 bytes (label byte, then 1024 R, 1024 G, 1024 B bytes, row-major), plus an optional
-//! `batches.meta.txt` with the class names. tch's `vision::cifar::load_dir` reads exactly that,
-//! so synthetic sets are written in the same full-size layout (see [`write_synthetic`]).
+//! Binary layouts are read as they are (32 px); image files are decoded once on every core into a
+//! uint8 block kept in a cache on disk ([`images`]). Either way the per-batch transform
+//! ([`transform`]) gathers, resizes and normalises on the training device.
 
+pub mod bench;
+pub mod cifar10;
+pub mod cifar100;
+pub mod decode;
 pub mod download;
+pub mod flowers;
+pub mod folder;
 pub mod generator;
+pub mod images;
+pub mod resample;
 pub mod synth;
 pub mod transform;
 
-pub use download::{download, ensure, Source};
+pub use cifar10::{check_layout, CLASSES, DEFAULT_MD5, DEFAULT_URL};
 pub use generator::{balanced_subset, epoch_permutation, SplitMix64};
 pub use synth::write_synthetic;
 
-use anyhow::{bail, ensure, Context, Result};
-use std::path::Path;
+use anyhow::{bail, ensure, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::{Device, Tensor};
 
-use tch::{Device, Kind, Tensor};
+use crate::config::{DatasetName, DatasetSpec};
 
-pub const TRAIN_FILES: [&str; 5] =
-    ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"];
-pub const TEST_FILE: &str = "test_batch.bin";
-pub const META_FILE: &str = "batches.meta.txt";
-pub const RECORDS_PER_FILE: usize = 10_000;
-pub const IMAGE_BYTES: usize = 3 * 32 * 32;
-pub const RECORD_BYTES: usize = IMAGE_BYTES + 1;
-pub const FILE_BYTES: u64 = (RECORDS_PER_FILE * RECORD_BYTES) as u64;
-pub const CLASSES: i64 = 10;
-pub const DEFAULT_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
-pub const DEFAULT_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
-pub const CLASS_NAMES: [&str; 10] =
-    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
-
-fn all_files() -> impl Iterator<Item = &'static str> {
-    TRAIN_FILES.into_iter().chain([TEST_FILE])
-}
-
-/// What to tell a user whose data folder is missing or broken (`download` wants a folder that does
-/// not exist yet, so a broken one has to go first).
-fn how_to_get(dir: &Path) -> String {
-    let remove = if dir.exists() { format!("remove {} and ", dir.display()) } else { String::new() };
-    format!(
-        "{remove}get CIFAR-10 (binary version) with `csp-tch data download --data-dir {0}`, or put \
-         data_batch_1..5.bin and test_batch.bin from cifar-10-binary.tar.gz into {0}",
-        dir.display()
-    )
-}
-
-/// What is wrong with the layout in `dir`, naming the file by its name alone; `None` when every
-/// file is present with its exact size.
-pub(crate) fn layout_problem(dir: &Path) -> Option<String> {
-    all_files().find_map(|name| match std::fs::metadata(dir.join(name)) {
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Some(format!("{name} is missing")),
-        Err(err) => Some(format!("{name} cannot be read ({err})")),
-        Ok(meta) if !meta.is_file() => Some(format!("{name} is not a file")),
-        Ok(meta) if meta.len() != FILE_BYTES => Some(format!(
-            "{name} has {} bytes, expected {FILE_BYTES} ({RECORDS_PER_FILE} records of {RECORD_BYTES} bytes): \
-             truncated or not CIFAR-10's binary version",
-            meta.len()
-        )),
-        Ok(_) => None,
-    })
+/// Where a missing dataset comes from (`--data-url`, `--data-md5`; the dataset's published ones
+/// when unset) and where decoded image files are cached (`--cache-dir`).
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    pub url: Option<String>,
+    pub md5: Option<String>,
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// What keeps `dir` from being read as a folder, when something does: it is missing (`Ok(false)`),
@@ -74,106 +49,219 @@ pub fn folder_state(dir: &Path, flag: &str) -> Result<bool> {
             Err(err) => bail!("{flag} {}: cannot read the folder ({err}); check its permissions", dir.display()),
         },
         Ok(_) => {
-            bail!("{flag} {} is a file, not a folder; point {flag} at the folder of the binary layout", dir.display())
+            bail!("{flag} {} is a file, not a folder; point {flag} at the dataset's folder", dir.display())
         }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound && dir.symlink_metadata().is_err() => Ok(false),
         Err(err) => bail!("{flag} {}: cannot reach the folder ({err}); check the path and its links", dir.display()),
     }
 }
 
-/// Checks that every file of the layout is present with its exact size.
-pub fn check_layout(dir: &Path) -> Result<()> {
-    ensure!(folder_state(dir, "--data-dir")?, "CIFAR-10 folder {} does not exist; {}", dir.display(), how_to_get(dir));
-    if let Some(problem) = layout_problem(dir) {
-        bail!("{}: {problem}; {}", dir.display(), how_to_get(dir));
+/// Downloads `spec`'s dataset into `dir`, which must not exist yet.
+pub fn download(spec: &DatasetSpec, dir: &Path, access: &Access) -> Result<()> {
+    let url = |default: &str| access.url.clone().unwrap_or_else(|| default.to_string());
+    let md5 = |default: &str| access.md5.clone().unwrap_or_else(|| default.to_string());
+    match spec.name {
+        DatasetName::Cifar10 => download::download_archive(dir, &url(DEFAULT_URL), &md5(DEFAULT_MD5), &cifar10::LAYOUT),
+        DatasetName::Cifar100 => {
+            download::download_archive(dir, &url(cifar100::DEFAULT_URL), &md5(cifar100::DEFAULT_MD5), &cifar100::LAYOUT)
+        }
+        DatasetName::Flowers102 => flowers::download(dir, &url(flowers::DEFAULT_URL), &md5(flowers::DEFAULT_MD5)),
+        DatasetName::Folder => {
+            bail!("--dataset folder has nothing to download: point --data-dir at <split>/<class>/<image files>")
+        }
     }
-    Ok(())
 }
 
-/// The dataset held once on the training device: images as uint8 `[N, 3, 32, 32]`, labels int64.
-pub struct Cifar {
+/// Makes sure `dir` holds `spec`'s dataset: downloads it when the folder is missing (an image
+/// folder is never downloaded), checks its layout otherwise.
+pub fn ensure(spec: &DatasetSpec, dir: &Path, access: &Access) -> Result<()> {
+    if spec.name != DatasetName::Folder && !folder_state(dir, "--data-dir")? {
+        download(spec, dir, access)?;
+    }
+    match spec.name {
+        DatasetName::Cifar10 => check_layout(dir),
+        DatasetName::Cifar100 => cifar100::check_layout(dir),
+        DatasetName::Flowers102 => flowers::check_layout(dir),
+        DatasetName::Folder => {
+            ensure!(folder_state(dir, "--data-dir")?, "image folder {} does not exist", dir.display());
+            folder::split_roots(dir, &spec.train_split, spec.val_split.as_deref()).map(|_| ())
+        }
+    }
+}
+
+/// The number of classes of `spec`'s dataset in `dir`, known before it loads (an image folder's
+/// class folders are listed).
+pub fn class_count(spec: &DatasetSpec, dir: &Path) -> Result<i64> {
+    Ok(match spec.name {
+        DatasetName::Cifar10 => CLASSES,
+        DatasetName::Cifar100 => match spec.cifar100_labels {
+            crate::config::Cifar100Labels::Fine => 100,
+            crate::config::Cifar100Labels::Coarse => 20,
+        },
+        DatasetName::Flowers102 => flowers::CLASSES as i64,
+        DatasetName::Folder => {
+            let (train, _) = folder::split_roots(dir, &spec.train_split, spec.val_split.as_deref())?;
+            folder::class_names(&train)?.len() as i64
+        }
+    })
+}
+
+/// One split held as uint8 images `[N, 3, H, W]` and int64 labels.
+pub struct Split {
+    pub images: Tensor,
+    pub labels: Tensor,
+}
+
+/// What a run read, for its report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataInfo {
+    pub dataset: DatasetName,
+    pub train_split: String,
+    pub test_split: String,
+    pub classes: usize,
+    /// Images per split as read (before `--train-limit` / `--test-limit`).
+    pub train_images: usize,
+    pub test_images: usize,
+    /// The stored image size (height, width): the size read, or the run's size for resized files.
+    pub stored_size: [usize; 2],
+    /// For image files: whether the decoded images came from the cache, and how long reading took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_hit: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_seconds: Option<f64>,
+    /// Files left out under `--skip-bad-images`, each with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+/// A dataset held once on the training device.
+pub struct Dataset {
     pub train_images: Tensor,
     pub train_labels: Tensor,
     pub test_images: Tensor,
     pub test_labels: Tensor,
     pub class_names: Vec<String>,
+    pub info: DataInfo,
 }
 
-/// Loads the binary layout through `tch::vision::cifar::load_dir`, after checking it.
-/// Labels outside 0..9 are an error naming the file and record.
-pub fn load(dir: &Path) -> Result<Cifar> {
-    check_layout(dir)?;
-    let ds =
-        tch::vision::cifar::load_dir(dir).with_context(|| format!("cannot read CIFAR-10 from {}", dir.display()))?;
-    check_labels(dir, &ds.train_labels, &TRAIN_FILES)?;
-    check_labels(dir, &ds.test_labels, &[TEST_FILE])?;
-    // tch hands out float pixels scaled to [0, 1]; k/255 * 255 rounds back to k exactly.
-    let to_u8 = |images: &Tensor| (images * 255.0).round().to_kind(Kind::Uint8);
-    Ok(Cifar {
-        train_images: to_u8(&ds.train_images),
-        train_labels: ds.train_labels,
-        test_images: to_u8(&ds.test_images),
-        test_labels: ds.test_labels,
-        class_names: read_class_names(dir),
+/// Decodes image files into a split, through the cache.
+fn decoded_split(
+    files: &[(PathBuf, i64)],
+    settings: &images::DecodeSettings,
+    what: &str,
+) -> Result<(Split, images::Decoded)> {
+    let decoded = images::load(files, settings, what)?;
+    let split = Split { images: decoded.images.shallow_clone(), labels: Tensor::from_slice(&decoded.labels) };
+    Ok((split, decoded))
+}
+
+/// Loads `spec`'s dataset from `dir` for a run at `size` px (image files are stored at most that
+/// large). Checks the layout first; the binary layouts are read as they are.
+pub fn load(spec: &DatasetSpec, dir: &Path, access: &Access, size: i64) -> Result<Dataset> {
+    let (train_split, test_split) = match spec.name {
+        DatasetName::Cifar10 | DatasetName::Cifar100 => ("train".to_string(), "test".to_string()),
+        DatasetName::Flowers102 => (spec.train_split.clone(), spec.val_split.clone().unwrap_or_else(|| "test".into())),
+        DatasetName::Folder => {
+            let (train, val) = folder::split_roots(dir, &spec.train_split, spec.val_split.as_deref())?;
+            let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            (name(&train), name(&val))
+        }
+    };
+    let settings = images::DecodeSettings {
+        size: size as usize,
+        skip_bad: spec.skip_bad_images,
+        cache_dir: access.cache_dir.clone(),
+    };
+    let mut decoded = Vec::new();
+    let (train, test, class_names) = match spec.name {
+        DatasetName::Cifar10 => cifar10::load(dir)?,
+        DatasetName::Cifar100 => cifar100::load(dir, spec.cifar100_labels)?,
+        DatasetName::Flowers102 => {
+            let mut split = |name: &str| {
+                let files = flowers::files(dir, spec.flowers_split, name)?;
+                let what = format!("Flowers-102 {name} split ({:?})", spec.flowers_split).to_lowercase();
+                let (split, info) = decoded_split(&files, &settings, &what)?;
+                decoded.push(info);
+                Ok::<Split, anyhow::Error>(split)
+            };
+            (split(&train_split)?, split(&test_split)?, flowers::class_names())
+        }
+        DatasetName::Folder => {
+            let train = folder::scan(&dir.join(&train_split), None)?;
+            let test = folder::scan(&dir.join(&test_split), Some(&train.classes))?;
+            let mut split = |scanned: &folder::FolderSplit| {
+                let what = scanned.root.display().to_string();
+                let (split, info) = decoded_split(&scanned.files, &settings, &what)?;
+                decoded.push(info);
+                Ok::<Split, anyhow::Error>(split)
+            };
+            (split(&train)?, split(&test)?, train.classes.clone())
+        }
+    };
+    let [.., h, w] = train.images.size()[..] else { unreachable!("NCHW images") };
+    let info = DataInfo {
+        dataset: spec.name,
+        train_split,
+        test_split,
+        classes: class_names.len(),
+        train_images: train.labels.size()[0] as usize,
+        test_images: test.labels.size()[0] as usize,
+        stored_size: [h as usize, w as usize],
+        cache_hit: (!decoded.is_empty()).then(|| decoded.iter().all(|d| d.cache_hit)),
+        decode_seconds: (!decoded.is_empty()).then(|| decoded.iter().map(|d| d.seconds).sum()),
+        skipped: decoded.iter_mut().flat_map(|d| std::mem::take(&mut d.skipped)).collect(),
+    };
+    Ok(Dataset {
+        train_images: train.images,
+        train_labels: train.labels,
+        test_images: test.images,
+        test_labels: test.labels,
+        class_names,
+        info,
     })
 }
 
-fn check_labels(dir: &Path, labels: &Tensor, files: &[&str]) -> Result<()> {
-    let bad = labels.lt(0).logical_or(&labels.ge(CLASSES)).nonzero();
-    if bad.size()[0] > 0 {
-        let index = bad.int64_value(&[0, 0]) as usize;
-        let label = labels.int64_value(&[index as i64]);
-        bail!(
-            "{}: record {} has label byte {label}, expected 0..9: the file is corrupt or not CIFAR-10; {}",
-            dir.join(files[index / RECORDS_PER_FILE]).display(),
-            index % RECORDS_PER_FILE,
-            how_to_get(dir)
-        );
+impl Dataset {
+    pub fn classes(&self) -> i64 {
+        self.class_names.len() as i64
     }
-    Ok(())
-}
 
-/// Class names from batches.meta.txt when present, else CIFAR-10's.
-fn read_class_names(dir: &Path) -> Vec<String> {
-    let from_file: Vec<String> = std::fs::read_to_string(dir.join(META_FILE))
-        .map(|s| s.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
-        .unwrap_or_default();
-    if from_file.len() == CLASSES as usize {
-        from_file
-    } else {
-        CLASS_NAMES.iter().map(|s| s.to_string()).collect()
-    }
-}
-
-impl Cifar {
     /// Keeps a seeded, class-balanced subset of each split (`None`: all of it).
-    pub fn limit(&self, train: Option<usize>, test: Option<usize>, seed: u64) -> Result<Cifar> {
-        let pick = |images: Tensor, labels: Tensor, limit: Option<usize>, flag: &str, salt: u64| {
-            let Some(limit) = limit else { return Ok((images, labels)) };
-            let all = Vec::<i64>::try_from(&labels)?;
+    pub fn limit(&self, train: Option<usize>, test: Option<usize>, seed: u64) -> Result<Dataset> {
+        let classes = self.classes() as usize;
+        let pick = |images: &Tensor, labels: &Tensor, limit: Option<usize>, flag: &str, salt: u64| {
+            let Some(limit) = limit else { return Ok((images.shallow_clone(), labels.shallow_clone())) };
+            let all = Vec::<i64>::try_from(labels)?;
             ensure!(
                 limit >= 1 && limit <= all.len(),
                 "{flag} {limit} is out of range: the split has {} images",
                 all.len()
             );
-            let index = Tensor::from_slice(&balanced_subset(&all, limit, seed ^ salt)?);
+            let index = Tensor::from_slice(&balanced_subset(&all, classes, limit, seed ^ salt)?);
             Ok((images.index_select(0, &index), labels.index_select(0, &index)))
         };
         let (train_images, train_labels) =
-            pick(self.train_images.shallow_clone(), self.train_labels.shallow_clone(), train, "--train-limit", 0x7472)?;
-        let (test_images, test_labels) =
-            pick(self.test_images.shallow_clone(), self.test_labels.shallow_clone(), test, "--test-limit", 0x7465)?;
-        Ok(Cifar { train_images, train_labels, test_images, test_labels, class_names: self.class_names.clone() })
+            pick(&self.train_images, &self.train_labels, train, "--train-limit", 0x7472)?;
+        let (test_images, test_labels) = pick(&self.test_images, &self.test_labels, test, "--test-limit", 0x7465)?;
+        Ok(Dataset {
+            train_images,
+            train_labels,
+            test_images,
+            test_labels,
+            class_names: self.class_names.clone(),
+            info: self.info.clone(),
+        })
     }
 
     /// Moves the dataset to `device` once; batches are gathered there.
-    pub fn to_device(self, device: Device) -> Cifar {
-        Cifar {
+    pub fn to_device(self, device: Device) -> Dataset {
+        Dataset {
             train_images: self.train_images.to_device(device),
             train_labels: self.train_labels.to_device(device),
             test_images: self.test_images.to_device(device),
             test_labels: self.test_labels.to_device(device),
             class_names: self.class_names,
+            info: self.info,
         }
     }
 

@@ -4,8 +4,8 @@ use anyhow::{ensure, Context, Result};
 use std::io::Write;
 use std::path::Path;
 
+use super::cifar10::{CLASSES, META_FILE, RECORDS_PER_FILE, RECORD_BYTES, TEST_FILE, TRAIN_FILES};
 use super::generator::SplitMix64;
-use super::{CLASSES, META_FILE, RECORDS_PER_FILE, RECORD_BYTES, TEST_FILE, TRAIN_FILES};
 use crate::files::Staging;
 
 /// Writes a learnable synthetic set in the CIFAR-10 binary layout: `train` and `test` distinct

@@ -1,24 +1,60 @@
 //! The tutorial's per-batch transform, run on the training device: gather the uint8 images of a
 //! batch, resize them, normalise.
 
-use tch::{Kind, Tensor};
+use std::sync::Mutex;
+use tch::{Device, Kind, Tensor};
 
+use super::resample;
 use crate::config::Normalize;
 
-/// Resizes uint8-valued float images `[N, 3, H, W]` to `size` x `size` as PIL's bilinear resize
-/// does when enlarging (the only direction csp-tch needs: every model wants at least 32 px):
-/// half-pixel centres, edge pixels replicated, and PIL's two passes — horizontal, then vertical —
-/// each rounded half up to an 8-bit image.
+/// Pillow's fixed-point weights from `in_size` to `out_size` pixels as a dense `[out, in]` float64
+/// matrix on `device`, made once per shape and device and kept: a step recorded as a CUDA graph then
+/// finds it in place (made during the eager warm-up steps; no upload inside a capture).
+fn weight_matrix(in_size: i64, out_size: i64, device: Device) -> Tensor {
+    type Key = (i64, i64, Device);
+    static MATRICES: Mutex<Vec<(Key, Tensor)>> = Mutex::new(Vec::new());
+    let key = (in_size, out_size, device);
+    let mut kept = MATRICES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, m)) = kept.iter().find(|(k, _)| *k == key) {
+        return m.shallow_clone();
+    }
+    let c = resample::coefficients(in_size as usize, out_size as usize);
+    let mut dense = vec![0f64; (in_size * out_size) as usize];
+    for (row, (&first, weights)) in c.first.iter().zip(&c.weights).enumerate() {
+        for (i, &w) in weights.iter().enumerate() {
+            dense[row * in_size as usize + first + i] = f64::from(w);
+        }
+    }
+    let matrix = Tensor::from_slice(&dense).view([out_size, in_size]).to_device(device);
+    kept.push((key, matrix.shallow_clone()));
+    matrix
+}
+
+/// Pillow's rounding of a fixed-point sum to 8 bits: `(sum + 2^21) >> 22`, clamped.
+fn clip8(sums: Tensor) -> Tensor {
+    let one = f64::from(1u32 << resample::PRECISION_BITS);
+    ((sums + one / 2.0) / one).floor().clamp(0.0, 255.0)
+}
+
+/// Resizes uint8-valued float images `[N, 3, H, W]` to `size` x `size` exactly as Pillow's
+/// `Image.resize((size, size), BILINEAR)` does ([`resample`], whose fixed-point weights it applies
+/// as matrices): a horizontal and a vertical pass in Pillow's order, each rounded to 8 bits. The sums are of
+/// integers below 2^53, so float64 holds them exactly whatever the order of summation.
 pub fn resize(images: &Tensor, size: i64) -> Tensor {
     let [.., h, w] = images.size()[..] else { panic!("resize expects NCHW images") };
     if (h, w) == (size, size) {
         return images.shallow_clone();
     }
-    assert!(size >= h && size >= w, "resize only enlarges ({h}x{w} -> {size})");
-    let to_u8 = |t: Tensor| (t + 0.5).floor().clamp(0.0, 255.0);
-    // An unchanged axis samples its own pixel centres: upsampling leaves it as it is.
-    let wide = to_u8(images.upsample_bilinear2d([h, size], false, None, None));
-    to_u8(wide.upsample_bilinear2d([size, size], false, None, None))
+    let device = images.device();
+    let across = |x: Tensor| if w != size { clip8(x.matmul(&weight_matrix(w, size, device).tr())) } else { x };
+    let down = |x: Tensor| if h != size { clip8(weight_matrix(h, size, device).matmul(&x)) } else { x };
+    let x = images.to_kind(Kind::Double);
+    let x = if resample::vertical_first(w as usize, h as usize, size as usize, size as usize) {
+        across(down(x))
+    } else {
+        down(across(x))
+    };
+    x.to_kind(Kind::Float)
 }
 
 /// Applies a normalisation to float pixels in 0..255.

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 use crate::config::{MemoryFormat, Recipe, RunConfig};
+use crate::data::DataInfo;
 use crate::environment::RunEnvironment;
 use crate::files::{write_atomic, OutDir};
 use crate::models;
@@ -213,6 +214,9 @@ pub struct TutorialSection {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Comparison {
     pub config: RunConfig,
+    /// What the run read: dataset, splits, images and classes per split, the image cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataInfo>,
     pub environment: RunEnvironment,
     pub models: IndexMap<String, ModelReport>,
     /// Each CSP model against its plain network ([`crate::models::ModelInfo::base`]), when the run has it.
@@ -231,8 +235,14 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 
 impl Comparison {
     /// The report of `models` trained under `config`.
-    pub fn new(config: &RunConfig, environment: &RunEnvironment, models: IndexMap<String, ModelReport>) -> Comparison {
+    pub fn new(
+        config: &RunConfig,
+        environment: &RunEnvironment,
+        data: Option<DataInfo>,
+        models: IndexMap<String, ModelReport>,
+    ) -> Comparison {
         Comparison {
+            data,
             comparison: against_baseline(&models),
             tutorial: tutorial_section(config, &models),
             config: config.clone(),
@@ -351,6 +361,8 @@ impl Comparison {
 #[derive(Clone, Debug, Deserialize)]
 pub struct RecordedRun {
     pub config: RunConfig,
+    #[serde(default)]
+    pub data: Option<DataInfo>,
     pub environment: RunEnvironment,
     /// Empty for a multi-seed run's report, whose models are in its seeds' folders.
     #[serde(default)]

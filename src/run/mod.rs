@@ -6,7 +6,7 @@ use indexmap::IndexMap;
 use tch::Device;
 
 use crate::config::{Preset, RunConfig};
-use crate::data::{self, Cifar, Source};
+use crate::data::{self, Access, Dataset};
 use crate::environment::{parse_device, peak_resident_mb, RunEnvironment};
 use crate::files::OutDir;
 use crate::models;
@@ -57,17 +57,25 @@ impl Settings {
 /// nothing): a bad setting, a data problem or a Ctrl-C before training leaves `--out` as it was.
 /// A model that fails is recorded as failed and the others still run (the result is then an
 /// error); a signal stops the run before its next step, keeping the checkpoints.
-pub fn run(settings: &Settings, source: &Source) -> Result<()> {
+pub fn run(settings: &Settings, access: &Access) -> Result<()> {
     let config = &settings.config;
     let out = config.out_dir();
     let _lock = out.lock()?;
     out.remove_leftovers()?;
-    data::ensure(&config.data_dir, source)?;
+    data::ensure(&config.dataset, &config.data_dir, access)?;
     // From here on, the first Ctrl-C or SIGTERM stops the run before its next step (a download
     // before this stops at once). Installed before the data loads, so that no signal is lost.
     train::stop_on_signals();
     let started = std::time::Instant::now();
-    let full = data::load(&config.data_dir)?;
+    let full = data::load(&config.dataset, &config.data_dir, access, config.recipe.image_size)?;
+    if full.classes() != config.classes {
+        bail!(
+            "{} has {} classes, the run was set up for {}; the folder changed while it loaded",
+            config.data_dir.display(),
+            full.classes(),
+            config.classes
+        );
+    }
     let runs = settings
         .single_runs()
         .into_iter()
@@ -75,13 +83,14 @@ pub fn run(settings: &Settings, source: &Source) -> Result<()> {
             let subsets = full.limit(run.train_limit, run.test_limit, run.recipe.seed)?;
             Ok((run, subsets))
         })
-        .collect::<Result<Vec<(RunConfig, Cifar)>>>()?;
+        .collect::<Result<Vec<(RunConfig, Dataset)>>>()?;
     drop(full);
     let first_data = &runs[0].1;
     eprintln!(
-        "data: {} train / {} test images from {} ({:.1} s)",
+        "data: {} train / {} test images, {} classes, from {} ({:.1} s)",
         first_data.train_len(),
         first_data.test_len(),
+        first_data.classes(),
         config.data_dir.display(),
         started.elapsed().as_secs_f64()
     );
@@ -135,7 +144,7 @@ pub fn run(settings: &Settings, source: &Source) -> Result<()> {
 /// `<model>.csv` and the model's checkpoint after each epoch and the report (comparison.json / .md,
 /// curves.svg) after each model. Its folder is locked meanwhile (a seed folder of a multi-seed run
 /// has its own lock).
-fn run_one(config: &RunConfig, data: Cifar, settings: &Settings, environment: &RunEnvironment) -> Result<()> {
+fn run_one(config: &RunConfig, data: Dataset, settings: &Settings, environment: &RunEnvironment) -> Result<()> {
     let out = config.out_dir();
     let _lock = match config.out != settings.config.out {
         true => {
@@ -171,7 +180,8 @@ fn run_one(config: &RunConfig, data: Cifar, settings: &Settings, environment: &R
         let report = ModelReport::new(name, config, trainer.history, ran_as, result.err().map(|e| format!("{e:#}")))?;
         reports.insert(name.clone(), report);
         environment.peak_resident_mb = peak_resident_mb();
-        comparison = Some(write_report(&out, Comparison::new(config, &environment, reports.clone()))?);
+        comparison =
+            Some(write_report(&out, Comparison::new(config, &environment, Some(data.info.clone()), reports.clone()))?);
     }
     if let Some(comparison) = &comparison {
         println!("{}", comparison.models_markdown());
@@ -229,13 +239,14 @@ fn write_report(out: &OutDir, comparison: Comparison) -> Result<Comparison> {
 }
 
 /// The checkpoint metadata of `name` in this run, before any progress (the trainer fills its own in).
-fn run_meta(config: &RunConfig, name: &str, data: &Cifar, environment: &RunEnvironment) -> checkpoint::Meta {
+fn run_meta(config: &RunConfig, name: &str, data: &Dataset, environment: &RunEnvironment) -> checkpoint::Meta {
     checkpoint::Meta {
         format: checkpoint::FORMAT,
         model: name.to_string(),
         config: config.clone(),
         train_size: data.train_len(),
         test_size: data.test_len(),
+        data: Some(data.info.clone()),
         epochs_done: 0,
         adam_steps: 0,
         loss_scaler: None,
@@ -252,7 +263,7 @@ fn run_meta(config: &RunConfig, name: &str, data: &Cifar, environment: &RunEnvir
 fn train_model(
     config: &RunConfig,
     trainer: &mut Trainer,
-    data: &Cifar,
+    data: &Dataset,
     progress: Progress,
     first_model: bool,
     resume: bool,
@@ -331,7 +342,7 @@ pub fn shell_quote(arg: &str) -> String {
 }
 
 /// On a CPU with the tutorial preset: how long the whole run will take, from the first steps.
-fn cpu_estimate(config: &RunConfig, data: &Cifar, ms_per_step: f64) -> String {
+fn cpu_estimate(config: &RunConfig, data: &Dataset, ms_per_step: f64) -> String {
     // Step time scales with a model's MACs; evaluation costs about a third of a training step.
     let macs = |name: &str| {
         let info = models::model_info(name).expect("checked");

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use super::{write_report, write_seeds_report};
 use crate::config::{MemoryFormat, RunConfig};
+use crate::data::DataInfo;
 use crate::environment::RunEnvironment;
 use crate::files::OutDir;
 use crate::models;
@@ -16,6 +17,7 @@ use crate::train::metrics::EpochMetrics;
 /// What a run's output folder holds: its configuration, environment and models.
 pub(super) struct Collected {
     pub(super) config: RunConfig,
+    pub(super) data: Option<DataInfo>,
     pub(super) environment: RunEnvironment,
     pub(super) models: IndexMap<String, ModelReport>,
 }
@@ -50,7 +52,7 @@ pub fn rebuild(out: &Path) -> Result<Vec<String>> {
 fn rebuild_one(out: &OutDir) -> Result<Vec<String>> {
     let collected = collect(out)?;
     let names = collected.models.keys().cloned().collect();
-    write_report(out, Comparison::new(&collected.config, &collected.environment, collected.models))?;
+    write_report(out, Comparison::new(&collected.config, &collected.environment, collected.data, collected.models))?;
     Ok(names)
 }
 
@@ -108,6 +110,10 @@ pub(super) fn collect(out: &OutDir) -> Result<Collected> {
             out.checkpoints().display()
         ),
     };
+    let data = match &previous {
+        Some(p) => p.data.clone(),
+        None => found.values().find_map(|(_, meta)| meta.as_ref().and_then(|m| m.data.clone())),
+    };
     let mut reports = IndexMap::new();
     for (name, (epochs, meta)) in found {
         let recorded = previous.as_ref().and_then(|p| p.models.get(&name));
@@ -129,5 +135,5 @@ pub(super) fn collect(out: &OutDir) -> Result<Collected> {
         let report = ModelReport::new(&name, &config, epochs.unwrap_or_default(), ran_as, error)?;
         reports.insert(name, report);
     }
-    Ok(Collected { config, environment, models: reports })
+    Ok(Collected { config, data, environment, models: reports })
 }

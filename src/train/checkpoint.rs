@@ -35,6 +35,9 @@ pub struct Meta {
     /// Sizes of the training and test splits actually used (after limits).
     pub train_size: usize,
     pub test_size: usize,
+    /// What the run read (dataset, splits, cache), for `csp-tch report`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<crate::data::DataInfo>,
     pub epochs_done: usize,
     pub adam_steps: i64,
     /// The fp16 loss scaler's state, when the run trains in fp16.
@@ -108,6 +111,7 @@ impl Meta {
             "data_dir": data_dir,
             "model": self.model,
             "classes": self.config.classes,
+            "dataset": self.config.dataset,
             "batch_size": r.batch_size,
             "lr": r.adam.lr,
             "betas": [r.adam.beta1, r.adam.beta2],

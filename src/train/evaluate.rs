@@ -9,7 +9,6 @@ use tch::{Device, Kind, Tensor};
 use super::timing::{warmup_seconds, HEAD_STEPS};
 use super::{amp, batch_bounds, model_input, partial_batch, StepGraphs};
 use crate::config::{Precision, Recipe};
-use crate::data;
 use crate::environment::synchronize;
 use crate::models::fastpath::FoldedBatchNorm;
 use crate::models::Backbone;
@@ -55,14 +54,16 @@ pub(super) struct EvalSums {
     loss: Tensor,
     /// `confusion[true * classes + predicted]` counts.
     confusion: Tensor,
+    classes: i64,
     last_loss: Tensor,
 }
 
 impl EvalSums {
-    pub(super) fn new(device: Device) -> EvalSums {
+    pub(super) fn new(device: Device, classes: i64) -> EvalSums {
         EvalSums {
             loss: Tensor::zeros([], (Kind::Double, device)),
-            confusion: Tensor::zeros([data::CLASSES * data::CLASSES], (Kind::Int64, device)),
+            confusion: Tensor::zeros([classes * classes], (Kind::Int64, device)),
+            classes,
             last_loss: Tensor::zeros([], (Kind::Float, device)),
         }
     }
@@ -77,14 +78,14 @@ impl EvalSums {
     fn add(&mut self, logits: &Tensor, ys: &Tensor) {
         let loss = logits.cross_entropy_for_logits(ys);
         self.loss += loss.to_kind(Kind::Double) * ys.size()[0] as f64;
-        let cells = ys * data::CLASSES + logits.argmax(-1, false);
+        let cells = ys * self.classes + logits.argmax(-1, false);
         let _ = self.confusion.index_add_(0, &cells, &Tensor::ones_like(&cells));
         self.last_loss.copy_(&loss);
     }
 
     /// Reads the sums back: loss, accuracy, last batch loss and confusion matrix over `n` images.
     fn read(&self, n: usize, ms_per_step: f64) -> Result<Evaluation> {
-        let classes = data::CLASSES as usize;
+        let classes = self.classes as usize;
         let flat = Vec::<i64>::try_from(self.confusion.to_device(Device::Cpu))?;
         let confusion: Vec<Vec<i64>> = flat.chunks(classes).map(<[i64]>::to_vec).collect();
         let correct: i64 = (0..classes).map(|c| confusion[c][c]).sum();
@@ -175,6 +176,6 @@ pub fn evaluate(
     recipe: &Recipe,
     precision: Precision,
 ) -> Result<Evaluation> {
-    let mut sums = EvalSums::new(images.device());
+    let mut sums = EvalSums::new(images.device(), model.classes);
     Ok(Evaluator::new(model, precision, None, &mut sums, true).run(images, labels, recipe)?.0)
 }

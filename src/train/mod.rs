@@ -31,7 +31,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::{CudaGraphs, Execution, Precision, Recipe};
 use crate::data::transform;
-use crate::data::{self, Cifar};
+use crate::data::{self, Dataset};
 use crate::environment::synchronize;
 use crate::models::Backbone;
 use crate::train::metrics::EpochMetrics;
@@ -198,7 +198,7 @@ impl Trainer {
                 GraphPlan::Replay(_) => None,
             },
             train_sums: TrainSums::new(device),
-            eval_sums: EvalSums::new(device),
+            eval_sums: EvalSums::new(device, classes),
             epoch_progress: None,
         };
         trainer.set_precision(precision);
@@ -334,7 +334,7 @@ impl Trainer {
     /// epoch's first few steps; a line it returns is shown above the progress bar.
     pub fn run_epoch(
         &mut self,
-        data: &Cifar,
+        data: &Dataset,
         recipe: &Recipe,
         progress: Progress,
         first_steps: &mut dyn FnMut(f64) -> Option<String>,
@@ -395,7 +395,7 @@ impl Trainer {
     /// `bar` and the loss checked for divergence on the way.
     fn train_epoch(
         &mut self,
-        data: &Cifar,
+        data: &Dataset,
         recipe: &Recipe,
         epoch: usize,
         bar: &ProgressBar,
