@@ -7,7 +7,7 @@ mod common;
 
 use common::{csp_tch, csp_tch_ok, read_json, s};
 use csp_tch::data::{decode, folder, images, resample, transform};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 // ---------- writing small images ----------
@@ -365,6 +365,22 @@ fn a_folder_run_names_its_data_and_reuses_the_cache_until_a_file_changes() {
     assert_eq!(read_json(&out2.join("comparison.json"))["data"]["cache_hit"], true);
     let csv = |o: &Path| common::without_timings(&std::fs::read_to_string(o.join("cspdarknet53-pad0.csv")).unwrap());
     assert_eq!(csv(&out), csv(&out2));
+    // A damaged cache is decoded again (and replaced), not an error.
+    let caches: Vec<PathBuf> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(caches.len(), 2, "one cache per split");
+    for folder in &caches {
+        std::fs::OpenOptions::new().write(true).open(folder.join("pixels.u8")).unwrap().set_len(10).unwrap();
+    }
+    let damaged = csp_tch_ok(&folder_run(&root, &tmp.path().join("damaged"), &cache, &[]));
+    let log = String::from_utf8_lossy(&damaged.stderr);
+    assert!(log.contains("is damaged (its size is wrong); decoding again"), "{log}");
+    assert_eq!(csv(&out), csv(&tmp.path().join("damaged")));
+    assert!(csp_tch_ok(&folder_run(&root, &tmp.path().join("again"), &cache, &[])).stderr.windows(14).any(|w| w == b"from the cache"));
+    // A cache that cannot be written costs a warning, not the run.
+    let not_a_folder = tmp.path().join("a-file");
+    std::fs::write(&not_a_folder, "").unwrap();
+    let unwritable = csp_tch_ok(&folder_run(&root, &tmp.path().join("uncached"), &not_a_folder, &[]));
+    assert!(String::from_utf8_lossy(&unwritable.stderr).contains("warning: cannot write the image cache"));
     // One file rewritten: the split is decoded again.
     let changed = root.join("val/ant/a-rgb.png");
     write_png(&changed, (40, 30), png::ColorType::Rgb, png::BitDepth::Eight, &pattern(3600, 99), None);

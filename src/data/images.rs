@@ -82,7 +82,7 @@ struct CacheMeta {
 }
 
 /// The cache key of `files` under `settings`: their paths, sizes, modification times and labels.
-fn cache_key(files: &[(PathBuf, i64)], settings: &DecodeSettings) -> Result<String> {
+fn cache_key(files: &[(PathBuf, i64)], settings: &DecodeSettings) -> String {
     let mut digest = md5::Context::new();
     digest.consume(format!("{CACHE_VERSION}\nsize {} skip {}\n", settings.size, settings.skip_bad));
     for (path, label) in files {
@@ -93,7 +93,7 @@ fn cache_key(files: &[(PathBuf, i64)], settings: &DecodeSettings) -> Result<Stri
         digest.consume(path.as_os_str().as_bytes());
         digest.consume(format!("\0{len} {} {label}\n", modified.map_or(0, |d| d.as_nanos())));
     }
-    Ok(format!("{:x}", digest.finalize()))
+    format!("{:x}", digest.finalize())
 }
 
 /// Decodes `files` (each with its label) as `settings` say, through the cache when there is one.
@@ -101,27 +101,34 @@ fn cache_key(files: &[(PathBuf, i64)], settings: &DecodeSettings) -> Result<Stri
 pub fn load(files: &[(PathBuf, i64)], settings: &DecodeSettings, what: &str) -> Result<Decoded> {
     let started = Instant::now();
     let Some(cache_dir) = &settings.cache_dir else { return decode_all(files, settings, what, started) };
-    let folder = cache_dir.join(format!("images-{}", cache_key(files, settings)?));
-    if let Some(mut hit) = read_cache(&folder)? {
-        hit.seconds = started.elapsed().as_secs_f64();
-        eprintln!("{what}: {} images from the cache {}", hit.labels.len(), folder.display());
-        return Ok(hit);
+    let folder = cache_dir.join(format!("images-{}", cache_key(files, settings)));
+    match read_cache(&folder) {
+        Ok(Some(mut hit)) => {
+            hit.seconds = started.elapsed().as_secs_f64();
+            eprintln!("{what}: {} images from the cache {}", hit.labels.len(), folder.display());
+            return Ok(hit);
+        }
+        Ok(None) => {}
+        Err(err) => eprintln!("{what}: {err:#}; decoding again"),
     }
     let decoded = decode_all(files, settings, what, started)?;
-    // A folder under this key that could not be read (a damaged copy) is replaced.
+    // A damaged copy under this key is replaced; a cache that cannot be written costs the next
+    // run a decode, not this run its result.
     let _ = std::fs::remove_dir_all(&folder);
-    write_cache(&folder, &decoded)
-        .with_context(|| format!("cannot write the image cache {} (--cache-dir moves it)", folder.display()))?;
+    if let Err(err) = write_cache(&folder, &decoded) {
+        eprintln!("warning: cannot write the image cache {} ({err:#}); --cache-dir moves it", folder.display());
+    }
     Ok(decoded)
 }
 
+/// The cached block in `folder`: `None` when there is none; an error when it is damaged.
 fn read_cache(folder: &Path) -> Result<Option<Decoded>> {
     let Ok(text) = std::fs::read_to_string(folder.join(META_FILE)) else { return Ok(None) };
     let meta = match serde_json::from_str::<CacheMeta>(&text) {
         Ok(meta) if meta.version == CACHE_VERSION => meta,
-        _ => return Ok(None),
+        _ => bail!("the image cache {} is damaged (its meta.json)", folder.display()),
     };
-    let damaged = || format!("the image cache {} is damaged; remove it", folder.display());
+    let damaged = || format!("the image cache {} is damaged", folder.display());
     let mut file = std::fs::File::open(folder.join(PIXELS_FILE)).with_context(damaged)?;
     let mut images = uint8_block([meta.labels.len(), 3, meta.height, meta.width]);
     if file.metadata().with_context(damaged)?.len() != images.numel() as u64 {

@@ -43,7 +43,7 @@ pub(crate) fn coefficients(in_size: usize, out_size: usize) -> Coefficients {
     Coefficients { first, weights }
 }
 
-fn clip8(sum: i64) -> u8 {
+fn clip8(sum: i32) -> u8 {
     (sum >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
@@ -57,34 +57,43 @@ pub(crate) fn vertical_first(width: usize, height: usize, out_width: usize, out_
 }
 
 /// One pass along rows of an interleaved RGB image `width` pixels wide: `out_width` wide after.
+/// Sums in `i32`, as Pillow's (at most 255 * 2^22 + 2^21).
 fn horizontal(pixels: &[u8], width: usize, c: &Coefficients) -> Vec<u8> {
     let out_width = c.first.len();
-    let half = 1i64 << (PRECISION_BITS - 1);
-    let mut out = Vec::with_capacity(pixels.len() / width * out_width);
-    for line in pixels.chunks_exact(width * 3) {
-        for (&x0, k) in c.first.iter().zip(&c.weights) {
-            for ch in 0..3 {
-                let sum =
-                    k.iter().enumerate().fold(half, |s, (i, &w)| s + i64::from(line[(x0 + i) * 3 + ch]) * i64::from(w));
-                out.push(clip8(sum));
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let mut out = vec![0u8; pixels.len() / width * out_width];
+    for (line, out_line) in pixels.chunks_exact(width * 3).zip(out.chunks_exact_mut(out_width * 3)) {
+        for ((&x0, k), px) in c.first.iter().zip(&c.weights).zip(out_line.chunks_exact_mut(3)) {
+            let taps = &line[x0 * 3..(x0 + k.len()) * 3];
+            let (mut r, mut g, mut b) = (half, half, half);
+            for (&w, p) in k.iter().zip(taps.chunks_exact(3)) {
+                r += i32::from(p[0]) * w;
+                g += i32::from(p[1]) * w;
+                b += i32::from(p[2]) * w;
             }
+            px.copy_from_slice(&[clip8(r), clip8(g), clip8(b)]);
         }
     }
     out
 }
 
-/// One pass along columns of an interleaved RGB image `width` pixels wide.
+/// One pass along columns of an interleaved RGB image `width` pixels wide: each output row sums
+/// whole input rows, which vectorises.
 fn vertical(pixels: &[u8], width: usize, c: &Coefficients) -> Vec<u8> {
-    let half = 1i64 << (PRECISION_BITS - 1);
+    let half = 1i32 << (PRECISION_BITS - 1);
     let stride = width * 3;
-    let mut out = Vec::with_capacity(c.first.len() * stride);
-    for (&y0, k) in c.first.iter().zip(&c.weights) {
-        for x in 0..stride {
-            let sum = k
-                .iter()
-                .enumerate()
-                .fold(half, |s, (i, &w)| s + i64::from(pixels[(y0 + i) * stride + x]) * i64::from(w));
-            out.push(clip8(sum));
+    let mut out = vec![0u8; c.first.len() * stride];
+    let mut sums = vec![0i32; stride];
+    for ((&y0, k), out_row) in c.first.iter().zip(&c.weights).zip(out.chunks_exact_mut(stride)) {
+        sums.fill(half);
+        for (i, &w) in k.iter().enumerate() {
+            let row = &pixels[(y0 + i) * stride..][..stride];
+            for (s, &p) in sums.iter_mut().zip(row) {
+                *s += i32::from(p) * w;
+            }
+        }
+        for (o, &s) in out_row.iter_mut().zip(&sums) {
+            *o = clip8(s);
         }
     }
     out
