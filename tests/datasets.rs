@@ -188,9 +188,14 @@ fn folder_problems_are_named_with_the_way_out() {
     // --val-split test picks the test split when val is absent too.
     grey(&only_train.join("test/a/1.png"));
     csp_tch_ok(&["data", "check", "--dataset", "folder", "--data-dir", s(&only_train), "--cache-dir", s(&cache)]);
-    // A folder run needs --data-dir.
+    // A folder run needs --data-dir; a flag of another dataset is refused, not ignored.
     let run = csp_tch(&["data", "check", "--dataset", "folder"]);
     assert!(String::from_utf8_lossy(&run.stderr).contains("--dataset folder needs --data-dir"));
+    for (flag, value) in [("--val-split", "val"), ("--cifar100-labels", "coarse"), ("--flowers-split", "paddle")] {
+        let run = csp_tch(&["data", "check", flag, value]);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success() && err.contains(&format!("{flag} does not apply to --dataset cifar10")), "{err}");
+    }
 }
 
 // ---------- pixels ----------
@@ -375,7 +380,10 @@ fn a_folder_run_names_its_data_and_reuses_the_cache_until_a_file_changes() {
     let log = String::from_utf8_lossy(&damaged.stderr);
     assert!(log.contains("is damaged (its size is wrong); decoding again"), "{log}");
     assert_eq!(csv(&out), csv(&tmp.path().join("damaged")));
-    assert!(csp_tch_ok(&folder_run(&root, &tmp.path().join("again"), &cache, &[])).stderr.windows(14).any(|w| w == b"from the cache"));
+    assert!(csp_tch_ok(&folder_run(&root, &tmp.path().join("again"), &cache, &[]))
+        .stderr
+        .windows(14)
+        .any(|w| w == b"from the cache"));
     // A cache that cannot be written costs a warning, not the run.
     let not_a_folder = tmp.path().join("a-file");
     std::fs::write(&not_a_folder, "").unwrap();

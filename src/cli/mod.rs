@@ -139,20 +139,21 @@ struct DataArgs {
     /// Expected MD5 of the archive (flowers102: three, comma-separated) [the published ones].
     #[arg(long)]
     data_md5: Option<String>,
-    /// The split to train on: a subfolder of --data-dir (folder), or train / val / test (flowers102).
-    #[arg(long, default_value = "train")]
-    train_split: String,
+    /// The split to train on: a subfolder of --data-dir (folder), or train / val / test
+    /// (flowers102) [train].
+    #[arg(long)]
+    train_split: Option<String>,
     /// The split to evaluate on [folder: val, else test; flowers102: test].
     #[arg(long)]
     val_split: Option<String>,
-    /// CIFAR-100's fine labels (100 classes) or coarse ones (20 superclasses).
-    #[arg(long, value_enum, default_value_t = Cifar100Labels::Fine)]
-    cifar100_labels: Cifar100Labels,
-    /// Whose assignment of Flowers-102's published lists to train / val / test.
-    #[arg(long, value_enum, default_value_t = FlowersSplit::Paddle)]
-    flowers_split: FlowersSplit,
+    /// CIFAR-100's fine labels (100 classes) or coarse ones (20 superclasses) [fine].
+    #[arg(long, value_enum)]
+    cifar100_labels: Option<Cifar100Labels>,
+    /// Whose assignment of Flowers-102's published lists to train / val / test [paddle].
+    #[arg(long, value_enum)]
+    flowers_split: Option<FlowersSplit>,
     /// Leave out image files that cannot be read or decoded (each listed in the log and in
-    /// comparison.json) instead of stopping at the first.
+    /// comparison.json) instead of stopping at the first (folder, flowers102).
     #[arg(long)]
     skip_bad_images: bool,
     /// Where decoded image files are cached [$XDG_CACHE_HOME/csp-tch or ~/.cache/csp-tch].
@@ -161,15 +162,30 @@ struct DataArgs {
 }
 
 impl DataArgs {
-    fn spec(&self) -> DatasetSpec {
-        DatasetSpec {
-            name: self.dataset,
-            train_split: self.train_split.clone(),
-            val_split: self.val_split.clone(),
-            cifar100_labels: self.cifar100_labels,
-            flowers_split: self.flowers_split,
-            skip_bad_images: self.skip_bad_images,
+    /// The dataset settings; a flag that does not apply to `--dataset` is an error, not ignored.
+    fn spec(&self) -> Result<DatasetSpec> {
+        let d = self.dataset;
+        let images = matches!(d, DatasetName::Folder | DatasetName::Flowers102);
+        let given = [
+            ("--train-split", self.train_split.is_some(), images),
+            ("--val-split", self.val_split.is_some(), images),
+            ("--skip-bad-images", self.skip_bad_images, images),
+            ("--cifar100-labels", self.cifar100_labels.is_some(), d == DatasetName::Cifar100),
+            ("--flowers-split", self.flowers_split.is_some(), d == DatasetName::Flowers102),
+        ];
+        if let Some((flag, ..)) = given.iter().find(|(_, set, applies)| *set && !applies) {
+            let name = clap::ValueEnum::to_possible_value(&d).map(|v| v.get_name().to_string()).unwrap_or_default();
+            bail!("{flag} does not apply to --dataset {name}; leave it out, or pick the dataset it belongs to");
         }
+        let defaults = DatasetSpec::default();
+        Ok(DatasetSpec {
+            name: d,
+            train_split: self.train_split.clone().unwrap_or(defaults.train_split),
+            val_split: self.val_split.clone(),
+            cifar100_labels: self.cifar100_labels.unwrap_or(defaults.cifar100_labels),
+            flowers_split: self.flowers_split.unwrap_or(defaults.flowers_split),
+            skip_bad_images: self.skip_bad_images,
+        })
     }
 
     fn data_dir(&self) -> Result<PathBuf> {
@@ -334,8 +350,8 @@ impl RecipeArgs {
                 seed,
             },
             execution: self.acceleration.execution(),
-            classes: data::class_count(&self.data.spec(), &self.data.data_dir()?)?,
-            dataset: self.data.spec(),
+            classes: data::class_count(&self.data.spec()?, &self.data.data_dir()?)?,
+            dataset: self.data.spec()?,
             data_dir: self.data.data_dir()?,
             train_limit: self.train_limit.map_or(defaults.train_limit, |l| l.0),
             test_limit: self.test_limit.map_or(defaults.test_limit, |l| l.0),
@@ -535,9 +551,9 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("rebuilt the report of {} in {}", models.join(", "), out.display());
             Ok(())
         }
-        Command::Data(DataCommand::Download(args)) => data::download(&args.spec(), &args.data_dir()?, &args.access()),
+        Command::Data(DataCommand::Download(args)) => data::download(&args.spec()?, &args.data_dir()?, &args.access()),
         Command::Data(DataCommand::Check { data, image_size }) => {
-            data_check(&data.spec(), &data.data_dir()?, &data.access(), image_size)
+            data_check(&data.spec()?, &data.data_dir()?, &data.access(), image_size)
         }
         Command::Data(DataCommand::Bench { data_dir, split, image_size, limit, batch_size, epochs, device, json }) => {
             let device = parse_device(&device)?;
