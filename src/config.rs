@@ -177,6 +177,16 @@ pub struct Recipe {
     pub image_size: i64,
     pub normalize: Normalize,
     pub seed: u64,
+    /// `--label-smoothing`: the training loss's targets smoothed by this much (0: none, the tutorial's).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub label_smoothing: f64,
+    /// `--clip-grad`: the largest global L2 norm of a step's gradients (`None`: unclipped, the tutorial's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_grad: Option<f64>,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// How a run computes, not what: its numbers agree to rounding whatever these are (fp16 aside,
@@ -273,6 +283,8 @@ impl Recipe {
             image_size: 224,
             normalize: Normalize::Tutorial,
             seed: 0,
+            label_smoothing: 0.0,
+            clip_grad: None,
         }
     }
 }

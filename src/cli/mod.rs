@@ -298,6 +298,14 @@ struct RecipeArgs {
     lr: f64,
     #[arg(long, value_enum, default_value_t = Normalize::Tutorial)]
     normalize: Normalize,
+    /// Smooth the training loss's targets by E, as torch.nn.CrossEntropyLoss(label_smoothing=E):
+    /// 1 - E on the label, E / classes on every class (evaluation keeps the plain loss).
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
+    /// Clip each step's gradients to a global L2 norm of at most N, as
+    /// torch.nn.utils.clip_grad_norm_ (after fp16 unscaling, before Adam).
+    #[arg(long)]
+    clip_grad: Option<f64>,
     /// Seeds initialisation, subsets and the per-epoch shuffles.
     #[arg(long, default_value_t = Recipe::tutorial().seed)]
     seed: u64,
@@ -325,6 +333,12 @@ impl RecipeArgs {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("--lr {} must be a positive number", self.lr);
         }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            bail!("--label-smoothing {} must be at least 0 and below 1", self.label_smoothing);
+        }
+        if let Some(n) = self.clip_grad.filter(|n| !(n.is_finite() && *n > 0.0)) {
+            bail!("--clip-grad {n} must be a positive number");
+        }
         if let Some(Limit(Some(1))) = self.train_limit {
             bail!("--train-limit 1 leaves one image to train on, which BatchNorm cannot; use 2 or more");
         }
@@ -348,6 +362,8 @@ impl RecipeArgs {
                 image_size: self.image_size.unwrap_or(defaults.image_size),
                 normalize: self.normalize,
                 seed,
+                label_smoothing: self.label_smoothing,
+                clip_grad: self.clip_grad,
             },
             execution: self.acceleration.execution(),
             classes: data::class_count(&self.data.spec()?, &self.data.data_dir()?)?,

@@ -119,6 +119,8 @@ impl Meta {
             "image_size": r.image_size,
             "normalize": r.normalize,
             "seed": r.seed,
+            "label_smoothing": r.label_smoothing,
+            "clip_grad": r.clip_grad,
             "train_images": self.train_size,
             "test_images": self.test_size,
         })

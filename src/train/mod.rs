@@ -10,6 +10,7 @@ pub mod cuda_graph;
 mod evaluate;
 mod interrupt;
 pub mod metrics;
+pub mod objective;
 pub mod optim;
 mod progress;
 mod timing;
@@ -272,7 +273,8 @@ impl Trainer {
         self.scaler = precision.needs_loss_scaling().then(LossScaler::new);
     }
 
-    /// One optimisation step on the images at `index` (transform, forward, backward, Adam).
+    /// One optimisation step on the images at `index` (transform, forward, backward, gradient
+    /// clipping when the recipe asks for it, Adam).
     /// Returns the loss, the logits and the labels of the batch. With `phases`, the time of each
     /// phase is added to it (waiting for the device after each, so only for measurements).
     pub fn train_step(
@@ -290,7 +292,7 @@ impl Trainer {
         clock.lap(|t| &mut t.transform_ms);
         let (logits, loss) = amp::autocast(device, self.precision, || {
             let logits = self.model.forward_t(&xs, true);
-            let loss = logits.cross_entropy_for_logits(&ys);
+            let loss = objective::train_loss(&logits, &ys, recipe.label_smoothing);
             (logits, loss)
         });
         clock.lap(|t| &mut t.forward_ms);
@@ -301,6 +303,9 @@ impl Trainer {
         clock.lap(|t| &mut t.backward_ms);
         // In fp16, a step whose gradients overflowed is skipped (and the loss scale lowered).
         if self.scaler.as_mut().is_none_or(|scaler| scaler.unscale(&grads)) {
+            if let Some(max_norm) = recipe.clip_grad {
+                let _norm = objective::clip_grad_norm(&grads, max_norm);
+            }
             self.adam.step(&grads);
         }
         clock.lap(|t| &mut t.optimizer_ms);
