@@ -188,6 +188,16 @@ fn folder_problems_are_named_with_the_way_out() {
     // --val-split test picks the test split when val is absent too.
     grey(&only_train.join("test/a/1.png"));
     csp_tch_ok(&["data", "check", "--dataset", "folder", "--data-dir", s(&only_train), "--cache-dir", s(&cache)]);
+    // A missing folder, a file in its place, a missing bench split: each named as what it is.
+    let a_file = tmp.path().join("a-file");
+    std::fs::write(&a_file, "").unwrap();
+    for (dir, says) in [(tmp.path().join("nowhere"), "image folder"), (a_file.clone(), "is a file, not a folder")] {
+        let run = csp_tch(&["train", "--model", "cspdarknet53-pad0", "--dataset", "folder", "--data-dir", s(&dir)]);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success() && err.contains(says), "{err}");
+    }
+    let run = csp_tch(&["data", "bench", "--data-dir", s(&only_train), "--split", "val"]);
+    assert!(String::from_utf8_lossy(&run.stderr).contains("is not a folder: `data bench` reads"));
     // A folder run needs --data-dir; a flag of another dataset is refused, not ignored.
     let run = csp_tch(&["data", "check", "--dataset", "folder"]);
     assert!(String::from_utf8_lossy(&run.stderr).contains("--dataset folder needs --data-dir"));

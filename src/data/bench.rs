@@ -41,6 +41,12 @@ pub fn run(
     epochs: usize,
     device: Device,
 ) -> Result<DataBench> {
+    if !root.is_dir() {
+        anyhow::bail!(
+            "{} is not a folder: `data bench` reads <data-dir>/<split>/<class>/<image files> (--data-dir, --split)",
+            root.display()
+        );
+    }
     let mut files = folder::scan(root, None)?.files;
     files.truncate(limit.unwrap_or(usize::MAX));
     let settings = images::DecodeSettings { size, skip_bad: false, cache_dir: None };

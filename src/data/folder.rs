@@ -6,7 +6,6 @@
 //! the path is too long.
 
 use anyhow::{bail, Context, Result};
-use std::collections::HashSet;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -120,6 +119,9 @@ fn walk(dir: &Path, ancestors: &mut Vec<PathBuf>, out: &mut Vec<(PathBuf, Vec<Pa
 /// The split folders a run reads: `<dir>/<train>` and `<dir>/<val>`, where an unset `val` is `val`,
 /// else `test`, as timm's `--val-split` reads.
 pub fn split_roots(dir: &Path, train: &str, val: Option<&str>) -> Result<(PathBuf, PathBuf)> {
+    if !super::folder_state(dir, "--data-dir")? {
+        bail!("image folder {} does not exist; point --data-dir at <split>/<class>/<image files>", dir.display());
+    }
     let train_root = dir.join(train);
     if !train_root.is_dir() {
         bail!(
@@ -136,9 +138,4 @@ pub fn split_roots(dir: &Path, train: &str, val: Option<&str>) -> Result<(PathBu
         bail!("{} has no evaluation split {name}; name it with --val-split", dir.display());
     }
     Ok((train_root, val_root))
-}
-
-/// Unique real paths of the files, to tell a user two entries are the same file (not an error).
-pub fn distinct_files(split: &FolderSplit) -> usize {
-    split.files.iter().filter_map(|(p, _)| p.canonicalize().ok()).collect::<HashSet<_>>().len()
 }
