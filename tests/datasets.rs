@@ -322,31 +322,23 @@ fn a_set_of_small_images_enlarged_on_the_device_equals_pillows_resize() {
 
 // ---------- runs, the cache, bad files ----------
 
-/// `train` of the smallest model on a folder for one epoch at 32 px.
+/// `train` of the smallest model on `dataset` in `data` for one epoch at 32 px, in batches of `batch`.
+fn dataset_run<'a>(dataset: &'a str, data: &'a Path, out: &'a Path, cache: &'a Path, batch: &'a str) -> Vec<&'a str> {
+    let mut args = common::small_run(&["train", "--model", "cspdarknet53-pad0"], data, out, ["1", "all", "all"]);
+    args.extend(["--dataset", dataset, "--cache-dir", s(cache), "--batch-size", batch]);
+    args
+}
+
+/// [`dataset_run`] on an image folder in batches of 8, with `extra` flags.
 fn folder_run<'a>(data: &'a Path, out: &'a Path, cache: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "train",
-        "--model",
-        "cspdarknet53-pad0",
-        "--dataset",
-        "folder",
-        "--data-dir",
-        s(data),
-        "--cache-dir",
-        s(cache),
-        "--out",
-        s(out),
-        "--device",
-        "cpu",
-        "--image-size",
-        "32",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-    ];
+    let mut args = dataset_run("folder", data, out, cache, "8");
     args.extend_from_slice(extra);
     args
+}
+
+/// `data download --dataset DATASET --data-dir DIR --data-url URL --data-md5 MD5`.
+fn download(dataset: &str, dir: &Path, url: &str, md5: &str) -> std::process::Output {
+    csp_tch(&["data", "download", "--dataset", dataset, "--data-dir", s(dir), "--data-url", url, "--data-md5", md5])
 }
 
 #[test]
@@ -520,32 +512,11 @@ fn cifar100_comes_from_its_archive_with_fine_or_coarse_labels() {
     );
     let dir = tmp.path().join("cifar100");
     let url = format!("file://{}", archive.display());
-    let run = csp_tch(&[
-        "data",
-        "download",
-        "--dataset",
-        "cifar100",
-        "--data-dir",
-        s(&dir),
-        "--data-url",
-        &url,
-        "--data-md5",
-        &"0".repeat(32),
-    ]);
+    let run = download("cifar100", &dir, &url, &"0".repeat(32));
     assert!(String::from_utf8_lossy(&run.stderr).contains("has MD5"), "a wrong MD5 is refused");
     assert!(!dir.exists());
-    csp_tch_ok(&[
-        "data",
-        "download",
-        "--dataset",
-        "cifar100",
-        "--data-dir",
-        s(&dir),
-        "--data-url",
-        &url,
-        "--data-md5",
-        &md5_of(&archive),
-    ]);
+    let fetched = download("cifar100", &dir, &url, &md5_of(&archive));
+    assert!(fetched.status.success(), "{}", String::from_utf8_lossy(&fetched.stderr));
     let check = csp_tch_ok(&["data", "check", "--dataset", "cifar100", "--data-dir", s(&dir)]);
     let text = String::from_utf8_lossy(&check.stdout);
     assert!(text.contains("50000 train (train) / 10000 test (test) images, 100 classes"), "{text}");
@@ -629,18 +600,8 @@ fn flowers102_comes_from_its_three_files_with_paddles_or_torchvisions_split() {
         args.extend_from_slice(extra);
         String::from_utf8_lossy(&csp_tch_ok(&args).stdout).into_owned()
     };
-    csp_tch_ok(&[
-        "data",
-        "download",
-        "--dataset",
-        "flowers102",
-        "--data-dir",
-        s(&dir),
-        "--data-url",
-        &url,
-        "--data-md5",
-        &md5s,
-    ]);
+    let fetched = download("flowers102", &dir, &url, &md5s);
+    assert!(fetched.status.success(), "{}", String::from_utf8_lossy(&fetched.stderr));
     assert!(dir.join("jpg/image_00012.jpg").exists() && dir.join("setid.mat").exists());
     let paddle = check(&[]);
     assert!(paddle.contains("6 train (train) / 3 test (test) images, 102 classes"), "Paddle trains on tstid: {paddle}");
@@ -650,27 +611,7 @@ fn flowers102_comes_from_its_three_files_with_paddles_or_torchvisions_split() {
     assert!(torchvision.contains("3 train (train) / 3 test (val) images"), "{torchvision}");
     // A run trains on it: 102-way heads, the data named in the report.
     let out = tmp.path().join("out");
-    csp_tch_ok(&[
-        "train",
-        "--model",
-        "cspdarknet53-pad0",
-        "--dataset",
-        "flowers102",
-        "--data-dir",
-        s(&dir),
-        "--cache-dir",
-        s(&cache),
-        "--out",
-        s(&out),
-        "--device",
-        "cpu",
-        "--image-size",
-        "32",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "3",
-    ]);
+    csp_tch_ok(&dataset_run("flowers102", &dir, &out, &cache, "3"));
     let report = read_json(&out.join("comparison.json"));
     assert_eq!(report["config"]["classes"], 102);
     assert_eq!(report["data"]["dataset"], "flowers102");
@@ -678,18 +619,7 @@ fn flowers102_comes_from_its_three_files_with_paddles_or_torchvisions_split() {
     // A wrong MD5 among the three is refused, and nothing is left.
     let wrong = tmp.path().join("wrong");
     let bad = format!("{},{}", md5s.rsplit_once(',').unwrap().0, "0".repeat(32));
-    let run = csp_tch(&[
-        "data",
-        "download",
-        "--dataset",
-        "flowers102",
-        "--data-dir",
-        s(&wrong),
-        "--data-url",
-        &url,
-        "--data-md5",
-        &bad,
-    ]);
+    let run = download("flowers102", &wrong, &url, &bad);
     assert!(String::from_utf8_lossy(&run.stderr).contains("setid.mat has MD5") && !wrong.exists());
 }
 

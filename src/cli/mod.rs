@@ -352,6 +352,7 @@ impl RecipeArgs {
             many => (many[0], many.to_vec()),
         };
         let defaults = self.preset.defaults();
+        let (dataset, data_dir) = (self.data.spec()?, self.data.data_dir()?);
         Ok(RunConfig {
             preset: self.preset,
             models,
@@ -366,9 +367,9 @@ impl RecipeArgs {
                 clip_grad: self.clip_grad,
             },
             execution: self.acceleration.execution(),
-            classes: data::class_count(&self.data.spec()?, &self.data.data_dir()?)?,
-            dataset: self.data.spec()?,
-            data_dir: self.data.data_dir()?,
+            classes: data::class_count(&dataset, &data_dir)?,
+            dataset,
+            data_dir,
             train_limit: self.train_limit.map_or(defaults.train_limit, |l| l.0),
             test_limit: self.test_limit.map_or(defaults.test_limit, |l| l.0),
             device: self.device.clone(),

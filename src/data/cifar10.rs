@@ -5,13 +5,12 @@
 //! `batches.meta.txt` with the class names. tch's `vision::cifar::load_dir` reads exactly that,
 //! so synthetic sets are written in the same full-size layout (see [`write_synthetic`]).
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use std::path::Path;
 
 use tch::{Kind, Tensor};
 
-use super::download::ArchiveLayout;
-use super::{folder_state, Split};
+use super::{records_file_problem, Layout, Split};
 
 pub const TRAIN_FILES: [&str; 5] =
     ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"];
@@ -31,48 +30,24 @@ fn all_files() -> impl Iterator<Item = &'static str> {
     TRAIN_FILES.into_iter().chain([TEST_FILE])
 }
 
-/// What to tell a user whose data folder is missing or broken (`download` wants a folder that does
-/// not exist yet, so a broken one has to go first).
-fn how_to_get(dir: &Path) -> String {
-    let remove = if dir.exists() { format!("remove {} and ", dir.display()) } else { String::new() };
-    format!(
-        "{remove}get CIFAR-10 (binary version) with `csp-tch data download --data-dir {0}`, or put \
-         data_batch_1..5.bin and test_batch.bin from cifar-10-binary.tar.gz into {0}",
-        dir.display()
-    )
-}
-
 /// The published archive's layout.
-pub const LAYOUT: ArchiveLayout = ArchiveLayout {
+pub const LAYOUT: Layout = Layout {
     what: "CIFAR-10 (binary version)",
+    download_flags: "",
     marker: TRAIN_FILES[0],
     problem: layout_problem,
-    by_hand: "put data_batch_1..5.bin and test_batch.bin (CIFAR-10 binary version)",
+    by_hand: "put data_batch_1..5.bin and test_batch.bin from cifar-10-binary.tar.gz",
 };
 
 /// What is wrong with the layout in `dir`, naming the file by its name alone; `None` when every
 /// file is present with its exact size.
 pub(crate) fn layout_problem(dir: &Path) -> Option<String> {
-    all_files().find_map(|name| match std::fs::metadata(dir.join(name)) {
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Some(format!("{name} is missing")),
-        Err(err) => Some(format!("{name} cannot be read ({err})")),
-        Ok(meta) if !meta.is_file() => Some(format!("{name} is not a file")),
-        Ok(meta) if meta.len() != FILE_BYTES => Some(format!(
-            "{name} has {} bytes, expected {FILE_BYTES} ({RECORDS_PER_FILE} records of {RECORD_BYTES} bytes): \
-             truncated or not CIFAR-10's binary version",
-            meta.len()
-        )),
-        Ok(_) => None,
-    })
+    all_files().find_map(|name| records_file_problem(dir, name, RECORDS_PER_FILE, RECORD_BYTES, "CIFAR-10"))
 }
 
 /// Checks that every file of the layout is present with its exact size.
 pub fn check_layout(dir: &Path) -> Result<()> {
-    ensure!(folder_state(dir, "--data-dir")?, "CIFAR-10 folder {} does not exist; {}", dir.display(), how_to_get(dir));
-    if let Some(problem) = layout_problem(dir) {
-        bail!("{}: {problem}; {}", dir.display(), how_to_get(dir));
-    }
-    Ok(())
+    LAYOUT.check(dir)
 }
 
 /// Loads the binary layout through `tch::vision::cifar::load_dir`, after checking it: the train
@@ -101,7 +76,7 @@ fn check_labels(dir: &Path, labels: &Tensor, files: &[&str]) -> Result<()> {
             "{}: record {} has label byte {label}, expected 0..9: the file is corrupt or not CIFAR-10; {}",
             dir.join(files[index / RECORDS_PER_FILE]).display(),
             index % RECORDS_PER_FILE,
-            how_to_get(dir)
+            LAYOUT.how_to_get(dir)
         );
     }
     Ok(())

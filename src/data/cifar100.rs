@@ -7,8 +7,7 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tch::Tensor;
 
-use super::download::ArchiveLayout;
-use super::{folder_state, Split};
+use super::{records_file_problem, Layout, Split};
 use crate::config::Cifar100Labels;
 
 pub const TRAIN_FILE: &str = "train.bin";
@@ -21,45 +20,18 @@ pub const RECORD_BYTES: usize = 2 + 3 * 32 * 32;
 pub const DEFAULT_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz";
 pub const DEFAULT_MD5: &str = "03b5dce01913d631647c71ecec9e9cb8";
 
-pub const LAYOUT: ArchiveLayout = ArchiveLayout {
+pub const LAYOUT: Layout = Layout {
     what: "CIFAR-100 (binary version)",
+    download_flags: "--dataset cifar100 ",
     marker: TRAIN_FILE,
     problem: layout_problem,
-    by_hand: "put train.bin and test.bin (CIFAR-100 binary version)",
+    by_hand: "put train.bin and test.bin from cifar-100-binary.tar.gz",
 };
 
 fn layout_problem(dir: &Path) -> Option<String> {
-    [(TRAIN_FILE, TRAIN_RECORDS), (TEST_FILE, TEST_RECORDS)].into_iter().find_map(|(name, records)| {
-        let expected = (records * RECORD_BYTES) as u64;
-        match std::fs::metadata(dir.join(name)) {
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Some(format!("{name} is missing")),
-            Err(err) => Some(format!("{name} cannot be read ({err})")),
-            Ok(meta) if meta.len() != expected => Some(format!(
-                "{name} has {} bytes, expected {expected} ({records} records of {RECORD_BYTES} bytes): \
-                 truncated or not CIFAR-100's binary version",
-                meta.len()
-            )),
-            Ok(_) => None,
-        }
-    })
-}
-
-fn how_to_get(dir: &Path) -> String {
-    format!(
-        "get CIFAR-100 (binary version) with `csp-tch data download --dataset cifar100 --data-dir {0}`, or put \
-         train.bin and test.bin from cifar-100-binary.tar.gz into {0}",
-        dir.display()
-    )
-}
-
-pub fn check_layout(dir: &Path) -> Result<()> {
-    if !folder_state(dir, "--data-dir")? {
-        bail!("CIFAR-100 folder {} does not exist; {}", dir.display(), how_to_get(dir));
-    }
-    if let Some(problem) = layout_problem(dir) {
-        bail!("{}: {problem}; {}", dir.display(), how_to_get(dir));
-    }
-    Ok(())
+    [(TRAIN_FILE, TRAIN_RECORDS), (TEST_FILE, TEST_RECORDS)]
+        .into_iter()
+        .find_map(|(name, records)| records_file_problem(dir, name, records, RECORD_BYTES, "CIFAR-100"))
 }
 
 fn read_split(dir: &Path, name: &str, labels: Cifar100Labels) -> Result<Split> {
@@ -107,6 +79,6 @@ fn class_names(dir: &Path, labels: Cifar100Labels) -> Vec<String> {
 
 /// Loads both splits with the fine (100) or coarse (20) labels, and their names.
 pub fn load(dir: &Path, labels: Cifar100Labels) -> Result<(Split, Split, Vec<String>)> {
-    check_layout(dir)?;
+    LAYOUT.check(dir)?;
     Ok((read_split(dir, TRAIN_FILE, labels)?, read_split(dir, TEST_FILE, labels)?, class_names(dir, labels)))
 }

@@ -6,19 +6,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 
+use super::Layout;
 use crate::files::Staging;
-
-/// A binary-layout dataset as published: one archive holding a folder of fixed files.
-pub struct ArchiveLayout {
-    /// `CIFAR-10 (binary version)`.
-    pub what: &'static str,
-    /// A file the layout's folder holds, to find that folder in the archive.
-    pub marker: &'static str,
-    /// What is wrong with a folder's layout, naming the file; `None` when it is complete.
-    pub problem: fn(&Path) -> Option<String>,
-    /// What to put where without network.
-    pub by_hand: &'static str,
-}
 
 /// Opens `url` (`http(s)://` or `file://`) as a byte stream with its length when known.
 fn open_url(url: &str) -> Result<(Box<dyn Read>, Option<u64>)> {
@@ -96,11 +85,10 @@ pub fn extract(archive: &Path, into: &Path, url: &str) -> Result<()> {
 
 /// Downloads the archive at `url`, verifies its MD5 and extracts `layout` into `dir`, which must
 /// not exist yet. Nothing is left behind on failure.
-pub fn download_archive(dir: &Path, url: &str, md5: &str, layout: &ArchiveLayout) -> Result<()> {
+pub fn download_archive(dir: &Path, url: &str, md5: &str, layout: &Layout) -> Result<()> {
     let staging = Staging::new(dir)?;
     let archive = staging.path.join("archive.tar.gz");
-    let by_hand = format!("{} into {}", layout.by_hand, dir.display());
-    fetch_file(url, md5, &archive, &by_hand)?;
+    fetch_file(url, md5, &archive, &layout.by_hand_into(dir))?;
     let extracted = staging.path.join("extracted");
     extract(&archive, &extracted, url)?;
     let root = find_layout_root(&extracted, layout.marker)

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 use super::download::{extract, fetch_file};
-use super::folder_state;
+use super::Layout;
 use crate::config::FlowersSplit;
 use crate::files::Staging;
 
@@ -39,24 +39,19 @@ fn setid_list(split: FlowersSplit, name: &str) -> Result<&'static str> {
     })
 }
 
-fn how_to_get(dir: &Path) -> String {
-    format!(
-        "get Flowers-102 with `csp-tch data download --dataset flowers102 --data-dir {0}`, or put 102flowers.tgz's \
-         jpg/ folder, imagelabels.mat and setid.mat into {0}",
-        dir.display()
-    )
-}
+pub const LAYOUT: Layout = Layout {
+    what: "Flowers-102",
+    download_flags: "--dataset flowers102 ",
+    marker: IMAGE_FOLDER,
+    problem: layout_problem,
+    by_hand: "put 102flowers.tgz's jpg/ folder, imagelabels.mat and setid.mat",
+};
 
-pub fn check_layout(dir: &Path) -> Result<()> {
-    if !folder_state(dir, "--data-dir")? {
-        bail!("Flowers-102 folder {} does not exist; {}", dir.display(), how_to_get(dir));
-    }
-    for name in [IMAGE_FOLDER, LABELS_FILE, SETID_FILE] {
-        if !dir.join(name).exists() {
-            bail!("{}: {name} is missing; {}", dir.display(), how_to_get(dir));
-        }
-    }
-    Ok(())
+fn layout_problem(dir: &Path) -> Option<String> {
+    [IMAGE_FOLDER, LABELS_FILE, SETID_FILE]
+        .into_iter()
+        .find(|name| !dir.join(name).exists())
+        .map(|name| format!("{name} is missing"))
 }
 
 /// A numeric MATLAB array as integers (the published files hold doubles or small integers).
@@ -90,7 +85,7 @@ fn mat_array(file: &Path, name: &str) -> Result<Vec<i64>> {
 
 /// The image files of split `name` with their labels 0..101 (published 1..102), in the list's order.
 pub fn files(dir: &Path, split: FlowersSplit, name: &str) -> Result<Vec<(PathBuf, i64)>> {
-    check_layout(dir)?;
+    LAYOUT.check(dir)?;
     let labels = mat_array(&dir.join(LABELS_FILE), "labels")?;
     let list = setid_list(split, name)?;
     let ids = mat_array(&dir.join(SETID_FILE), list)?;
@@ -119,7 +114,7 @@ pub fn download(dir: &Path, base: &str, md5s: &str) -> Result<()> {
         bail!("--data-md5 for Flowers-102 takes three MD5s, of {}, comma-separated", FILES.join(", "));
     }
     let staging = Staging::new(dir)?;
-    let by_hand = how_to_get(dir);
+    let by_hand = LAYOUT.how_to_get(dir);
     let base = if base.ends_with('/') { base.to_string() } else { format!("{base}/") };
     for (name, md5) in FILES.iter().zip(&md5s) {
         fetch_file(&format!("{base}{name}"), md5, &staging.path.join(name), &by_hand)?;

@@ -56,6 +56,79 @@ pub fn folder_state(dir: &Path, flag: &str) -> Result<bool> {
     }
 }
 
+/// A dataset whose folder holds fixed files: what it is, how to get it, and what is wrong with a
+/// folder that should hold it.
+pub struct Layout {
+    /// `CIFAR-10 (binary version)`.
+    pub what: &'static str,
+    /// The `data download` flags that fetch it, before `--data-dir` (`--dataset cifar100 `).
+    pub download_flags: &'static str,
+    /// A file the layout's folder holds, to find that folder in a published archive.
+    pub marker: &'static str,
+    /// What is wrong with a folder's layout, naming the file; `None` when it is complete.
+    pub problem: fn(&Path) -> Option<String>,
+    /// What to put into the folder by hand, without network.
+    pub by_hand: &'static str,
+}
+
+impl Layout {
+    /// `by_hand` into `dir`.
+    pub fn by_hand_into(&self, dir: &Path) -> String {
+        format!("{} into {}", self.by_hand, dir.display())
+    }
+
+    /// What to tell a user whose data folder is missing or broken (`download` wants a folder that
+    /// does not exist yet, so a broken one has to go first).
+    pub fn how_to_get(&self, dir: &Path) -> String {
+        let remove = if dir.exists() { format!("remove {} and ", dir.display()) } else { String::new() };
+        format!(
+            "{remove}get {} with `csp-tch data download {}--data-dir {}`, or {}",
+            self.what,
+            self.download_flags,
+            dir.display(),
+            self.by_hand_into(dir)
+        )
+    }
+
+    /// Checks that `dir` is a folder holding the whole layout.
+    pub fn check(&self, dir: &Path) -> Result<()> {
+        ensure!(
+            folder_state(dir, "--data-dir")?,
+            "{} folder {} does not exist; {}",
+            self.what,
+            dir.display(),
+            self.how_to_get(dir)
+        );
+        if let Some(problem) = (self.problem)(dir) {
+            bail!("{}: {problem}; {}", dir.display(), self.how_to_get(dir));
+        }
+        Ok(())
+    }
+}
+
+/// What is wrong with `dir/name` as a file of `records` records of `record_bytes` bytes of
+/// `what`'s binary version; `None` when it has exactly that size.
+pub(crate) fn records_file_problem(
+    dir: &Path,
+    name: &str,
+    records: usize,
+    record_bytes: usize,
+    what: &str,
+) -> Option<String> {
+    let expected = (records * record_bytes) as u64;
+    match std::fs::metadata(dir.join(name)) {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Some(format!("{name} is missing")),
+        Err(err) => Some(format!("{name} cannot be read ({err})")),
+        Ok(meta) if !meta.is_file() => Some(format!("{name} is not a file")),
+        Ok(meta) if meta.len() != expected => Some(format!(
+            "{name} has {} bytes, expected {expected} ({records} records of {record_bytes} bytes): \
+             truncated or not {what}'s binary version",
+            meta.len()
+        )),
+        Ok(_) => None,
+    }
+}
+
 /// Downloads `spec`'s dataset into `dir`, which must not exist yet.
 pub fn download(spec: &DatasetSpec, dir: &Path, access: &Access) -> Result<()> {
     let url = |default: &str| access.url.clone().unwrap_or_else(|| default.to_string());
@@ -79,9 +152,9 @@ pub fn ensure(spec: &DatasetSpec, dir: &Path, access: &Access) -> Result<()> {
         download(spec, dir, access)?;
     }
     match spec.name {
-        DatasetName::Cifar10 => check_layout(dir),
-        DatasetName::Cifar100 => cifar100::check_layout(dir),
-        DatasetName::Flowers102 => flowers::check_layout(dir),
+        DatasetName::Cifar10 => cifar10::LAYOUT.check(dir),
+        DatasetName::Cifar100 => cifar100::LAYOUT.check(dir),
+        DatasetName::Flowers102 => flowers::LAYOUT.check(dir),
         DatasetName::Folder => folder::split_roots(dir, &spec.train_split, spec.val_split.as_deref()).map(|_| ()),
     }
 }
