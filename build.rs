@@ -129,7 +129,7 @@ fn compile_shims(lib: &Path, graphs: &Result<GraphHeaders, String>) {
         "src/native/shim.cpp",
         "src/native/amp.cpp",
         "src/native/onednn.cpp",
-        "src/native/fused_adam.cpp",
+        "src/native/fused_optim.cpp",
         "src/native/cuda_graph.cpp",
     ];
     for source in sources.iter().chain(&["src/native/shim.h"]) {

@@ -173,7 +173,9 @@ impl DatasetSpec {
 pub struct Recipe {
     pub epochs: usize,
     pub batch_size: usize,
-    pub adam: AdamConfig,
+    /// `--opt` with its hyperparameters, serialised under the optimizer's name (`"adam": {...}`).
+    #[serde(flatten)]
+    pub optimizer: OptimizerConfig,
     pub image_size: i64,
     pub normalize: Normalize,
     pub seed: u64,
@@ -183,6 +185,80 @@ pub struct Recipe {
     /// `--clip-grad`: the largest global L2 norm of a step's gradients (`None`: unclipped, the tutorial's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_grad: Option<f64>,
+    /// `--sched` and `--warmup-epochs`: how the learning rate moves (`None`: constant, the tutorial's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+    /// `--aug`: training-time augmentation (none: the tutorial's).
+    #[serde(default, skip_serializing_if = "Augment::is_none")]
+    pub augment: Augment,
+    /// `--ema`: the decay of an exponential moving average of the weights, evaluated beside them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<f64>,
+}
+
+/// `--aug`: what training batches go through before the resize, drawn on the device
+/// ([`crate::data::augment`]); evaluation never.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Augment {
+    /// The tutorial's: none.
+    #[default]
+    None,
+    /// RandomHorizontalFlip(p=0.5).
+    Flip,
+    /// CIFAR's RandomCrop(stored size, padding=4) then RandomHorizontalFlip(p=0.5).
+    CropFlip,
+    /// RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3), bilinear) then
+    /// RandomHorizontalFlip(p=0.5), in place of the resize.
+    RrcFlip,
+}
+
+impl Augment {
+    pub fn is_none(&self) -> bool {
+        *self == Augment::None
+    }
+}
+
+/// `--sched`: the learning rate's course after any warm-up, as `torch.optim.lr_scheduler` computes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedName {
+    /// Constant (after the warm-up, if any).
+    None,
+    /// CosineAnnealingLR(T_max = the units after warm-up, eta_min = --min-lr).
+    Cosine,
+    /// StepLR(step_size = --decay-epochs, gamma = --decay-rate), counted from the end of warm-up.
+    Step,
+    /// MultiStepLR(milestones = --decay-epochs, gamma = --decay-rate), the epochs counted from the start.
+    Multistep,
+}
+
+/// `--sched-on`: what one unit of the schedule is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedOn {
+    /// The scheduler steps after every epoch.
+    #[default]
+    Epoch,
+    /// The scheduler steps after every optimizer step (epochs in the settings count as that many steps).
+    Step,
+}
+
+/// A learning-rate schedule: `LinearLR(start_factor = warmup_lr / lr, total_iters = warm-up)` for the
+/// warm-up, chained to the main scheduler by `SequentialLR(milestones = [warm-up])`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub sched: SchedName,
+    pub on: SchedOn,
+    /// Epochs of linear warm-up (0: none).
+    pub warmup_epochs: usize,
+    /// The learning rate the warm-up starts from.
+    pub warmup_lr: f64,
+    /// The floor of the cosine (`eta_min`).
+    pub min_lr: f64,
+    /// `step`: the period in epochs; `multistep`: the epochs after which the rate drops.
+    pub decay_epochs: Vec<usize>,
+    pub decay_rate: f64,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -279,12 +355,15 @@ impl Recipe {
         Recipe {
             epochs: 5,
             batch_size: 64,
-            adam: AdamConfig::default(),
+            optimizer: OptimizerConfig::Adam(AdamConfig::default()),
             image_size: 224,
             normalize: Normalize::Tutorial,
             seed: 0,
             label_smoothing: 0.0,
             clip_grad: None,
+            schedule: None,
+            augment: Augment::None,
+            ema: None,
         }
     }
 }
@@ -299,18 +378,105 @@ pub enum Normalize {
     Unit,
 }
 
+/// `--opt`: which optimizer, with its hyperparameters; each updates as its `torch.optim` namesake.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerConfig {
+    /// `torch.optim.Adam`: weight decay is an L2 term added to the gradient (the tutorial's, without).
+    Adam(AdamConfig),
+    /// `torch.optim.AdamW`: decoupled weight decay, `w -= lr * weight_decay * w` before the update.
+    Adamw(AdamConfig),
+    /// `torch.optim.SGD` without dampening: `buf = momentum * buf + g`, then `g + momentum * buf`
+    /// with `--nesterov`, else `buf`.
+    Sgd(SgdConfig),
+}
+
+impl OptimizerConfig {
+    pub fn lr(&self) -> f64 {
+        match self {
+            OptimizerConfig::Adam(c) | OptimizerConfig::Adamw(c) => c.lr,
+            OptimizerConfig::Sgd(c) => c.lr,
+        }
+    }
+
+    pub fn set_lr(&mut self, lr: f64) {
+        match self {
+            OptimizerConfig::Adam(c) | OptimizerConfig::Adamw(c) => c.lr = lr,
+            OptimizerConfig::Sgd(c) => c.lr = lr,
+        }
+    }
+
+    /// The decay and whether BatchNorm weights and biases are exempt from it.
+    pub fn weight_decay(&self) -> WeightDecay {
+        match self {
+            OptimizerConfig::Adam(c) | OptimizerConfig::Adamw(c) => c.decay,
+            OptimizerConfig::Sgd(c) => c.decay,
+        }
+    }
+
+    /// `adam`, `adamw` or `sgd`, as `--opt` spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OptimizerConfig::Adam(_) => "adam",
+            OptimizerConfig::Adamw(_) => "adamw",
+            OptimizerConfig::Sgd(_) => "sgd",
+        }
+    }
+}
+
+/// Adam's and AdamW's hyperparameters.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamConfig {
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
+    #[serde(flatten)]
+    pub decay: WeightDecay,
 }
 
 impl Default for AdamConfig {
+    /// `torch.optim.Adam`'s defaults, at the tutorial's learning rate 1e-3.
     fn default() -> Self {
-        AdamConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        AdamConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, decay: WeightDecay::default() }
     }
+}
+
+/// SGD's hyperparameters.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SgdConfig {
+    pub lr: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    #[serde(flatten)]
+    pub decay: WeightDecay,
+}
+
+/// Weight decay, absent from comparison.json when off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WeightDecay {
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub weight_decay: f64,
+    /// `--no-decay-bn-bias`: one-dimensional parameters (BatchNorm weights, biases) are not decayed,
+    /// as timm's `param_groups_weight_decay` groups them.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_decay_bn_bias: bool,
+}
+
+impl WeightDecay {
+    /// The decay the parameter `name` of shape `shape` gets.
+    pub fn for_parameter(&self, name: &str, shape: &[i64]) -> f64 {
+        let exempt = self.no_decay_bn_bias && (shape.len() <= 1 || name.ends_with(".bias"));
+        if exempt {
+            0.0
+        } else {
+            self.weight_decay
+        }
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The precision forward passes run in.

@@ -89,8 +89,8 @@ fn run(config: &BenchConfig, batches: &SyntheticBatches, cuda_graphs: CudaGraphs
                 accuracies.push(evaluation.accuracy);
             }
             Op::ScaleLr(factor) => {
-                let lr = trainer.adam.config().lr * factor;
-                trainer.adam.set_lr(lr);
+                let lr = trainer.optimizer.config().lr() * factor;
+                trainer.optimizer.set_lr(lr);
             }
         }
     }
@@ -178,12 +178,11 @@ impl State {
         variables.sort_by(|a, b| a.0.cmp(&b.0));
         let (weights, statistics): (Vec<_>, Vec<_>) = variables.into_iter().partition(|(_, t)| t.requires_grad());
         let float = |t: Tensor| t.to_kind(tch::Kind::Double);
-        let (_, m, v) = trainer.adam.state();
         State {
             weights: weights.into_iter().map(|(_, t)| float(t)).collect(),
             statistics: statistics.into_iter().map(|(_, t)| float(t)).collect(),
-            moments: m.iter().chain(v).map(|t| float(t.shallow_clone())).collect(),
-            steps: trainer.adam.steps() as f64,
+            moments: trainer.optimizer.state().map(|(_, _, t)| float(t.shallow_clone())).collect(),
+            steps: trainer.optimizer.steps() as f64,
         }
     }
 }
@@ -218,10 +217,10 @@ pub fn check_graphs(config: &BenchConfig) -> Result<GraphCheck> {
             // Two images' predictions flipped by rounding near a tie.
             2.0 / eval_images,
         ),
-        Compared::new("adam steps", "absolute", (e.steps - g.steps).abs(), (e.steps - a.steps).abs(), 0.0),
+        Compared::new("optimizer steps", "absolute", (e.steps - g.steps).abs(), (e.steps - a.steps).abs(), 0.0),
     ];
     let tensors: [(&'static str, fn(&State) -> &[Tensor]); 3] =
-        [("weights", |s| &s.weights), ("batchnorm statistics", |s| &s.statistics), ("adam moments", |s| &s.moments)];
+        [("weights", |s| &s.weights), ("batchnorm statistics", |s| &s.statistics), ("optimizer state", |s| &s.moments)];
     for (i, (quantity, of)) in tensors.into_iter().enumerate() {
         let (graphs, floor) = (tensor_difference(of(&e), of(&g)), tensor_difference(of(&e), of(&a)));
         compared.insert(2 + i, Compared::new(quantity, "relative norm", graphs, floor, LEAST_RELATIVE));

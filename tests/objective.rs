@@ -4,37 +4,11 @@
 
 mod common;
 
-use common::{csp_tch, csp_tch_ok, read_json, s};
+use common::peer::{assert_close, read_f32, run_python, write_f32};
+use common::{csp_tch, csp_tch_ok, read_json};
 use csp_tch::train::objective::{clip_grad_norm, train_loss};
 use std::path::Path;
-use std::process::Command;
 use tch::{Device, Kind, Tensor};
-
-fn python() -> String {
-    std::env::var("CSP_TCH_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// Runs `script` in the venv's Python with `dir` as its argument; panics with its stderr on failure.
-fn run_python(script: &str, dir: &Path) {
-    let out = Command::new(python()).args(["-c", script, s(dir)]).output().expect("run python");
-    assert!(out.status.success(), "the PyTorch peer failed:\n{}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn write_f32(path: &Path, t: &Tensor) {
-    let values = Vec::<f32>::try_from(t.flatten(0, -1)).unwrap();
-    std::fs::write(path, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
-}
-
-fn read_f32(path: &Path) -> Vec<f32> {
-    std::fs::read(path).unwrap().chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-}
-
-fn assert_close(ours: &[f32], theirs: &[f32], what: &str) {
-    assert_eq!(ours.len(), theirs.len(), "{what}");
-    let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-    let worst = ours.iter().zip(theirs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(worst <= 2e-6 * scale, "{what}: largest difference {worst} (scale {scale})");
-}
 
 #[test]
 fn label_smoothing_gives_pytorchs_loss_and_gradient() {

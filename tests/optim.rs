@@ -2,9 +2,9 @@
 
 mod common;
 
-use csp_tch::config::AdamConfig;
-use csp_tch::train::optim::{Adam, AdamKernel};
-use tch::nn::{self, Module, OptimizerConfig};
+use csp_tch::config::{AdamConfig, OptimizerConfig};
+use csp_tch::train::optim::{Kernel, Optimizer};
+use tch::nn::{self, Module, OptimizerConfig as _};
 use tch::{Device, Kind, Tensor};
 
 fn net(vs: &nn::VarStore) -> impl Module {
@@ -17,12 +17,12 @@ fn net(vs: &nn::VarStore) -> impl Module {
 
 #[test]
 fn adam_matches_tch_adam_step_for_step() {
-    for kernel in [AdamKernel::Fused, AdamKernel::TensorOps] {
+    for kernel in [Kernel::Fused, Kernel::TensorOps] {
         adam_matches_tch_adam(kernel);
     }
 }
 
-fn adam_matches_tch_adam(kernel: AdamKernel) {
+fn adam_matches_tch_adam(kernel: Kernel) {
     let config = AdamConfig { lr: 3e-3, ..Default::default() };
     let _rng = common::rng_turn();
     tch::manual_seed(11);
@@ -32,7 +32,7 @@ fn adam_matches_tch_adam(kernel: AdamKernel) {
     let model_tch = net(&vs_tch);
     vs_tch.copy(&vs_ours).unwrap();
 
-    let mut ours = Adam::for_var_store(&vs_ours, config);
+    let mut ours = Optimizer::for_var_store(&vs_ours, OptimizerConfig::Adam(config));
     ours.kernel = kernel;
     let mut theirs = nn::Adam { beta1: config.beta1, beta2: config.beta2, wd: 0.0, amsgrad: false, eps: config.eps }
         .build(&vs_tch, config.lr)
@@ -61,7 +61,7 @@ fn a_parameter_without_gradient_is_left_alone() {
     let used = vs.root().randn("used", &[4], 0.0, 1.0);
     let unused = vs.root().randn("unused", &[4], 0.0, 1.0);
     let (unused_before, used_before) = (unused.copy(), used.copy());
-    let mut adam = Adam::for_var_store(&vs, AdamConfig::default());
+    let mut adam = Optimizer::for_var_store(&vs, OptimizerConfig::Adam(AdamConfig::default()));
     let grads = adam.gradients(&(&used * &used).sum(Kind::Float));
     assert!(!grads[0].defined() && grads[1].defined(), "sorted by name: unused, used");
     adam.step(&grads);
@@ -109,9 +109,9 @@ fn the_fused_step_handles_channels_last_and_gradients_in_another_layout() {
             });
         }
     }
-    let mut fused = Adam::for_var_store(&vs_fused, AdamConfig::default());
-    let mut tensor = Adam::for_var_store(&vs_tensor, AdamConfig::default());
-    tensor.kernel = AdamKernel::TensorOps;
+    let mut fused = Optimizer::for_var_store(&vs_fused, OptimizerConfig::Adam(AdamConfig::default()));
+    let mut tensor = Optimizer::for_var_store(&vs_tensor, OptimizerConfig::Adam(AdamConfig::default()));
+    tensor.kernel = Kernel::TensorOps;
     for _ in 0..5 {
         // "a" gets a channels-last gradient (its own layout), "b" a contiguous one.
         let a = csp_tch::data::transform::to_channels_last(&Tensor::randn([8, 4, 3, 3], tch::kind::FLOAT_CPU));
@@ -139,13 +139,14 @@ fn a_learning_rate_changed_between_steps_changes_the_fused_update() {
     // An optimizer over a copy of `start`, and that copy (updated in place by its steps).
     let adam = |kernel| {
         let w = start.copy();
-        let mut adam = Adam::new(vec![("w".into(), w.shallow_clone())], AdamConfig::default());
+        let mut adam =
+            Optimizer::new(vec![("w".into(), w.shallow_clone())], OptimizerConfig::Adam(AdamConfig::default()));
         adam.kernel = kernel;
         (adam, w)
     };
-    let (mut scheduled, w_scheduled) = adam(AdamKernel::Fused);
-    let (mut reference, w_reference) = adam(AdamKernel::TensorOps);
-    let (mut constant, w_constant) = adam(AdamKernel::Fused);
+    let (mut scheduled, w_scheduled) = adam(Kernel::Fused);
+    let (mut reference, w_reference) = adam(Kernel::TensorOps);
+    let (mut constant, w_constant) = adam(Kernel::Fused);
     for (i, g) in grads.iter().enumerate() {
         if i == 2 {
             scheduled.set_lr(5e-4);
@@ -155,9 +156,118 @@ fn a_learning_rate_changed_between_steps_changes_the_fused_update() {
             adam.step(std::slice::from_ref(g));
         }
     }
-    assert_eq!(scheduled.config().lr, 5e-4);
+    assert_eq!(scheduled.config().lr(), 5e-4);
     assert!(w_scheduled.allclose(&w_reference, 1e-6, 1e-8, false), "the fused kernel follows the schedule");
     let moved = |w: &Tensor| (w - &start).abs().sum(tch::Kind::Double).double_value(&[]);
     // Two of the four steps at half the rate move the weights less than four at the full rate.
     assert!(moved(&w_scheduled) < moved(&w_constant) * 0.9, "{} vs {}", moved(&w_scheduled), moved(&w_constant));
+}
+
+/// The parameters of the peer test: a convolution, a BatchNorm and a linear layer's, by name.
+const PEER_PARAMS: [(&str, &[i64]); 5] = [
+    ("bn.bias", &[4]),
+    ("bn.weight", &[4]),
+    ("conv.weight", &[4, 3, 3, 3]),
+    ("fc.bias", &[10]),
+    ("fc.weight", &[10, 4]),
+];
+const PEER_STEPS: usize = 5;
+
+#[test]
+fn every_optimizer_matches_torch_optim_step_for_step() {
+    use common::peer::{assert_close, read_f32, run_python, write_f32};
+    use csp_tch::config::{SgdConfig, WeightDecay};
+    let tmp = tempfile::tempdir().unwrap();
+    let (start, grads): (Vec<Tensor>, Vec<Vec<Tensor>>) = {
+        let _rng = common::rng_turn();
+        tch::manual_seed(21);
+        let start = PEER_PARAMS.iter().map(|(_, shape)| Tensor::randn(*shape, tch::kind::FLOAT_CPU)).collect();
+        let grads = (0..PEER_STEPS)
+            .map(|_| PEER_PARAMS.iter().map(|(_, shape)| Tensor::randn(*shape, tch::kind::FLOAT_CPU)).collect())
+            .collect();
+        (start, grads)
+    };
+    for (i, p) in start.iter().enumerate() {
+        write_f32(&tmp.path().join(format!("p{i}")), p);
+        for (k, step) in grads.iter().enumerate() {
+            write_f32(&tmp.path().join(format!("g{i}-{k}")), &step[i]);
+        }
+    }
+    let decay = |weight_decay, no_decay_bn_bias| WeightDecay { weight_decay, no_decay_bn_bias };
+    let adam = |weight_decay, exempt| AdamConfig {
+        lr: 0.01,
+        beta1: 0.8,
+        beta2: 0.99,
+        eps: 1e-6,
+        decay: decay(weight_decay, exempt),
+    };
+    let sgd = |momentum, nesterov, weight_decay, exempt| SgdConfig {
+        lr: 0.05,
+        momentum,
+        nesterov,
+        decay: decay(weight_decay, exempt),
+    };
+    // (the peer's constructor, our configuration)
+    let cases: Vec<(&str, OptimizerConfig)> = vec![
+        ("Adam(g, lr=0.01, betas=(0.8, 0.99), eps=1e-6)", OptimizerConfig::Adam(adam(0.0, false))),
+        ("Adam(g, lr=0.01, betas=(0.8, 0.99), eps=1e-6)", OptimizerConfig::Adam(adam(0.1, false))),
+        ("AdamW(g, lr=0.01, betas=(0.8, 0.99), eps=1e-6)", OptimizerConfig::Adamw(adam(0.5, false))),
+        ("AdamW(g, lr=0.01, betas=(0.8, 0.99), eps=1e-6)", OptimizerConfig::Adamw(adam(0.5, true))),
+        ("SGD(g, lr=0.05)", OptimizerConfig::Sgd(sgd(0.0, false, 0.0, false))),
+        ("SGD(g, lr=0.05, momentum=0.9)", OptimizerConfig::Sgd(sgd(0.9, false, 0.2, false))),
+        ("SGD(g, lr=0.05, momentum=0.9)", OptimizerConfig::Sgd(sgd(0.9, false, 0.2, true))),
+        ("SGD(g, lr=0.05, momentum=0.9, nesterov=True)", OptimizerConfig::Sgd(sgd(0.9, true, 0.2, true))),
+    ];
+    let mut script = String::from(
+        r#"
+import sys, numpy as np, torch
+d = sys.argv[1]
+names = NAMES
+shapes = SHAPES
+def run(k, make, weight_decay, exempt):
+    params = [torch.nn.Parameter(torch.from_numpy(np.fromfile(f"{d}/p{i}", np.float32).reshape(s)).clone()) for i, s in enumerate(shapes)]
+    # timm's param_groups_weight_decay
+    no = [p for n, p in zip(names, params) if exempt and (p.ndim <= 1 or n.endswith(".bias"))]
+    yes = [p for n, p in zip(names, params) if not (exempt and (p.ndim <= 1 or n.endswith(".bias")))]
+    g = [{"params": no, "weight_decay": 0.0}, {"params": yes, "weight_decay": weight_decay}]
+    opt = make(g)
+    for step in range(STEPS):
+        for i, p in enumerate(params):
+            p.grad = torch.from_numpy(np.fromfile(f"{d}/g{i}-{step}", np.float32).reshape(shapes[i])).clone()
+        opt.step()
+    for i, p in enumerate(params):
+        p.detach().numpy().tofile(f"{d}/out{k}-{i}")
+"#,
+    )
+    .replace("NAMES", &format!("{:?}", PEER_PARAMS.iter().map(|(n, _)| *n).collect::<Vec<_>>()))
+    .replace("SHAPES", &format!("{:?}", PEER_PARAMS.iter().map(|(_, s)| s.to_vec()).collect::<Vec<_>>()))
+    .replace("STEPS", &PEER_STEPS.to_string());
+    for (k, (make, config)) in cases.iter().enumerate() {
+        let d = config.weight_decay();
+        let exempt = if d.no_decay_bn_bias { "True" } else { "False" };
+        script += &format!("run({k}, lambda g: torch.optim.{make}, {}, {exempt})\n", d.weight_decay);
+    }
+    run_python(&script, tmp.path());
+    for (k, (make, config)) in cases.iter().enumerate() {
+        for kernel in [Kernel::Fused, Kernel::TensorOps] {
+            let params: Vec<Tensor> = start.iter().map(Tensor::copy).collect();
+            let named = PEER_PARAMS.iter().zip(&params).map(|((n, _), p)| (n.to_string(), p.shallow_clone())).collect();
+            let mut ours = Optimizer::new(named, *config);
+            ours.kernel = kernel;
+            for step in &grads {
+                ours.step(step);
+            }
+            for (i, p) in params.iter().enumerate() {
+                let theirs = read_f32(&tmp.path().join(format!("out{k}-{i}")));
+                let what = format!("{make} {config:?}, {kernel:?}: {}", PEER_PARAMS[i].0);
+                assert_close(&Vec::<f32>::try_from(p.flatten(0, -1)).unwrap(), &theirs, &what);
+            }
+        }
+    }
+    // The cases differ from one another: the decay and the exemption change the weights.
+    let outcome = |k: usize, i: usize| read_f32(&tmp.path().join(format!("out{k}-{i}")));
+    assert_ne!(outcome(0, 2), outcome(1, 2), "Adam's L2 term moves the conv weight");
+    assert_ne!(outcome(2, 0), outcome(3, 0), "the exemption keeps AdamW's decay off bn.bias");
+    assert_eq!(outcome(2, 2), outcome(3, 2), "and leaves the conv weight's decay alone");
+    assert_ne!(outcome(6, 2), outcome(7, 2), "Nesterov changes SGD's update");
 }

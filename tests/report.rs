@@ -136,6 +136,7 @@ fn each_csp_model_is_compared_with_its_own_plain_network() {
         last_train_loss: 2.0,
         last_eval_loss: 2.0,
         warmup_seconds: 0.0,
+        ..Default::default()
     };
     let accuracy = [0.30, 0.35, 0.40, 0.43, 0.50];
     let models = names

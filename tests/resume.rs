@@ -35,7 +35,7 @@ fn metrics(out: &Path, model: &str) -> Vec<Vec<String>> {
     common::without_timings(&std::fs::read_to_string(out.join(format!("{model}.csv"))).unwrap())
 }
 
-/// Every tensor of a checkpoint (weights, BN statistics, Adam moments) by name.
+/// Every tensor of a checkpoint (weights, BN statistics, optimizer state) by name.
 fn tensors(file: &Path) -> Vec<(String, Vec<u8>)> {
     let bytes = std::fs::read(file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -165,7 +165,7 @@ fn a_checkpoint_holds_the_trainer_s_own_progress_whatever_metadata_it_is_given()
         .save_checkpoint(&file, &common::run_meta("cspdarknet53-pad0", tmp.path(), recipe.clone(), execution))
         .unwrap();
     let meta = checkpoint::read_meta(&file).unwrap();
-    assert_eq!((meta.epochs_done, meta.history.len(), meta.adam_steps), (2, 2, 2));
+    assert_eq!((meta.epochs_done, meta.history.len(), meta.optimizer_steps), (2, 2, 2));
     assert_eq!(meta.epoch_progress.as_ref(), Some(&place));
     let mut resumed = Trainer::new("cspdarknet53-pad0", 10, &recipe, &execution, tch::Device::Cpu).unwrap();
     resumed.restore_checkpoint(&file).unwrap();
@@ -187,5 +187,6 @@ fn metrics_row(epoch: usize) -> EpochMetrics {
         last_train_loss: 2.0,
         last_eval_loss: 2.0,
         warmup_seconds: 0.0,
+        ..Default::default()
     }
 }

@@ -6,8 +6,8 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 use crate::bench::{BenchConfig, Mode};
-use crate::config::AdamConfig;
 use crate::config::Normalize;
+use crate::config::{AdamConfig, Augment, OptimizerConfig, SchedName, SchedOn, Schedule, SgdConfig, WeightDecay};
 use crate::config::{Cifar100Labels, DatasetName, DatasetSpec, FlowersSplit};
 use crate::config::{CudaGraphs, Execution, MemoryFormat, Preset, Recipe, RunConfig};
 use crate::data::{self, Access};
@@ -293,9 +293,10 @@ struct RecipeArgs {
     /// Images per batch, at least 2: BatchNorm cannot train on one value per channel.
     #[arg(long, default_value_t = Recipe::tutorial().batch_size as u32, value_parser = clap::value_parser!(u32).range(Recipe::MIN_BATCH_SIZE as i64..))]
     batch_size: u32,
-    /// Adam learning rate (betas 0.9/0.999, eps 1e-8 as in the tutorial).
-    #[arg(long, default_value_t = Recipe::tutorial().adam.lr)]
-    lr: f64,
+    #[command(flatten)]
+    optimizer: OptimizerArgs,
+    #[command(flatten)]
+    schedule: ScheduleArgs,
     #[arg(long, value_enum, default_value_t = Normalize::Tutorial)]
     normalize: Normalize,
     /// Smooth the training loss's targets by E, as torch.nn.CrossEntropyLoss(label_smoothing=E):
@@ -306,6 +307,18 @@ struct RecipeArgs {
     /// torch.nn.utils.clip_grad_norm_ (after fp16 unscaling, before Adam).
     #[arg(long)]
     clip_grad: Option<f64>,
+    /// Augment training batches on the device: `none` (the tutorial's), `flip`
+    /// (RandomHorizontalFlip), `crop-flip` (CIFAR's RandomCrop(padding=4), then the flip, on the
+    /// stored images before the resize) or `rrc-flip` (torchvision's RandomResizedCrop at the run's
+    /// size in place of the resize, Pillow's bilinear, then the flip); draws are a hash of (seed, batch, image), so resumed runs
+    /// and replayed CUDA graphs draw exactly what an uninterrupted eager run does.
+    #[arg(long, value_enum, default_value_t = Augment::None)]
+    aug: Augment,
+    /// Keep an exponential moving average of the weights and BatchNorm statistics, as timm's
+    /// ModelEmaV2 (`ema = DECAY * ema + (1 - DECAY) * w` after every step), evaluated beside the raw
+    /// weights every epoch (`eval_acc_ema` in the CSV); e.g. 0.9998.
+    #[arg(long, value_name = "DECAY")]
+    ema: Option<f64>,
     /// Seeds initialisation, subsets and the per-epoch shuffles.
     #[arg(long, default_value_t = Recipe::tutorial().seed)]
     seed: u64,
@@ -330,14 +343,14 @@ struct RecipeArgs {
 
 impl RecipeArgs {
     fn resolve(&self, models: Vec<String>) -> Result<RunConfig> {
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            bail!("--lr {} must be a positive number", self.lr);
-        }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             bail!("--label-smoothing {} must be at least 0 and below 1", self.label_smoothing);
         }
         if let Some(n) = self.clip_grad.filter(|n| !(n.is_finite() && *n > 0.0)) {
             bail!("--clip-grad {n} must be a positive number");
+        }
+        if let Some(decay) = self.ema.filter(|d| !(*d > 0.0 && *d < 1.0)) {
+            bail!("--ema {decay} must be above 0 and below 1 (e.g. 0.9998)");
         }
         if let Some(Limit(Some(1))) = self.train_limit {
             bail!("--train-limit 1 leaves one image to train on, which BatchNorm cannot; use 2 or more");
@@ -352,19 +365,25 @@ impl RecipeArgs {
             many => (many[0], many.to_vec()),
         };
         let defaults = self.preset.defaults();
+        let epochs = self.epochs.map_or(defaults.epochs, |e| e as usize);
+        let optimizer = self.optimizer.resolve()?;
+        let schedule = self.schedule.resolve(epochs, optimizer.lr())?;
         let (dataset, data_dir) = (self.data.spec()?, self.data.data_dir()?);
         Ok(RunConfig {
             preset: self.preset,
             models,
             recipe: Recipe {
-                epochs: self.epochs.map_or(defaults.epochs, |e| e as usize),
+                epochs,
                 batch_size: self.batch_size as usize,
-                adam: AdamConfig { lr: self.lr, ..Default::default() },
+                optimizer,
                 image_size: self.image_size.unwrap_or(defaults.image_size),
                 normalize: self.normalize,
                 seed,
                 label_smoothing: self.label_smoothing,
                 clip_grad: self.clip_grad,
+                schedule,
+                augment: self.aug,
+                ema: self.ema,
             },
             execution: self.acceleration.execution(),
             classes: data::class_count(&dataset, &data_dir)?,
@@ -376,6 +395,199 @@ impl RecipeArgs {
             out: self.out.clone(),
             seeds,
         })
+    }
+}
+
+/// `--opt` and its hyperparameters; each left unset takes the optimizer's default.
+#[derive(Args, Debug)]
+struct OptimizerArgs {
+    /// `adam` (torch.optim.Adam, the tutorial's), `adamw` (torch.optim.AdamW: decoupled weight decay)
+    /// or `sgd` (torch.optim.SGD, no dampening).
+    #[arg(long, value_enum, default_value_t = OptName::Adam)]
+    opt: OptName,
+    /// Learning rate [adam, adamw: 1e-3 (the tutorial's); sgd: 0.1].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Weight decay [adam: 0; adamw: 0.01, as torch.optim.AdamW; sgd: 0]: an L2 term added to the
+    /// gradient for adam and sgd, decoupled (`w -= lr * wd * w`) for adamw.
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Exempt one-dimensional parameters (BatchNorm weights, biases) from weight decay, as timm's
+    /// `param_groups_weight_decay` [on for adamw and sgd, off for adam]; `--no-decay-bn-bias false` decays them.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    no_decay_bn_bias: Option<bool>,
+    /// SGD's momentum [0.9].
+    #[arg(long)]
+    momentum: Option<f64>,
+    /// SGD with Nesterov momentum.
+    #[arg(long)]
+    nesterov: bool,
+    /// Adam's and AdamW's betas, `B1,B2` [0.9,0.999].
+    #[arg(long, value_delimiter = ',')]
+    betas: Vec<f64>,
+    /// Adam's and AdamW's epsilon [1e-8].
+    #[arg(long)]
+    eps: Option<f64>,
+}
+
+/// `--sched` and its settings, as `torch.optim.lr_scheduler` computes them.
+#[derive(Args, Debug)]
+struct ScheduleArgs {
+    /// The learning rate's course after any warm-up: `none` (constant, the tutorial's), `cosine`
+    /// (CosineAnnealingLR to --min-lr at the end), `step` (StepLR: times --decay-rate every
+    /// --decay-epochs after the warm-up) or `multistep` (MultiStepLR: times --decay-rate after each of
+    /// the --decay-epochs, counted from the start). A warm-up is LinearLR from --warmup-lr up to --lr,
+    /// chained by SequentialLR.
+    #[arg(long, value_enum, default_value_t = SchedName::None)]
+    sched: SchedName,
+    /// Step the schedule after every epoch (timm's default) or every optimizer step [epoch].
+    #[arg(long, value_enum)]
+    sched_on: Option<SchedOn>,
+    /// Epochs of linear warm-up [0].
+    #[arg(long, default_value_t = 0)]
+    warmup_epochs: u32,
+    /// The learning rate the warm-up starts from, above 0 and at most --lr [1e-5, timm's].
+    #[arg(long)]
+    warmup_lr: Option<f64>,
+    /// The cosine's floor, eta_min [0].
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// `step`: the period in epochs (one number); `multistep`: the epochs after which the rate drops
+    /// (increasing, each after the warm-up).
+    #[arg(long, value_delimiter = ',')]
+    decay_epochs: Vec<u32>,
+    /// The factor of each drop, gamma [0.1].
+    #[arg(long)]
+    decay_rate: Option<f64>,
+}
+
+impl ScheduleArgs {
+    fn resolve(&self, epochs: usize, lr: f64) -> Result<Option<Schedule>> {
+        let decays = matches!(self.sched, SchedName::Step | SchedName::Multistep);
+        let refuse = |flag: &str, set: bool, applies: bool, wants: &str| -> Result<()> {
+            if set && !applies {
+                bail!("{flag} applies only {wants}; leave it out or add what it needs");
+            }
+            Ok(())
+        };
+        let warmup = self.warmup_epochs as usize;
+        refuse("--min-lr", self.min_lr.is_some(), self.sched == SchedName::Cosine, "to --sched cosine")?;
+        refuse("--decay-epochs", !self.decay_epochs.is_empty(), decays, "to --sched step or multistep")?;
+        refuse("--decay-rate", self.decay_rate.is_some(), decays, "to --sched step or multistep")?;
+        refuse("--warmup-lr", self.warmup_lr.is_some(), warmup > 0, "with --warmup-epochs")?;
+        if self.sched == SchedName::None && warmup == 0 {
+            refuse("--sched-on", self.sched_on.is_some(), false, "with --sched or --warmup-epochs")?;
+            return Ok(None);
+        }
+        if warmup >= epochs {
+            bail!(
+                "--warmup-epochs {warmup} leaves no epoch after the warm-up of {epochs}; use fewer, or more --epochs"
+            );
+        }
+        let warmup_lr = self.warmup_lr.unwrap_or(1e-5);
+        if !(warmup_lr > 0.0 && warmup_lr <= lr) {
+            bail!(
+                "--warmup-lr {warmup_lr} must be above 0 and at most --lr {lr} (LinearLR's start factor is in (0, 1])"
+            );
+        }
+        let min_lr = self.min_lr.unwrap_or(0.0);
+        if !(min_lr >= 0.0 && min_lr < lr) {
+            bail!("--min-lr {min_lr} must be at least 0 and below --lr {lr}");
+        }
+        let decay_rate = self.decay_rate.unwrap_or(0.1);
+        if !(decay_rate > 0.0 && decay_rate <= 1.0) {
+            bail!("--decay-rate {decay_rate} must be above 0 and at most 1");
+        }
+        let decay_epochs: Vec<usize> = self.decay_epochs.iter().map(|&e| e as usize).collect();
+        match self.sched {
+            SchedName::Step if decay_epochs.len() != 1 || decay_epochs[0] == 0 => {
+                bail!("--sched step needs one --decay-epochs N, the period in epochs (N at least 1)")
+            }
+            SchedName::Multistep => {
+                if decay_epochs.is_empty() {
+                    bail!("--sched multistep needs --decay-epochs E1,E2,..., the epochs after which the rate drops");
+                }
+                if !decay_epochs.windows(2).all(|w| w[0] < w[1]) || decay_epochs[0] <= warmup {
+                    bail!(
+                        "--decay-epochs {}: list increasing epochs, each after the {warmup} of warm-up",
+                        self.decay_epochs.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                    );
+                }
+            }
+            _ => {}
+        }
+        Ok(Some(Schedule {
+            sched: self.sched,
+            on: self.sched_on.unwrap_or_default(),
+            warmup_epochs: warmup,
+            warmup_lr,
+            min_lr,
+            decay_epochs,
+            decay_rate,
+        }))
+    }
+}
+
+/// `--opt`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OptName {
+    Adam,
+    Adamw,
+    Sgd,
+}
+
+impl OptimizerArgs {
+    fn resolve(&self) -> Result<OptimizerConfig> {
+        let opt = self.opt;
+        let refuse = |flag: &str, set: bool, applies: bool| -> Result<()> {
+            if set && !applies {
+                let name = format!("{opt:?}").to_lowercase();
+                bail!("{flag} does not apply to --opt {name}; leave it out, or choose an optimizer it applies to");
+            }
+            Ok(())
+        };
+        let sgd = opt == OptName::Sgd;
+        refuse("--momentum", self.momentum.is_some(), sgd)?;
+        refuse("--nesterov", self.nesterov, sgd)?;
+        refuse("--betas", !self.betas.is_empty(), !sgd)?;
+        refuse("--eps", self.eps.is_some(), !sgd)?;
+        let lr = self.lr.unwrap_or(if sgd { 0.1 } else { AdamConfig::default().lr });
+        if !(lr.is_finite() && lr > 0.0) {
+            bail!("--lr {lr} must be a positive number");
+        }
+        let weight_decay = self.weight_decay.unwrap_or(if opt == OptName::Adamw { 0.01 } else { 0.0 });
+        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+            bail!("--weight-decay {weight_decay} must be a number of at least 0");
+        }
+        let decay = WeightDecay {
+            weight_decay,
+            no_decay_bn_bias: weight_decay > 0.0 && self.no_decay_bn_bias.unwrap_or(opt != OptName::Adam),
+        };
+        if sgd {
+            let momentum = self.momentum.unwrap_or(0.9);
+            if !(momentum.is_finite() && (0.0..1.0).contains(&momentum)) {
+                bail!("--momentum {momentum} must be at least 0 and below 1");
+            }
+            if self.nesterov && momentum == 0.0 {
+                bail!("--nesterov needs a momentum above 0 (--momentum)");
+            }
+            return Ok(OptimizerConfig::Sgd(SgdConfig { lr, momentum, nesterov: self.nesterov, decay }));
+        }
+        let defaults = AdamConfig::default();
+        let (beta1, beta2) = match self.betas.as_slice() {
+            [] => (defaults.beta1, defaults.beta2),
+            [b1, b2] => (*b1, *b2),
+            _ => bail!("--betas takes two numbers, B1,B2 (e.g. 0.9,0.999)"),
+        };
+        if ![beta1, beta2].iter().all(|b| (0.0..1.0).contains(b)) {
+            bail!("--betas {beta1},{beta2}: each must be at least 0 and below 1");
+        }
+        let eps = self.eps.unwrap_or(defaults.eps);
+        if !(eps.is_finite() && eps > 0.0) {
+            bail!("--eps {eps} must be a positive number");
+        }
+        let config = AdamConfig { lr, beta1, beta2, eps, decay };
+        Ok(if opt == OptName::Adam { OptimizerConfig::Adam(config) } else { OptimizerConfig::Adamw(config) })
     }
 }
 

@@ -6,6 +6,7 @@
 //! uint8 block kept in a cache on disk ([`images`]). Either way the per-batch transform
 //! ([`transform`]) gathers, resizes and normalises on the training device.
 
+pub mod augment;
 pub mod bench;
 pub mod cifar10;
 pub mod cifar100;

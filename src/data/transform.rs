@@ -4,8 +4,8 @@
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
-use super::resample;
-use crate::config::Normalize;
+use super::{augment, resample};
+use crate::config::{Augment, Normalize};
 
 /// Pillow's fixed-point weights from `in_size` to `out_size` pixels as a dense `[out, in]` float64
 /// matrix on `device`, made once per shape and device and kept: a step recorded as a CUDA graph then
@@ -31,7 +31,7 @@ fn weight_matrix(in_size: i64, out_size: i64, device: Device) -> Tensor {
 }
 
 /// Pillow's rounding of a fixed-point sum to 8 bits: `(sum + 2^21) >> 22`, clamped.
-fn clip8(sums: Tensor) -> Tensor {
+pub(crate) fn clip8(sums: Tensor) -> Tensor {
     let one = f64::from(1u32 << resample::PRECISION_BITS);
     ((sums + one / 2.0) / one).floor().clamp(0.0, 255.0)
 }
@@ -75,4 +75,26 @@ pub fn to_channels_last(t: &Tensor) -> Tensor {
 pub fn batch(images: &Tensor, index: &Tensor, size: i64, how: Normalize) -> Tensor {
     let pixels = images.index_select(0, index).to_kind(Kind::Float);
     normalize(&resize(&pixels, size), how)
+}
+
+/// [`batch`] with `--aug` applied to the gathered images before the resize: the draws of batch
+/// `counter` of a run seeded `seed` ([`augment::draws`]).
+pub fn augmented_batch(
+    images: &Tensor,
+    index: &Tensor,
+    size: i64,
+    how: Normalize,
+    aug: Augment,
+    seed: u64,
+    counter: &Tensor,
+) -> Tensor {
+    let pixels = images.index_select(0, index).to_kind(Kind::Float);
+    let [n, _, h, w] = pixels.size()[..] else { panic!("a batch of NCHW images") };
+    let augmented = if aug == Augment::RrcFlip {
+        let draws = augment::rrc_draws(seed, counter, n);
+        augment::resized_crop(&pixels, &augment::rrc_boxes(h, w, &draws), &draws.flip, size)
+    } else {
+        resize(&augment::apply(&pixels, aug, &augment::draws(aug, seed, counter, n)), size)
+    };
+    normalize(&augmented, how)
 }

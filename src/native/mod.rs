@@ -1,5 +1,5 @@
 //! The C++ shim (`src/native/*.cpp`, built by build.rs against csp-tch's libtorch) for the few
-//! libtorch calls tch does not bind: autocast switches, oneDNN's inner product, fused Adam, CUDA
+//! libtorch calls tch does not bind: autocast switches, oneDNN's inner product, fused optimizers, CUDA
 //! graphs. Every `extern "C"` declaration of csp-tch is here; each C++ function catches every
 //! exception (`csp_tch::guarded` in shim.h) and reports it through [`last_error`].
 
@@ -27,18 +27,22 @@ extern "C" {
         bias: *const C_tensor,
     ) -> *mut C_tensor;
 
-    // fused_adam.cpp
-    pub(crate) fn csp_tch_fused_adam(
+    // fused_optim.cpp: kind 0 Adam, 1 AdamW, 2 SGD; state_a/state_b null where the kind has none.
+    pub(crate) fn csp_tch_fused_optimizer_step(
+        kind: c_int,
         params: *const *mut C_tensor,
         grads: *const *mut C_tensor,
-        exp_avgs: *const *mut C_tensor,
-        exp_avg_sqs: *const *mut C_tensor,
+        state_a: *const *mut C_tensor,
+        state_b: *const *mut C_tensor,
         step: *mut C_tensor,
         n: c_int,
         lr: *mut C_tensor,
         beta1: f64,
         beta2: f64,
         eps: f64,
+        weight_decay: f64,
+        momentum: f64,
+        nesterov: c_int,
     ) -> c_int;
 
     // cuda_graph.cpp

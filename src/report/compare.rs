@@ -205,6 +205,7 @@ mod tests {
             last_train_loss: 1.0,
             last_eval_loss: 1.0,
             warmup_seconds: 0.0,
+            ..Default::default()
         }
     }
 

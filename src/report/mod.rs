@@ -77,6 +77,11 @@ pub struct ModelReport {
     pub epochs: Vec<EpochMetrics>,
     pub final_eval_acc: Option<f64>,
     pub best_eval_acc: Option<f64>,
+    /// The same of the `--ema` weights, when the run kept an average.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_eval_acc_ema: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_eval_acc_ema: Option<f64>,
     /// Wall time of all epochs, evaluation included.
     pub total_train_seconds: f64,
     /// Of which warm-up: the first steps' time beyond the steady rate, summed over epochs
@@ -147,6 +152,8 @@ impl ModelReport {
             .into(),
             final_eval_acc: epochs.last().map(|e| e.eval_acc),
             best_eval_acc: epochs.iter().map(|e| e.eval_acc).reduce(f64::max),
+            final_eval_acc_ema: epochs.last().and_then(|e| e.eval_acc_ema),
+            best_eval_acc_ema: epochs.iter().filter_map(|e| e.eval_acc_ema).reduce(f64::max),
             // Summed from +0.0 (a float sum of nothing is -0.0).
             total_train_seconds: epochs.iter().fold(0.0, |s, e| s + e.epoch_seconds),
             warmup_seconds: epochs.iter().fold(0.0, |s, e| s + e.warmup_seconds),
@@ -411,7 +418,7 @@ pub fn run_line(config: &RunConfig, env: &RunEnvironment) -> String {
         config.recipe.image_size,
         config.recipe.epochs,
         config.recipe.batch_size,
-        config.recipe.adam.lr,
+        config.recipe.optimizer.lr(),
         serde_label(&config.recipe.normalize),
         config.data_dir.display(),
         limit(config.train_limit),

@@ -248,7 +248,7 @@ fn run_meta(config: &RunConfig, name: &str, data: &Dataset, environment: &RunEnv
         test_size: data.test_len(),
         data: Some(data.info.clone()),
         epochs_done: 0,
-        adam_steps: 0,
+        optimizer_steps: 0,
         loss_scaler: None,
         history: Vec::new(),
         environment: environment.clone(),

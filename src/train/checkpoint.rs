@@ -1,7 +1,8 @@
 //! Checkpoints: `<out>/checkpoints/<model>.safetensors` holds a model's variables (weights and
-//! BatchNorm statistics, as `model/<name>`), Adam's moments (`adam.exp_avg/<name>`,
-//! `adam.exp_avg_sq/<name>`) and, in the safetensors metadata, the run position: epochs done,
-//! Adam's step count, the metrics so far, the configuration that produced them and, after a stop
+//! BatchNorm statistics, as `model/<name>`), the optimizer's state (Adam's and AdamW's moments as
+//! `adam.exp_avg/<name>` and `adam.exp_avg_sq/<name>`, SGD's `sgd.momentum_buffer/<name>`), the
+//! `--ema` average (`ema/<name>`) and, in
+//! the safetensors metadata, the run position: epochs done, the optimizer's step count, the metrics so far, the configuration that produced them and, after a stop
 //! inside an epoch, the place there ([`EpochProgress`]).
 //!
 //! The shuffle of epoch `e` is a function of `(seed, e)` alone, so weights, moments, the epoch count
@@ -21,9 +22,11 @@ use crate::environment::RunEnvironment;
 use crate::files::write_atomic;
 use crate::models::Backbone;
 use crate::train::metrics::EpochMetrics;
-use crate::train::optim::{Adam, LossScaler};
+use crate::train::optim::{LossScaler, Optimizer};
 
 pub const FORMAT: u32 = 1;
+/// Where the `--ema` weights are kept, beside `model/`.
+const EMA_PREFIX: &str = "ema";
 const META_KEY: &str = "csp_tch";
 
 /// What a checkpoint says about itself.
@@ -39,7 +42,9 @@ pub struct Meta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<crate::data::DataInfo>,
     pub epochs_done: usize,
-    pub adam_steps: i64,
+    /// The optimizer's step count (`adam_steps` before there were other optimizers).
+    #[serde(alias = "adam_steps")]
+    pub optimizer_steps: i64,
     /// The fp16 loss scaler's state, when the run trains in fp16.
     #[serde(default)]
     pub loss_scaler: Option<LossScaler>,
@@ -95,8 +100,9 @@ impl Meta {
         if !(1..=crate::models::MAX_CLASSES).contains(&self.config.classes) {
             return Err(damaged(format!("its class count {} is out of range", self.config.classes)));
         }
-        if !(r.adam.lr.is_finite() && r.adam.lr > 0.0) {
-            return Err(damaged(format!("its learning rate {} is not a positive number", r.adam.lr)));
+        let lr = r.optimizer.lr();
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(damaged(format!("its learning rate {lr} is not a positive number")));
         }
         Ok(())
     }
@@ -113,14 +119,17 @@ impl Meta {
             "classes": self.config.classes,
             "dataset": self.config.dataset,
             "batch_size": r.batch_size,
-            "lr": r.adam.lr,
-            "betas": [r.adam.beta1, r.adam.beta2],
-            "eps": r.adam.eps,
+            "optimizer": r.optimizer,
             "image_size": r.image_size,
             "normalize": r.normalize,
             "seed": r.seed,
             "label_smoothing": r.label_smoothing,
             "clip_grad": r.clip_grad,
+            "schedule": r.schedule,
+            "ema": r.ema,
+            "augment": r.augment,
+            // A schedule's course depends on the run's length: extending it changes every rate.
+            "epochs": r.schedule.as_ref().map(|_| r.epochs),
             "train_images": self.train_size,
             "test_images": self.test_size,
         })
@@ -190,15 +199,21 @@ fn to_bytes(t: &Tensor) -> Result<Bytes> {
 }
 
 /// Writes a model's variables (`vs`), its optimizer's state and `meta` atomically.
-pub fn save(file: &Path, vs: &nn::VarStore, adam: &Adam, meta: &Meta) -> Result<()> {
+pub fn save(
+    file: &Path,
+    vs: &nn::VarStore,
+    ema: Option<&nn::VarStore>,
+    optimizer: &Optimizer,
+    meta: &Meta,
+) -> Result<()> {
     let mut tensors: Vec<(String, Bytes)> = Vec::new();
-    for (name, var) in vs.variables() {
-        tensors.push((format!("model/{name}"), to_bytes(&var)?));
+    for (prefix, vs) in [("model", Some(vs)), (EMA_PREFIX, ema)] {
+        for (name, var) in vs.map(nn::VarStore::variables).unwrap_or_default() {
+            tensors.push((format!("{prefix}/{name}"), to_bytes(&var)?));
+        }
     }
-    let (names, exp_avg, exp_avg_sq) = adam.state();
-    for ((name, m), v) in names.iter().zip(exp_avg).zip(exp_avg_sq) {
-        tensors.push((format!("adam.exp_avg/{name}"), to_bytes(m)?));
-        tensors.push((format!("adam.exp_avg_sq/{name}"), to_bytes(v)?));
+    for (state, name, t) in optimizer.state() {
+        tensors.push((format!("{}.{state}/{name}", optimizer.state_prefix()), to_bytes(t)?));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let info = HashMap::from([(META_KEY.to_string(), serde_json::to_string(meta)?)]);
@@ -245,29 +260,38 @@ fn load_tensor(tensors: &safetensors::SafeTensors, file: &Path, key: &str, like:
     Ok(Tensor::from_data_size(view.data(), &shape, Kind::Float).to_device(like.device()))
 }
 
-/// Copies the checkpoint's `model/...` tensors into every variable of `vs`.
-fn load_variables(tensors: &safetensors::SafeTensors, file: &Path, vs: &nn::VarStore) -> Result<()> {
+/// Copies the checkpoint's `<prefix>/...` tensors into every variable of `vs`.
+fn load_variables(tensors: &safetensors::SafeTensors, file: &Path, prefix: &str, vs: &nn::VarStore) -> Result<()> {
     let _guard = tch::no_grad_guard();
     for (name, mut var) in vs.variables() {
-        var.copy_(&load_tensor(tensors, file, &format!("model/{name}"), &var)?);
+        var.copy_(&load_tensor(tensors, file, &format!("{prefix}/{name}"), &var)?);
     }
     Ok(())
 }
 
 /// Loads the checkpoint of `model` into its variables (`vs`) and optimizer; returns its metadata,
 /// which holds the rest of the training state (metrics so far, the fp16 loss scaler).
-pub fn restore(file: &Path, model: &str, vs: &nn::VarStore, adam: &mut Adam) -> Result<Meta> {
+pub fn restore(
+    file: &Path,
+    model: &str,
+    vs: &nn::VarStore,
+    ema: Option<&nn::VarStore>,
+    optimizer: &mut Optimizer,
+) -> Result<Meta> {
     let (bytes, meta) = read(file)?;
     ensure!(meta.model == model, "{} holds {}, not {model}", file.display(), meta.model);
     let tensors = safetensors::SafeTensors::deserialize(&bytes).with_context(|| corrupt(file))?;
-    load_variables(&tensors, file, vs)?;
-    let (names, exp_avg, exp_avg_sq) = adam.state();
-    let mut moments = Vec::with_capacity(names.len());
-    for ((name, m), v) in names.iter().zip(exp_avg).zip(exp_avg_sq) {
-        let load = |moment: &str, like: &Tensor| load_tensor(&tensors, file, &format!("adam.{moment}/{name}"), like);
-        moments.push((load("exp_avg", m)?, load("exp_avg_sq", v)?));
+    load_variables(&tensors, file, "model", vs)?;
+    if let Some(ema) = ema {
+        load_variables(&tensors, file, EMA_PREFIX, ema)?;
     }
-    adam.set_state(&moments, meta.adam_steps);
+    let saved = optimizer
+        .state()
+        .map(|(state, name, like)| {
+            load_tensor(&tensors, file, &format!("{}.{state}/{name}", optimizer.state_prefix()), like)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    optimizer.set_state(&saved, meta.optimizer_steps);
     Ok(meta)
 }
 
@@ -277,6 +301,6 @@ pub fn load_model(file: &Path, device: Device) -> Result<(Meta, nn::VarStore, Ba
     let tensors = safetensors::SafeTensors::deserialize(&bytes).with_context(|| corrupt(file))?;
     let vs = nn::VarStore::new(device);
     let model = crate::models::build(&vs.root(), crate::models::model_info(&meta.model)?, meta.config.classes);
-    load_variables(&tensors, file, &vs)?;
+    load_variables(&tensors, file, "model", &vs)?;
     Ok((meta, vs, model))
 }

@@ -102,7 +102,7 @@ impl EvalSums {
 /// Logits of the images at `index` with BatchNorm in eval mode (call under `no_grad`, and with
 /// the model's BatchNorms folded for speed).
 pub fn eval_logits(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &Recipe, precision: Precision) -> Tensor {
-    let xs = model_input(model, images, index, recipe);
+    let xs = model_input(model, images, index, recipe, None);
     amp::autocast(images.device(), precision, || model.forward_t(&xs, false)).to_kind(Kind::Float)
 }
 

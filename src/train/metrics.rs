@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One row of `<model>.csv`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: usize,
     /// Mean training loss over the epoch.
@@ -26,6 +26,15 @@ pub struct EpochMetrics {
     /// ([`crate::train::warmup_seconds`]).
     #[serde(default)]
     pub warmup_seconds: f64,
+    /// The learning rate of the epoch's first step, when a schedule moves it (`--sched`,
+    /// `--warmup-epochs`); absent from the CSV of a constant rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// The evaluation of the `--ema` weights, beside the raw weights' above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss_ema: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_acc_ema: Option<f64>,
 }
 
 impl EpochMetrics {

@@ -7,12 +7,14 @@
 pub mod amp;
 pub mod checkpoint;
 pub mod cuda_graph;
+mod ema;
 mod evaluate;
 mod interrupt;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
 mod progress;
+pub mod schedule;
 mod timing;
 
 pub use evaluate::{eval_logits, evaluate, ClassAccuracy, Evaluation, Evaluator};
@@ -36,13 +38,28 @@ use crate::data::{self, Dataset};
 use crate::environment::synchronize;
 use crate::models::Backbone;
 use crate::train::metrics::EpochMetrics;
-use crate::train::optim::{Adam, LossScaler};
+use crate::train::optim::{LossScaler, Optimizer};
 use checkpoint::EpochProgress;
 use cuda_graph::{GraphPlan, MemoryPoolSlot, Replayer};
+use ema::Ema;
+use schedule::LrTable;
 
-/// The input of `model` for the images at `index`: the recipe's transform, in the model's layout.
-fn model_input(model: &Backbone, images: &Tensor, index: &Tensor, recipe: &Recipe) -> Tensor {
-    let xs = transform::batch(images, index, recipe.image_size, recipe.normalize);
+/// The input of `model` for the images at `index`: the recipe's transform, in the model's layout;
+/// with `--aug` when training, given the batch's number on the device (`augment_counter`).
+fn model_input(
+    model: &Backbone,
+    images: &Tensor,
+    index: &Tensor,
+    recipe: &Recipe,
+    augment_counter: Option<&Tensor>,
+) -> Tensor {
+    let (size, normalize) = (recipe.image_size, recipe.normalize);
+    let xs = match augment_counter {
+        Some(counter) if !recipe.augment.is_none() => {
+            transform::augmented_batch(images, index, size, normalize, recipe.augment, recipe.seed, counter)
+        }
+        _ => transform::batch(images, index, size, normalize),
+    };
     if model.is_channels_last() {
         transform::to_channels_last(&xs)
     } else {
@@ -123,6 +140,8 @@ struct TrainedEpoch {
     images: i64,
     seconds: f64,
     warmup_seconds: f64,
+    /// The rate of the epoch's first step, when a schedule moves it.
+    lr: Option<f64>,
 }
 
 /// A model, its optimizer and the metrics so far: what a checkpoint holds.
@@ -130,7 +149,9 @@ pub struct Trainer {
     pub name: String,
     pub vs: nn::VarStore,
     pub model: Backbone,
-    pub adam: Adam,
+    pub optimizer: Optimizer,
+    /// `--ema`: the averaged weights, updated after every step.
+    pub ema: Option<Ema>,
     /// The precision of forward passes (`--amp`).
     precision: Precision,
     /// Present when training in fp16.
@@ -145,6 +166,9 @@ pub struct Trainer {
     pub epoch_progress: Option<EpochProgress>,
     train_sums: TrainSums,
     eval_sums: EvalSums,
+    /// The number of the batch in training, from the run's start: what `--aug` draws from, written
+    /// before every step (a recorded step reads it from the device).
+    batch_counter: Tensor,
 }
 
 impl Trainer {
@@ -159,27 +183,22 @@ impl Trainer {
             .memory_format
             .channels_last(|| crate::models::summary(info, classes, recipe.image_size).smallest_map);
         tch::manual_seed(recipe.seed as i64);
-        let vs = nn::VarStore::new(device);
-        let model = crate::models::build(&vs.root(), info, classes);
-        if channels_last {
-            tch::no_grad(|| {
-                for (_, mut var) in vs.variables() {
-                    if var.dim() == 4 {
-                        var.set_data(&transform::to_channels_last(&var));
-                    }
-                }
-            });
-        }
+        let (vs, model) = build_model(info, classes, device, channels_last);
+        let ema = recipe.ema.map(|decay| {
+            let (ema_vs, ema_model) = build_model(info, classes, device, channels_last);
+            Ema::new(decay, ema_vs, ema_model, &vs, classes)
+        });
         if device.is_cuda() {
             // Input shapes are fixed: let cuDNN pick the fastest algorithms once.
             tch::Cuda::cudnn_set_benchmark(true);
         }
-        let adam = Adam::for_var_store(&vs, recipe.adam);
+        let optimizer = Optimizer::for_var_store(&vs, recipe.optimizer);
         let mut trainer = Trainer {
             name: name.to_string(),
             vs,
             model,
-            adam,
+            optimizer,
+            ema,
             precision: Precision::Fp32,
             scaler: None,
             history: Vec::new(),
@@ -200,6 +219,7 @@ impl Trainer {
             },
             train_sums: TrainSums::new(device),
             eval_sums: EvalSums::new(device, classes),
+            batch_counter: crate::data::augment::counter(device),
             epoch_progress: None,
         };
         trainer.set_precision(precision);
@@ -236,14 +256,14 @@ impl Trainer {
         GraphStatus { replayed: off_reason.is_none(), off_reason }
     }
 
-    /// Writes the trainer's state to `file` (see [`checkpoint`]): weights, statistics, Adam's state,
+    /// Writes the trainer's state to `file` (see [`checkpoint`]): weights, statistics, the optimizer's state,
     /// and `run`'s metadata with the trainer's own progress in it: epochs, steps, loss scale,
     /// history, CUDA graphs and, after a stop inside an epoch, its place there.
     pub fn save_checkpoint(&self, file: &std::path::Path, run: &checkpoint::Meta) -> Result<()> {
         let graphs = self.graph_status();
         let meta = checkpoint::Meta {
             epochs_done: self.history.len(),
-            adam_steps: self.adam.steps(),
+            optimizer_steps: self.optimizer.steps(),
             loss_scaler: self.scaler.clone(),
             history: self.history.clone(),
             cuda_graphs: Some(graphs.replayed),
@@ -251,13 +271,14 @@ impl Trainer {
             epoch_progress: self.epoch_progress.clone(),
             ..run.clone()
         };
-        checkpoint::save(file, &self.vs, &self.adam, &meta)
+        checkpoint::save(file, &self.vs, self.ema.as_ref().map(|e| &e.vs), &self.optimizer, &meta)
     }
 
-    /// Continues from the checkpoint in `file`: weights, statistics, Adam's state, the metrics so far
+    /// Continues from the checkpoint in `file`: weights, statistics, the optimizer's state, the metrics so far
     /// and, when training in fp16, the loss scale it had reached. Returns its metadata.
     pub fn restore_checkpoint(&mut self, file: &std::path::Path) -> Result<checkpoint::Meta> {
-        let meta = checkpoint::restore(file, &self.name, &self.vs, &mut self.adam)?;
+        let ema = self.ema.as_ref().map(|e| &e.vs);
+        let meta = checkpoint::restore(file, &self.name, &self.vs, ema, &mut self.optimizer)?;
         if let (Some(scaler), Some(saved)) = (self.scaler.as_mut(), &meta.loss_scaler) {
             *scaler = saved.clone();
         }
@@ -274,7 +295,7 @@ impl Trainer {
     }
 
     /// One optimisation step on the images at `index` (transform, forward, backward, gradient
-    /// clipping when the recipe asks for it, Adam).
+    /// clipping when the recipe asks for it, the optimizer's update).
     /// Returns the loss, the logits and the labels of the batch. With `phases`, the time of each
     /// phase is added to it (waiting for the device after each, so only for measurements).
     pub fn train_step(
@@ -287,7 +308,7 @@ impl Trainer {
     ) -> (Tensor, Tensor, Tensor) {
         let device = images.device();
         let mut clock = PhaseClock { times: phases, device, last: Instant::now() };
-        let xs = model_input(&self.model, images, index, recipe);
+        let xs = model_input(&self.model, images, index, recipe, Some(&self.batch_counter));
         let ys = labels.index_select(0, index);
         clock.lap(|t| &mut t.transform_ms);
         let (logits, loss) = amp::autocast(device, self.precision, || {
@@ -297,8 +318,8 @@ impl Trainer {
         });
         clock.lap(|t| &mut t.forward_ms);
         let grads = match &self.scaler {
-            Some(scaler) => self.adam.gradients(&(&loss * scaler.scale())),
-            None => self.adam.gradients(&loss),
+            Some(scaler) => self.optimizer.gradients(&(&loss * scaler.scale())),
+            None => self.optimizer.gradients(&loss),
         };
         clock.lap(|t| &mut t.backward_ms);
         // In fp16, a step whose gradients overflowed is skipped (and the loss scale lowered).
@@ -306,7 +327,11 @@ impl Trainer {
             if let Some(max_norm) = recipe.clip_grad {
                 let _norm = objective::clip_grad_norm(&grads, max_norm);
             }
-            self.adam.step(&grads);
+            self.optimizer.step(&grads);
+        }
+        // timm updates its average after every iteration, a skipped fp16 step too.
+        if let Some(ema) = self.ema.as_mut() {
+            ema.update();
         }
         clock.lap(|t| &mut t.optimizer_ms);
         (loss.detach(), logits.detach().to_kind(Kind::Float), ys)
@@ -351,6 +376,11 @@ impl Trainer {
         let trained = self.train_epoch(data, recipe, epoch, &bar, first_steps)?;
         bar.finish_and_clear();
         let (eval, eval_warmup) = self.evaluate(&data.test_images, &data.test_labels, recipe)?;
+        let precision = self.precision;
+        let ema_eval = match self.ema.as_mut() {
+            Some(ema) => Some(ema.evaluator(precision).run(&data.test_images, &data.test_labels, recipe)?.0),
+            None => None,
+        };
         let metrics = EpochMetrics {
             epoch,
             train_loss: trained.loss,
@@ -364,6 +394,9 @@ impl Trainer {
             last_train_loss: trained.last_loss,
             last_eval_loss: eval.last_batch_loss,
             warmup_seconds: trained.warmup_seconds + eval_warmup,
+            lr: trained.lr,
+            eval_loss_ema: ema_eval.as_ref().map(|e| e.loss),
+            eval_acc_ema: ema_eval.as_ref().map(|e| e.accuracy),
         };
         if !metrics.eval_loss.is_finite() {
             bail!("{}: the evaluation loss is {} after epoch {epoch}; training stopped", self.name, metrics.eval_loss);
@@ -411,6 +444,8 @@ impl Trainer {
         let order = data::epoch_permutation(data.train_len(), recipe.seed, epoch);
         let order = Tensor::from_slice(&order).to_device(device);
         let bounds = batch_bounds(data.train_len(), recipe.batch_size, true);
+        let base_lr = recipe.optimizer.lr();
+        let rates = recipe.schedule.as_ref().map(|s| LrTable::new(s, base_lr, recipe.epochs, bounds.len()));
         self.zero_train_totals();
         let mut watch = Watch::new(bar);
         let (mut images, mut timed_from, mut head_seconds) = (0i64, started, 0.0);
@@ -437,6 +472,14 @@ impl Trainer {
             }
             if step == 1 {
                 timed_from = Instant::now();
+            }
+            if !recipe.augment.is_none() {
+                let _ = self.batch_counter.fill_(((epoch - 1) * bounds.len() + step) as i64);
+            }
+            if let Some(lr) = rates.as_ref().map(|r| r.lr(epoch, step)) {
+                if lr != self.optimizer.config().lr() {
+                    self.optimizer.set_lr(lr);
+                }
             }
             self.train_batch(&data.train_images, &data.train_labels, &order.narrow(0, start, len), recipe)?;
             images += len;
@@ -469,6 +512,7 @@ impl Trainer {
             images,
             seconds,
             warmup_seconds: warmup_seconds(head_seconds, HEAD_STEPS, seconds, bounds.len()),
+            lr: rates.map(|r| r.lr(epoch, 0)),
         })
     }
 
@@ -491,6 +535,28 @@ impl Trainer {
         let Trainer { model, graphs, eval_sums, precision, .. } = self;
         Evaluator::new(model, *precision, graphs.as_mut(), eval_sums, fold)
     }
+}
+
+/// A freshly initialised model on `device` (from libtorch's generator as seeded), its 4-d weights
+/// channels-last when `channels_last`.
+fn build_model(
+    info: &'static crate::models::ModelInfo,
+    classes: i64,
+    device: Device,
+    channels_last: bool,
+) -> (nn::VarStore, Backbone) {
+    let vs = nn::VarStore::new(device);
+    let model = crate::models::build(&vs.root(), info, classes);
+    if channels_last {
+        tch::no_grad(|| {
+            for (_, mut var) in vs.variables() {
+                if var.dim() == 4 {
+                    var.set_data(&transform::to_channels_last(&var));
+                }
+            }
+        });
+    }
+    (vs, model)
 }
 
 /// Runs a step eagerly; one of a partial batch without cuDNN's benchmark mode: a new shape would

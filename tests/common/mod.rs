@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: run the binary, make small synthetic data.
 #![allow(dead_code)]
 
+pub mod peer;
+
 use csp_tch::config::Normalize;
 use csp_tch::config::{Execution, MemoryFormat, Preset, Recipe, RunConfig};
 use csp_tch::environment::RunEnvironment;
@@ -163,7 +165,7 @@ pub fn run_meta(model: &str, dir: &Path, recipe: Recipe, execution: Execution) -
         test_size: 8,
         data: None,
         epochs_done: 0,
-        adam_steps: 0,
+        optimizer_steps: 0,
         loss_scaler: None,
         history: Vec::new(),
         environment: RunEnvironment::detect(Device::Cpu, execution.precision(Device::Cpu)),
