@@ -616,6 +616,25 @@ fn flowers102_comes_from_its_three_files_with_paddles_or_torchvisions_split() {
     assert_eq!(report["config"]["classes"], 102);
     assert_eq!(report["data"]["dataset"], "flowers102");
     assert_eq!(report["data"]["cache_hit"], true, "data check filled the cache at this size");
+    // The flowers preset reads Flowers-102 without --dataset, with its recipe (shortened here).
+    let preset_out = tmp.path().join("preset");
+    let mut preset =
+        common::small_run(&["train", "--model", "cspdarknet53-pad0"], &dir, &preset_out, ["3", "all", "all"]);
+    preset.extend(["--preset", "flowers", "--cache-dir", s(&cache), "--batch-size", "3", "--warmup-epochs", "1"]);
+    csp_tch_ok(&preset);
+    let report = read_json(&preset_out.join("comparison.json"));
+    let config = &report["config"];
+    assert_eq!(report["data"]["dataset"], "flowers102", "{config}");
+    assert_eq!(
+        (config["preset"].as_str(), config["augment"].as_str()),
+        (Some("flowers"), Some("rrc-flip")),
+        "{config}"
+    );
+    assert_eq!((config["eval_crop_pct"].as_f64(), config["label_smoothing"].as_f64()), (Some(0.875), Some(0.1)));
+    assert_eq!(
+        (config["adamw"]["weight_decay"].as_f64(), config["schedule"]["sched"].as_str()),
+        (Some(0.05), Some("cosine"))
+    );
     // A wrong MD5 among the three is refused, and nothing is left.
     let wrong = tmp.path().join("wrong");
     let bad = format!("{},{}", md5s.rsplit_once(',').unwrap().0, "0".repeat(32));

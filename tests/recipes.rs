@@ -107,6 +107,33 @@ fn sgd_nesterov_multistep_stopped_mid_epoch_and_resumed_is_exact() {
 }
 
 #[test]
+fn the_cifar_long_preset_is_its_recipe_and_flags_override_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut a = common::small_run(&["train", "--model", MODEL], common::synth(), &out, ["6", "64", "32"]);
+        a.extend(["--preset", "cifar-long", "--batch-size", "32"]);
+        a.extend_from_slice(extra);
+        csp_tch_ok(&a);
+        (read_json(&out.join("comparison.json"))["config"].clone(), csv(&out))
+    };
+    let (config, metrics) = run("preset", &[]);
+    assert_eq!(config["adamw"]["weight_decay"], 0.05, "{config}");
+    assert_eq!(config["adamw"]["lr"], 1e-3);
+    assert_eq!((config["augment"].as_str(), config["normalize"].as_str()), (Some("crop-flip"), Some("unit")));
+    assert_eq!(config["label_smoothing"], 0.1);
+    let schedule = &config["schedule"];
+    assert_eq!((schedule["sched"].as_str(), schedule["on"].as_str()), (Some("cosine"), Some("step")), "{schedule}");
+    assert_eq!((schedule["warmup_epochs"].as_u64(), schedule["min_lr"].as_f64()), (Some(5), Some(1e-5)));
+    assert_eq!(column(&metrics, "lr")[0], 1e-5, "the warm-up starts at 1e-5");
+    // Another optimizer takes its own defaults, not AdamW's; the schedule stays the preset's.
+    let (config, _) = run("sgd", &["--opt", "sgd", "--label-smoothing", "0"]);
+    assert_eq!((config["sgd"]["lr"].as_f64(), config["sgd"]["momentum"].as_f64()), (Some(0.1), Some(0.9)), "{config}");
+    assert!(config.get("adamw").is_none() && config.get("label_smoothing").is_none(), "{config}");
+    assert_eq!(config["schedule"]["warmup_epochs"], 5);
+}
+
+#[test]
 fn the_tutorial_recipe_writes_what_it_always_wrote() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("plain");

@@ -359,6 +359,15 @@ fn compare_says_whether_a_rerun_reproduced_a_run_where_it_can() {
     std::fs::write(&json, serde_json::to_string_pretty(&report).unwrap()).unwrap();
     let elsewhere = csp_tch_ok(&["compare", s(&a), s(&b)]);
     assert!(String::from_utf8_lossy(&elsewhere.stdout).contains("different environments"));
+    // Another recipe is not a rerun at all: said, with what differs, whatever the environment.
+    let c = tmp.path().join("c");
+    csp_tch_ok(&refs(&tiny(&c, &[], &["--label-smoothing", "0.1", "--opt", "sgd"])));
+    let other = csp_tch(&["compare", s(&a), s(&c)]);
+    let (text, err) = (String::from_utf8_lossy(&other.stdout), String::from_utf8_lossy(&other.stderr));
+    assert_eq!(other.status.code(), Some(1), "{text}");
+    assert!(text.contains("different recipes") && text.contains("label_smoothing: (none) against 0.1"), "{text}");
+    assert!(text.contains("adam: {") && text.contains("sgd: (none) against {"), "{text}");
+    assert!(err.contains("ran different recipes"), "{err}");
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! The per-batch transform against hand computation and PIL.
 
+mod common;
+
 use csp_tch::config::Normalize;
 use csp_tch::data::transform;
 use tch::{Kind, Tensor};
@@ -101,4 +103,43 @@ fn the_device_resize_equals_the_host_resize_in_both_pass_orders() {
             assert!(ours == host, "{w}x{h} -> {size}, image {n}");
         }
     }
+}
+
+#[test]
+fn the_eval_crop_is_torchvisions_resize_then_center_crop() {
+    use common::peer::{read_f32, run_python, write_f32};
+    let tmp = tempfile::tempdir().unwrap();
+    let images = {
+        let _rng = common::rng_turn();
+        tch::manual_seed(4);
+        Tensor::randint(256, [3, 3, 32, 32], (Kind::Float, tch::Device::Cpu))
+    };
+    write_f32(&tmp.path().join("x"), &images);
+    // (size, crop_pct): resized to 27, 31 and 25 px, the last an offset of 2.5 that rounds to 2.
+    let cases = [(24i64, 0.875), (28, 0.9), (20, 0.8)];
+    let mut script = String::from(
+        r#"
+import sys, numpy as np
+from PIL import Image
+import torchvision.transforms as T
+d = sys.argv[1]
+x = np.fromfile(f"{d}/x", np.float32).astype(np.uint8).reshape(3, 3, 32, 32)
+def run(k, size, resized):
+    t = T.Compose([T.Resize(resized, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(size)])
+    out = [np.asarray(t(Image.fromarray(im.transpose(1, 2, 0)))).transpose(2, 0, 1) for im in x]
+    np.stack(out).astype(np.float32).tofile(f"{d}/out{k}")
+"#,
+    );
+    for (k, &(size, pct)) in cases.iter().enumerate() {
+        script += &format!("run({k}, {size}, {})\n", transform::eval_resize_size(size, pct));
+    }
+    run_python(&script, tmp.path());
+    let index = Tensor::arange(3, (Kind::Int64, tch::Device::Cpu));
+    for (k, &(size, pct)) in cases.iter().enumerate() {
+        // Normalize::Tutorial is (x - 0.5) / 0.5: undone to compare pixels.
+        let ours = transform::center_crop_batch(&images, &index, size, Normalize::Tutorial, pct) * 0.5 + 0.5;
+        let theirs = read_f32(&tmp.path().join(format!("out{k}")));
+        assert_eq!(Vec::<f32>::try_from(ours.flatten(0, -1)).unwrap(), theirs, "size {size}, crop {pct}");
+    }
+    assert_eq!(transform::eval_resize_size(224, 0.875), 256, "timm's 224 / 0.875");
 }

@@ -266,6 +266,9 @@ pub(super) fn compare(a: &std::path::Path, b: &std::path::Path, json: bool) -> R
     } else {
         print!("{}", comparison.text());
     }
+    if !comparison.recipe_differences.is_empty() {
+        bail!("{} and {} ran different recipes; neither reproduces the other", a.display(), b.display());
+    }
     if !comparison.reproduced() {
         bail!("{} did not reproduce {} in the same environment", b.display(), a.display());
     }

@@ -125,9 +125,9 @@ enum DataCommand {
 /// Where the data of a run, `eval` or `data` command come from, and how they are read.
 #[derive(Args, Debug)]
 struct DataArgs {
-    /// Dataset to read from --data-dir.
-    #[arg(long, value_enum, default_value_t = DatasetName::Cifar10)]
-    dataset: DatasetName,
+    /// Dataset to read from --data-dir [cifar10; the flowers preset: flowers102].
+    #[arg(long, value_enum)]
+    dataset: Option<DatasetName>,
     /// The dataset's folder [data/cifar-10-batches-bin, data/cifar-100-binary, data/flowers-102;
     /// required for --dataset folder].
     #[arg(long)]
@@ -163,8 +163,7 @@ struct DataArgs {
 
 impl DataArgs {
     /// The dataset settings; a flag that does not apply to `--dataset` is an error, not ignored.
-    fn spec(&self) -> Result<DatasetSpec> {
-        let d = self.dataset;
+    fn spec(&self, d: DatasetName) -> Result<DatasetSpec> {
         let images = matches!(d, DatasetName::Folder | DatasetName::Flowers102);
         let given = [
             ("--train-split", self.train_split.is_some(), images),
@@ -188,8 +187,8 @@ impl DataArgs {
         })
     }
 
-    fn data_dir(&self) -> Result<PathBuf> {
-        let default = match self.dataset {
+    fn data_dir(&self, dataset: DatasetName) -> Result<PathBuf> {
+        let default = match dataset {
             DatasetName::Cifar10 => "data/cifar-10-batches-bin",
             DatasetName::Cifar100 => "data/cifar-100-binary",
             DatasetName::Flowers102 => "data/flowers-102",
@@ -297,12 +296,14 @@ struct RecipeArgs {
     optimizer: OptimizerArgs,
     #[command(flatten)]
     schedule: ScheduleArgs,
-    #[arg(long, value_enum, default_value_t = Normalize::Tutorial)]
-    normalize: Normalize,
+    /// `tutorial`: Normalize(0.5, 0.5) on raw 0..255 pixels, as the tutorial; `unit`: pixels scaled to
+    /// [0, 1] first [preset].
+    #[arg(long, value_enum)]
+    normalize: Option<Normalize>,
     /// Smooth the training loss's targets by E, as torch.nn.CrossEntropyLoss(label_smoothing=E):
-    /// 1 - E on the label, E / classes on every class (evaluation keeps the plain loss).
-    #[arg(long, default_value_t = 0.0)]
-    label_smoothing: f64,
+    /// 1 - E on the label, E / classes on every class (evaluation keeps the plain loss) [preset; 0].
+    #[arg(long)]
+    label_smoothing: Option<f64>,
     /// Clip each step's gradients to a global L2 norm of at most N, as
     /// torch.nn.utils.clip_grad_norm_ (after fp16 unscaling, before Adam).
     #[arg(long)]
@@ -312,8 +313,13 @@ struct RecipeArgs {
     /// stored images before the resize) or `rrc-flip` (torchvision's RandomResizedCrop at the run's
     /// size in place of the resize, Pillow's bilinear, then the flip); draws are a hash of (seed, batch, image), so resumed runs
     /// and replayed CUDA graphs draw exactly what an uninterrupted eager run does.
-    #[arg(long, value_enum, default_value_t = Augment::None)]
-    aug: Augment,
+    /// [preset; none]
+    #[arg(long, value_enum)]
+    aug: Option<Augment>,
+    /// Evaluate as timm does: resize to floor(size / P) (a square, Pillow's bilinear), then the centre
+    /// size x size crop (torchvision's CenterCrop); e.g. 0.875 [preset; without: the tutorial's plain resize].
+    #[arg(long, value_name = "P")]
+    eval_crop_pct: Option<f64>,
     /// Keep an exponential moving average of the weights and BatchNorm statistics, as timm's
     /// ModelEmaV2 (`ema = DECAY * ema + (1 - DECAY) * w` after every step), evaluated beside the raw
     /// weights every epoch (`eval_acc_ema` in the CSV); e.g. 0.9998.
@@ -343,11 +349,16 @@ struct RecipeArgs {
 
 impl RecipeArgs {
     fn resolve(&self, models: Vec<String>) -> Result<RunConfig> {
-        if !(0.0..1.0).contains(&self.label_smoothing) {
-            bail!("--label-smoothing {} must be at least 0 and below 1", self.label_smoothing);
+        let preset = self.preset.recipe();
+        let label_smoothing = self.label_smoothing.unwrap_or(preset.label_smoothing);
+        if !(0.0..1.0).contains(&label_smoothing) {
+            bail!("--label-smoothing {label_smoothing} must be at least 0 and below 1");
         }
         if let Some(n) = self.clip_grad.filter(|n| !(n.is_finite() && *n > 0.0)) {
             bail!("--clip-grad {n} must be a positive number");
+        }
+        if let Some(pct) = self.eval_crop_pct.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            bail!("--eval-crop-pct {pct} must be above 0 and at most 1 (e.g. 0.875)");
         }
         if let Some(decay) = self.ema.filter(|d| !(*d > 0.0 && *d < 1.0)) {
             bail!("--ema {decay} must be above 0 and below 1 (e.g. 0.9998)");
@@ -364,11 +375,12 @@ impl RecipeArgs {
             [one] => (*one, Vec::new()),
             many => (many[0], many.to_vec()),
         };
-        let defaults = self.preset.defaults();
-        let epochs = self.epochs.map_or(defaults.epochs, |e| e as usize);
-        let optimizer = self.optimizer.resolve()?;
-        let schedule = self.schedule.resolve(epochs, optimizer.lr())?;
-        let (dataset, data_dir) = (self.data.spec()?, self.data.data_dir()?);
+        let epochs = self.epochs.map_or(preset.epochs, |e| e as usize);
+        let optimizer = self.optimizer.resolve(preset.optimizer)?;
+        let schedule = self.schedule.resolve(epochs, optimizer.lr(), preset.schedule.as_ref())?;
+        let dataset_name = self.data.dataset.unwrap_or(self.preset.dataset());
+        let (dataset, data_dir) = (self.data.spec(dataset_name)?, self.data.data_dir(dataset_name)?);
+        let (train_limit, test_limit) = self.preset.limits();
         Ok(RunConfig {
             preset: self.preset,
             models,
@@ -376,21 +388,22 @@ impl RecipeArgs {
                 epochs,
                 batch_size: self.batch_size as usize,
                 optimizer,
-                image_size: self.image_size.unwrap_or(defaults.image_size),
-                normalize: self.normalize,
+                image_size: self.image_size.unwrap_or(preset.image_size),
+                normalize: self.normalize.unwrap_or(preset.normalize),
                 seed,
-                label_smoothing: self.label_smoothing,
-                clip_grad: self.clip_grad,
+                label_smoothing,
+                clip_grad: self.clip_grad.or(preset.clip_grad),
                 schedule,
-                augment: self.aug,
-                ema: self.ema,
+                augment: self.aug.unwrap_or(preset.augment),
+                eval_crop_pct: self.eval_crop_pct.or(preset.eval_crop_pct),
+                ema: self.ema.or(preset.ema),
             },
             execution: self.acceleration.execution(),
             classes: data::class_count(&dataset, &data_dir)?,
             dataset,
             data_dir,
-            train_limit: self.train_limit.map_or(defaults.train_limit, |l| l.0),
-            test_limit: self.test_limit.map_or(defaults.test_limit, |l| l.0),
+            train_limit: self.train_limit.map_or(train_limit, |l| l.0),
+            test_limit: self.test_limit.map_or(test_limit, |l| l.0),
             device: self.device.clone(),
             out: self.out.clone(),
             seeds,
@@ -398,13 +411,14 @@ impl RecipeArgs {
     }
 }
 
-/// `--opt` and its hyperparameters; each left unset takes the optimizer's default.
+/// `--opt` and its hyperparameters; each left unset takes the preset's value when the optimizer is
+/// the preset's, else the optimizer's default.
 #[derive(Args, Debug)]
 struct OptimizerArgs {
     /// `adam` (torch.optim.Adam, the tutorial's), `adamw` (torch.optim.AdamW: decoupled weight decay)
-    /// or `sgd` (torch.optim.SGD, no dampening).
-    #[arg(long, value_enum, default_value_t = OptName::Adam)]
-    opt: OptName,
+    /// or `sgd` (torch.optim.SGD, no dampening) [preset].
+    #[arg(long, value_enum)]
+    opt: Option<OptName>,
     /// Learning rate [adam, adamw: 1e-3 (the tutorial's); sgd: 0.1].
     #[arg(long)]
     lr: Option<f64>,
@@ -438,14 +452,15 @@ struct ScheduleArgs {
     /// --decay-epochs after the warm-up) or `multistep` (MultiStepLR: times --decay-rate after each of
     /// the --decay-epochs, counted from the start). A warm-up is LinearLR from --warmup-lr up to --lr,
     /// chained by SequentialLR.
-    #[arg(long, value_enum, default_value_t = SchedName::None)]
-    sched: SchedName,
+    /// [preset]
+    #[arg(long, value_enum)]
+    sched: Option<SchedName>,
     /// Step the schedule after every epoch (timm's default) or every optimizer step [epoch].
     #[arg(long, value_enum)]
     sched_on: Option<SchedOn>,
-    /// Epochs of linear warm-up [0].
-    #[arg(long, default_value_t = 0)]
-    warmup_epochs: u32,
+    /// Epochs of linear warm-up [preset; 0].
+    #[arg(long)]
+    warmup_epochs: Option<u32>,
     /// The learning rate the warm-up starts from, above 0 and at most --lr [1e-5, timm's].
     #[arg(long)]
     warmup_lr: Option<f64>,
@@ -462,20 +477,27 @@ struct ScheduleArgs {
 }
 
 impl ScheduleArgs {
-    fn resolve(&self, epochs: usize, lr: f64) -> Result<Option<Schedule>> {
-        let decays = matches!(self.sched, SchedName::Step | SchedName::Multistep);
+    /// The schedule of these flags over `preset`'s (whose settings apply to its own `--sched`).
+    fn resolve(&self, epochs: usize, lr: f64, preset: Option<&Schedule>) -> Result<Option<Schedule>> {
+        let base = match (self.sched, preset) {
+            (None, Some(p)) => p.clone(),
+            (Some(s), Some(p)) if s == p.sched => p.clone(),
+            _ => Schedule::default(),
+        };
+        let sched = self.sched.unwrap_or(base.sched);
+        let warmup = self.warmup_epochs.map_or(base.warmup_epochs, |w| w as usize);
+        let decays = matches!(sched, SchedName::Step | SchedName::Multistep);
         let refuse = |flag: &str, set: bool, applies: bool, wants: &str| -> Result<()> {
             if set && !applies {
                 bail!("{flag} applies only {wants}; leave it out or add what it needs");
             }
             Ok(())
         };
-        let warmup = self.warmup_epochs as usize;
-        refuse("--min-lr", self.min_lr.is_some(), self.sched == SchedName::Cosine, "to --sched cosine")?;
+        refuse("--min-lr", self.min_lr.is_some(), sched == SchedName::Cosine, "to --sched cosine")?;
         refuse("--decay-epochs", !self.decay_epochs.is_empty(), decays, "to --sched step or multistep")?;
         refuse("--decay-rate", self.decay_rate.is_some(), decays, "to --sched step or multistep")?;
         refuse("--warmup-lr", self.warmup_lr.is_some(), warmup > 0, "with --warmup-epochs")?;
-        if self.sched == SchedName::None && warmup == 0 {
+        if sched == SchedName::None && warmup == 0 {
             refuse("--sched-on", self.sched_on.is_some(), false, "with --sched or --warmup-epochs")?;
             return Ok(None);
         }
@@ -484,22 +506,25 @@ impl ScheduleArgs {
                 "--warmup-epochs {warmup} leaves no epoch after the warm-up of {epochs}; use fewer, or more --epochs"
             );
         }
-        let warmup_lr = self.warmup_lr.unwrap_or(1e-5);
+        let warmup_lr = self.warmup_lr.unwrap_or(base.warmup_lr);
         if !(warmup_lr > 0.0 && warmup_lr <= lr) {
             bail!(
                 "--warmup-lr {warmup_lr} must be above 0 and at most --lr {lr} (LinearLR's start factor is in (0, 1])"
             );
         }
-        let min_lr = self.min_lr.unwrap_or(0.0);
+        let min_lr = if sched == SchedName::Cosine { self.min_lr.unwrap_or(base.min_lr) } else { 0.0 };
         if !(min_lr >= 0.0 && min_lr < lr) {
             bail!("--min-lr {min_lr} must be at least 0 and below --lr {lr}");
         }
-        let decay_rate = self.decay_rate.unwrap_or(0.1);
+        let decay_rate = self.decay_rate.unwrap_or(base.decay_rate);
         if !(decay_rate > 0.0 && decay_rate <= 1.0) {
             bail!("--decay-rate {decay_rate} must be above 0 and at most 1");
         }
-        let decay_epochs: Vec<usize> = self.decay_epochs.iter().map(|&e| e as usize).collect();
-        match self.sched {
+        let decay_epochs: Vec<usize> = match self.decay_epochs.as_slice() {
+            [] => base.decay_epochs.clone(),
+            given => given.iter().map(|&e| e as usize).collect(),
+        };
+        match sched {
             SchedName::Step if decay_epochs.len() != 1 || decay_epochs[0] == 0 => {
                 bail!("--sched step needs one --decay-epochs N, the period in epochs (N at least 1)")
             }
@@ -508,17 +533,18 @@ impl ScheduleArgs {
                     bail!("--sched multistep needs --decay-epochs E1,E2,..., the epochs after which the rate drops");
                 }
                 if !decay_epochs.windows(2).all(|w| w[0] < w[1]) || decay_epochs[0] <= warmup {
+                    let listed: Vec<String> = decay_epochs.iter().map(usize::to_string).collect();
                     bail!(
                         "--decay-epochs {}: list increasing epochs, each after the {warmup} of warm-up",
-                        self.decay_epochs.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                        listed.join(",")
                     );
                 }
             }
             _ => {}
         }
         Ok(Some(Schedule {
-            sched: self.sched,
-            on: self.sched_on.unwrap_or_default(),
+            sched,
+            on: self.sched_on.unwrap_or(base.on),
             warmup_epochs: warmup,
             warmup_lr,
             min_lr,
@@ -536,9 +562,39 @@ enum OptName {
     Sgd,
 }
 
+impl OptName {
+    fn of(config: &OptimizerConfig) -> OptName {
+        match config {
+            OptimizerConfig::Adam(_) => OptName::Adam,
+            OptimizerConfig::Adamw(_) => OptName::Adamw,
+            OptimizerConfig::Sgd(_) => OptName::Sgd,
+        }
+    }
+
+    /// The optimizer with its defaults: PyTorch's (AdamW's weight decay 0.01), SGD at lr 0.1 with
+    /// momentum 0.9 (the usual CIFAR recipe; PyTorch's SGD has no default worth training with).
+    fn defaults(self) -> OptimizerConfig {
+        match self {
+            OptName::Adam => OptimizerConfig::Adam(AdamConfig::default()),
+            OptName::Adamw => OptimizerConfig::Adamw(AdamConfig {
+                decay: WeightDecay { weight_decay: 0.01, no_decay_bn_bias: true },
+                ..AdamConfig::default()
+            }),
+            OptName::Sgd => OptimizerConfig::Sgd(SgdConfig {
+                lr: 0.1,
+                momentum: 0.9,
+                nesterov: false,
+                decay: WeightDecay::default(),
+            }),
+        }
+    }
+}
+
 impl OptimizerArgs {
-    fn resolve(&self) -> Result<OptimizerConfig> {
-        let opt = self.opt;
+    /// The optimizer of these flags over `preset`'s.
+    fn resolve(&self, preset: OptimizerConfig) -> Result<OptimizerConfig> {
+        let opt = self.opt.unwrap_or(OptName::of(&preset));
+        let base = if opt == OptName::of(&preset) { preset } else { opt.defaults() };
         let refuse = |flag: &str, set: bool, applies: bool| -> Result<()> {
             if set && !applies {
                 let name = format!("{opt:?}").to_lowercase();
@@ -551,43 +607,47 @@ impl OptimizerArgs {
         refuse("--nesterov", self.nesterov, sgd)?;
         refuse("--betas", !self.betas.is_empty(), !sgd)?;
         refuse("--eps", self.eps.is_some(), !sgd)?;
-        let lr = self.lr.unwrap_or(if sgd { 0.1 } else { AdamConfig::default().lr });
+        let lr = self.lr.unwrap_or(base.lr());
         if !(lr.is_finite() && lr > 0.0) {
             bail!("--lr {lr} must be a positive number");
         }
-        let weight_decay = self.weight_decay.unwrap_or(if opt == OptName::Adamw { 0.01 } else { 0.0 });
+        let base_decay = base.weight_decay();
+        let weight_decay = self.weight_decay.unwrap_or(base_decay.weight_decay);
         if !(weight_decay.is_finite() && weight_decay >= 0.0) {
             bail!("--weight-decay {weight_decay} must be a number of at least 0");
         }
-        let decay = WeightDecay {
-            weight_decay,
-            no_decay_bn_bias: weight_decay > 0.0 && self.no_decay_bn_bias.unwrap_or(opt != OptName::Adam),
-        };
-        if sgd {
-            let momentum = self.momentum.unwrap_or(0.9);
-            if !(momentum.is_finite() && (0.0..1.0).contains(&momentum)) {
-                bail!("--momentum {momentum} must be at least 0 and below 1");
+        // Recorded only where there is a decay to exempt from.
+        let exempt = self.no_decay_bn_bias.unwrap_or(opt != OptName::Adam || base_decay.no_decay_bn_bias);
+        let decay = WeightDecay { weight_decay, no_decay_bn_bias: weight_decay > 0.0 && exempt };
+        match base {
+            OptimizerConfig::Sgd(base) => {
+                let momentum = self.momentum.unwrap_or(base.momentum);
+                if !(momentum.is_finite() && (0.0..1.0).contains(&momentum)) {
+                    bail!("--momentum {momentum} must be at least 0 and below 1");
+                }
+                let nesterov = self.nesterov || base.nesterov;
+                if nesterov && momentum == 0.0 {
+                    bail!("--nesterov needs a momentum above 0 (--momentum)");
+                }
+                Ok(OptimizerConfig::Sgd(SgdConfig { lr, momentum, nesterov, decay }))
             }
-            if self.nesterov && momentum == 0.0 {
-                bail!("--nesterov needs a momentum above 0 (--momentum)");
+            OptimizerConfig::Adam(base) | OptimizerConfig::Adamw(base) => {
+                let (beta1, beta2) = match self.betas.as_slice() {
+                    [] => (base.beta1, base.beta2),
+                    [b1, b2] => (*b1, *b2),
+                    _ => bail!("--betas takes two numbers, B1,B2 (e.g. 0.9,0.999)"),
+                };
+                if ![beta1, beta2].iter().all(|b| (0.0..1.0).contains(b)) {
+                    bail!("--betas {beta1},{beta2}: each must be at least 0 and below 1");
+                }
+                let eps = self.eps.unwrap_or(base.eps);
+                if !(eps.is_finite() && eps > 0.0) {
+                    bail!("--eps {eps} must be a positive number");
+                }
+                let config = AdamConfig { lr, beta1, beta2, eps, decay };
+                Ok(if opt == OptName::Adam { OptimizerConfig::Adam(config) } else { OptimizerConfig::Adamw(config) })
             }
-            return Ok(OptimizerConfig::Sgd(SgdConfig { lr, momentum, nesterov: self.nesterov, decay }));
         }
-        let defaults = AdamConfig::default();
-        let (beta1, beta2) = match self.betas.as_slice() {
-            [] => (defaults.beta1, defaults.beta2),
-            [b1, b2] => (*b1, *b2),
-            _ => bail!("--betas takes two numbers, B1,B2 (e.g. 0.9,0.999)"),
-        };
-        if ![beta1, beta2].iter().all(|b| (0.0..1.0).contains(b)) {
-            bail!("--betas {beta1},{beta2}: each must be at least 0 and below 1");
-        }
-        let eps = self.eps.unwrap_or(defaults.eps);
-        if !(eps.is_finite() && eps > 0.0) {
-            bail!("--eps {eps} must be a positive number");
-        }
-        let config = AdamConfig { lr, beta1, beta2, eps, decay };
-        Ok(if opt == OptName::Adam { OptimizerConfig::Adam(config) } else { OptimizerConfig::Adamw(config) })
     }
 }
 
@@ -780,9 +840,13 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("rebuilt the report of {} in {}", models.join(", "), out.display());
             Ok(())
         }
-        Command::Data(DataCommand::Download(args)) => data::download(&args.spec()?, &args.data_dir()?, &args.access()),
+        Command::Data(DataCommand::Download(args)) => {
+            let name = args.dataset.unwrap_or_default();
+            data::download(&args.spec(name)?, &args.data_dir(name)?, &args.access())
+        }
         Command::Data(DataCommand::Check { data, image_size }) => {
-            data_check(&data.spec()?, &data.data_dir()?, &data.access(), image_size)
+            let name = data.dataset.unwrap_or_default();
+            data_check(&data.spec(name)?, &data.data_dir(name)?, &data.access(), image_size)
         }
         Command::Data(DataCommand::Bench { data_dir, split, image_size, limit, batch_size, epochs, device, json }) => {
             let device = parse_device(&device)?;

@@ -77,6 +77,22 @@ pub fn batch(images: &Tensor, index: &Tensor, size: i64, how: Normalize) -> Tens
     normalize(&resize(&pixels, size), how)
 }
 
+/// The side `--eval-crop-pct` resizes to before its centre crop: timm's `floor(size / crop_pct)`.
+pub fn eval_resize_size(size: i64, crop_pct: f64) -> i64 {
+    (size as f64 / crop_pct).floor() as i64
+}
+
+/// [`batch`] for evaluation with `--eval-crop-pct`: resized (Pillow's bilinear, to a square) to
+/// [`eval_resize_size`], then torchvision's `CenterCrop(size)` (its offsets rounded half to even, as
+/// Python's `round`).
+pub fn center_crop_batch(images: &Tensor, index: &Tensor, size: i64, how: Normalize, crop_pct: f64) -> Tensor {
+    let pixels = images.index_select(0, index).to_kind(Kind::Float);
+    let resized = resize(&pixels, eval_resize_size(size, crop_pct));
+    let [.., h, w] = resized.size()[..] else { panic!("a batch of NCHW images") };
+    let offset = |side: i64| ((side - size) as f64 / 2.0).round_ties_even() as i64;
+    normalize(&resized.narrow(2, offset(h), size).narrow(3, offset(w), size), how)
+}
+
 /// [`batch`] with `--aug` applied to the gathered images before the resize: the draws of batch
 /// `counter` of a run seeded `seed` ([`augment::draws`]).
 pub fn augmented_batch(

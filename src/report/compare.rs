@@ -7,6 +7,7 @@ use anyhow::{ensure, Result};
 use serde::Serialize;
 
 use super::{read_csv, RecordedRun};
+use crate::config::RunConfig;
 use crate::environment::RunEnvironment;
 use crate::files::OutDir;
 use crate::models;
@@ -52,17 +53,27 @@ pub struct RunComparison {
     pub a: Rounding,
     pub b: Rounding,
     pub same_rounding: bool,
+    /// Each setting of what the runs compute (recipe, data, limits; seeds are paired) in which they
+    /// differ, as `key: A against B`: runs of different recipes are not reruns of one another.
+    pub recipe_differences: Vec<String>,
     pub models: Vec<ModelDifference>,
 }
 
 impl RunComparison {
-    /// Whether B reproduced A as far as their environments allow: to the last digit in the same
-    /// one; in different ones, any result is what rounding can give.
+    /// Whether B reproduced A as far as their environments allow: the same recipe, and to the last
+    /// digit in the same environment; in different ones, any result is what rounding can give.
     pub fn reproduced(&self) -> bool {
-        !self.same_rounding || self.models.iter().all(|m| m.identical)
+        self.recipe_differences.is_empty() && (!self.same_rounding || self.models.iter().all(|m| m.identical))
     }
 
     pub fn text(&self) -> String {
+        if !self.recipe_differences.is_empty() {
+            return format!(
+                "different recipes ({}): these runs compute different things, so neither is a rerun of the other \
+                 and their numbers differ by design; compare them as two experiments (over seeds), not digit by digit\n",
+                self.recipe_differences.join("; ")
+            );
+        }
         let mut text = if self.same_rounding {
             format!(
                 "same environment ({}, {} threads, libtorch {}): a rerun must agree to the last digit\n",
@@ -153,20 +164,53 @@ fn single_runs(out: &OutDir) -> Vec<(Option<u64>, OutDir)> {
     }
 }
 
-fn environment(out: &OutDir) -> Result<RunEnvironment> {
+/// The record of one single run of `out` (a seed's, for a multi-seed run).
+fn recorded(out: &OutDir) -> Result<RecordedRun> {
     let recorded = single_runs(out).into_iter().find_map(|(_, dir)| RecordedRun::read(&dir).ok().flatten());
-    let run = match recorded {
-        Some(run) => run,
+    match recorded {
+        Some(run) => Ok(run),
         None => RecordedRun::read(out)?.ok_or_else(|| {
             anyhow::anyhow!("{} holds no comparison.json; point at a run's output folder", out.root().display())
-        })?,
+        }),
+    }
+}
+
+/// What a run computes, as a flat JSON object: the recipe (its seed aside: seeds are paired run by
+/// run), the dataset, the class count and the limits.
+fn computes(config: &RunConfig) -> serde_json::Map<String, serde_json::Value> {
+    let mut what = match serde_json::to_value(&config.recipe) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => unreachable!("a recipe serialises as an object"),
     };
-    Ok(run.environment)
+    what.remove("seed");
+    let data = serde_json::json!({
+        "dataset": config.dataset,
+        "classes": config.classes,
+        "train_limit": config.train_limit,
+        "test_limit": config.test_limit,
+    });
+    what.extend(data.as_object().cloned().unwrap_or_default());
+    what
+}
+
+/// The settings in which runs `a` and `b` compute differently, as `key: A against B`.
+pub fn recipe_differences(a: &RunConfig, b: &RunConfig) -> Vec<String> {
+    let (a, b) = (computes(a), computes(b));
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let show = |v: Option<&serde_json::Value>| v.map_or("(none)".to_string(), ToString::to_string);
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k}: {} against {}", show(a.get(k)), show(b.get(k))))
+        .collect()
 }
 
 /// Compares the runs in `a` and `b`: every model of every seed found in both.
 pub fn compare(a: &OutDir, b: &OutDir) -> Result<RunComparison> {
-    let (ra, rb) = (Rounding::of(&environment(a)?), Rounding::of(&environment(b)?));
+    let (run_a, run_b) = (recorded(a)?, recorded(b)?);
+    let (ra, rb) = (Rounding::of(&run_a.environment), Rounding::of(&run_b.environment));
+    let recipe_differences = recipe_differences(&run_a.config, &run_b.config);
     let runs_b = single_runs(b);
     let mut models = Vec::new();
     for (seed, dir_a) in single_runs(a) {
@@ -184,7 +228,7 @@ pub fn compare(a: &OutDir, b: &OutDir) -> Result<RunComparison> {
         a.root().display(),
         b.root().display()
     );
-    Ok(RunComparison { same_rounding: ra == rb, a: ra, b: rb, models })
+    Ok(RunComparison { same_rounding: ra == rb, a: ra, b: rb, recipe_differences, models })
 }
 
 #[cfg(test)]

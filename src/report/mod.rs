@@ -403,6 +403,24 @@ impl RecordedRun {
     }
 }
 
+/// The settings of `recipe` beyond those the run line names that are not the tutorial's (another
+/// optimizer or its hyperparameters, a schedule, augmentation, smoothing, clipping, EMA, an eval
+/// crop), each as `key value` with the value as comparison.json holds it.
+fn past_the_tutorial(recipe: &Recipe) -> Vec<String> {
+    let mut tutorial = Recipe::tutorial();
+    tutorial.optimizer.set_lr(recipe.optimizer.lr());
+    let as_map = |r: &Recipe| match serde_json::to_value(r) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => unreachable!("a recipe serialises as an object"),
+    };
+    let (ours, theirs) = (as_map(recipe), as_map(&tutorial));
+    let named = ["epochs", "batch_size", "image_size", "normalize", "seed"];
+    ours.iter()
+        .filter(|(k, v)| !named.contains(&k.as_str()) && theirs.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k} `{v}`"))
+        .collect()
+}
+
 /// The run in one sentence: its recipe, data and where it ran.
 pub fn run_line(config: &RunConfig, env: &RunEnvironment) -> String {
     let limit = |l: Option<usize>| l.map_or_else(|| "none".to_string(), |n| n.to_string());
@@ -411,8 +429,11 @@ pub fn run_line(config: &RunConfig, env: &RunEnvironment) -> String {
     } else {
         format!("seeds {}", config.seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", "))
     };
+    let beyond = past_the_tutorial(&config.recipe);
+    let beyond =
+        if beyond.is_empty() { String::new() } else { format!(", past the tutorial's recipe: {}", beyond.join(", ")) };
     format!(
-        "Preset `{}`, {} px, {} epoch(s), batch {}, lr {}, normalize `{}`, {seeds}; data `{}` (train limit {}, \
+        "Preset `{}`, {} px, {} epoch(s), batch {}, lr {}, normalize `{}`{beyond}, {seeds}; data `{}` (train limit {}, \
          test limit {}); device {} ({}), {}, libtorch {}, csp-tch {}.",
         serde_label(&config.preset),
         config.recipe.image_size,

@@ -128,6 +128,7 @@ impl Meta {
             "schedule": r.schedule,
             "ema": r.ema,
             "augment": r.augment,
+            "eval_crop_pct": r.eval_crop_pct,
             // A schedule's course depends on the run's length: extending it changes every rate.
             "epochs": r.schedule.as_ref().map(|_| r.epochs),
             "train_images": self.train_size,

@@ -45,7 +45,8 @@ use ema::Ema;
 use schedule::LrTable;
 
 /// The input of `model` for the images at `index`: the recipe's transform, in the model's layout;
-/// with `--aug` when training, given the batch's number on the device (`augment_counter`).
+/// with `--aug` when training, given the batch's number on the device (`augment_counter`), with
+/// `--eval-crop-pct`'s resize and centre crop when evaluating (`None`).
 fn model_input(
     model: &Backbone,
     images: &Tensor,
@@ -58,7 +59,11 @@ fn model_input(
         Some(counter) if !recipe.augment.is_none() => {
             transform::augmented_batch(images, index, size, normalize, recipe.augment, recipe.seed, counter)
         }
-        _ => transform::batch(images, index, size, normalize),
+        None => match recipe.eval_crop_pct {
+            Some(pct) => transform::center_crop_batch(images, index, size, normalize, pct),
+            None => transform::batch(images, index, size, normalize),
+        },
+        Some(_) => transform::batch(images, index, size, normalize),
     };
     if model.is_channels_last() {
         transform::to_channels_last(&xs)
