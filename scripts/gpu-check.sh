@@ -3,9 +3,12 @@
 # Rust): build the binary here with scripts/prepare-device.sh (it lands in .device/), then on the
 # device, from the checkout root (the device tool allows 600 s a command, so give it timeout_s 600):
 #   OUT=$OUT bash scripts/gpu-check.sh
-# Parts, in order of what matters most (PARTS, default "graphs bench run compile"):
+# Parts, in order of what matters most (PARTS, default "graphs recipe bench run compile"):
 #   graphs   `csp-tch check-graphs` for each model at 224 px, fp32 and --amp: replayed steps within the noise
 #            floor of two eager runs, over a schedule with partial batches, evaluations and a new learning rate;
+#   recipe   2 epochs of cspdarknet53-pad0 on a CIFAR-10 subset with every recipe piece past the tutorial's
+#            (AdamW, per-step cosine with warm-up, rrc-flip, EMA, smoothing, clipping) replayed from CUDA
+#            graphs and eagerly: `csp-tch compare` of the two (recipe/graphed, recipe/eager);
 #   bench    train steps, 224 px, batch 64, median of BENCH_STEPS after warm-up, alternating: csp-tch with
 #            CUDA graphs (the default) and without, PyTorch eager (NHWC, cuDNN benchmark mode, foreach Adam),
 #            each in fp32 and --amp;
@@ -16,7 +19,8 @@
 # No step starts after UNTIL s (default 540) from the start, and the run's cap shrinks to fit, so that
 # the results come back within the device's limit; what was skipped is said in the log.
 # Results in $OUT: log.txt, graphs.jsonl, bench.jsonl (one JSON object per line, as `bench --json`
-# writes them; the table at the end of the log reads it), run/ (the run's CSVs and report, no checkpoints).
+# writes them; the table at the end of the log reads it), recipe/{on,off}/ and run/ (the runs' CSVs and
+# reports, no checkpoints).
 # Try it here first with tiny settings:
 #   OUT=/tmp/g DEVICE=cpu BIN=target/release/csp-tch SIZE=32 BENCH_STEPS=2 RUN_ARGS="--preset quick --epochs 1 \
 #     --train-limit 256 --test-limit 128" DATA=data/cifar-10-batches-bin PY=$CSP_TCH_PYTHON bash scripts/gpu-check.sh
@@ -25,7 +29,7 @@ OUT=${OUT:?set OUT to a folder for the results}
 BIN=${BIN:-.device/csp-tch}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-PARTS=${PARTS:-graphs bench run compile}
+PARTS=${PARTS:-graphs recipe bench run compile}
 SIZE=${SIZE:-224}
 BENCH_STEPS=${BENCH_STEPS:-20}
 COMPILE_MODES=${COMPILE_MODES-default}
@@ -68,6 +72,26 @@ if wants graphs; then
   done
 fi
 
+# CIFAR-10 for the parts that train, decoded once from the JPEG copy that prepare-device packs.
+need_data() {
+  [ -f "$DATA/test_batch.bin" ] && return 0
+  say "data: decoding CIFAR-10 into $DATA"
+  tmp=$(mktemp -d) && tar xzf .device/cifar10-jpeg.tar.gz -C "$tmp" && $PY .device/jpeg_to_cifar_bin.py "$tmp" "$DATA" \
+    && rm -rf "$tmp" || { say "data failed"; return 1; }
+}
+
+RECIPE=(--opt adamw --weight-decay 0.05 --sched cosine --sched-on step --warmup-epochs 1 --aug rrc-flip --ema 0.999
+  --label-smoothing 0.1 --clip-grad 5 --epochs 2 --train-limit 4096 --test-limit 1024 --image-size "$SIZE")
+if wants recipe && time_for 120 "recipe, graphed and eager" && need_data; then
+  for graphs in on off; do
+    say "recipe, --cuda-graphs $graphs"
+    timeout 200 "$BIN" train --model cspdarknet53-pad0 "${RECIPE[@]}" --cuda-graphs "$graphs" --device "$DEVICE" \
+      --data-dir "$DATA" --out "$OUT/recipe/$graphs" || say "recipe run with --cuda-graphs $graphs failed"
+    rm -rf "$OUT/recipe/$graphs/checkpoints"
+  done
+  "$BIN" compare "$OUT/recipe/on" "$OUT/recipe/off" || say "graphed and eager recipe runs differ (see above)"
+fi
+
 common=(--image-size "$SIZE" --mode train --steps "$BENCH_STEPS" --warmup 5 --device "$DEVICE" --json)
 if wants bench; then
   for model in $MODELS; do
@@ -84,11 +108,7 @@ if wants bench; then
 fi
 
 if wants run && time_for 90 "run-all $RUN_ARGS"; then
-  if [ ! -f "$DATA/test_batch.bin" ]; then
-    say "data: decoding CIFAR-10 into $DATA"
-    tmp=$(mktemp -d) && tar xzf .device/cifar10-jpeg.tar.gz -C "$tmp" && $PY .device/jpeg_to_cifar_bin.py "$tmp" "$DATA" \
-      && rm -rf "$tmp" || { say "data failed"; exit 1; }
-  fi
+  need_data || exit 1
   cap=$(( $(left) - 20 < RUN_S ? $(left) - 20 : RUN_S ))
   say "run-all $RUN_ARGS (cap ${cap}s)"
   run=$(mktemp -d)

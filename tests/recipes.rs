@@ -92,6 +92,10 @@ fn adamw_cosine_per_step_with_ema_killed_and_resumed_is_exact() {
     assert_eq!(config["augment"], "crop-flip", "{config}");
     let model = &report["models"][MODEL];
     assert_eq!(model["final_eval_acc_ema"].as_f64(), ema.last().copied(), "{model}");
+    let markdown = std::fs::read_to_string(tmp.path().join("straight").join("comparison.md")).unwrap();
+    let row = format!("| {MODEL} | {:.4} | {:.4} |", raw.last().unwrap(), ema.last().unwrap());
+    assert!(markdown.contains("(`--ema 0.9`)") && markdown.contains(&row), "{markdown}");
+    assert!(markdown.contains("past the tutorial's recipe: adamw `{"), "{markdown}");
 }
 
 #[test]

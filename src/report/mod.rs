@@ -292,6 +292,21 @@ impl Comparison {
         for (name, error) in self.models.iter().filter_map(|(n, m)| Some((n, m.error.as_ref()?))) {
             md += &format!("\n**{name} failed:** {error}\n");
         }
+        if let Some(decay) = self.config.recipe.ema {
+            md += &format!(
+                "\n## The averaged weights (`--ema {decay}`)\n\n| model | final eval acc | EMA final eval acc | best \
+                 eval acc | EMA best eval acc |\n|---|---:|---:|---:|---:|\n"
+            );
+            for (name, m) in &self.models {
+                md += &format!(
+                    "| {name} | {} | {} | {} | {} |\n",
+                    opt(m.final_eval_acc, 4),
+                    opt(m.final_eval_acc_ema, 4),
+                    opt(m.best_eval_acc, 4),
+                    opt(m.best_eval_acc_ema, 4),
+                );
+            }
+        }
         if !self.comparison.is_empty() {
             md += "\n## Against the plain networks\n\n| model | against | param ratio | MAC ratio | eval acc difference | \
                    train step-time ratio |\n|---|---|---:|---:|---:|---:|\n";
