@@ -142,6 +142,18 @@ pub enum DatasetName {
     Folder,
 }
 
+impl DatasetName {
+    /// As `--dataset` spells it.
+    pub fn label(self) -> &'static str {
+        match self {
+            DatasetName::Cifar10 => "cifar10",
+            DatasetName::Cifar100 => "cifar100",
+            DatasetName::Flowers102 => "flowers102",
+            DatasetName::Folder => "folder",
+        }
+    }
+}
+
 /// `--cifar100-labels`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

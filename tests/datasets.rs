@@ -615,6 +615,11 @@ fn flowers102_comes_from_its_three_files_with_paddles_or_torchvisions_split() {
     let report = read_json(&out.join("comparison.json"));
     assert_eq!(report["config"]["classes"], 102);
     assert_eq!(report["data"]["dataset"], "flowers102");
+    let rows = std::fs::read_to_string(out.join("cspdarknet53-pad0.csv")).unwrap();
+    assert!(
+        rows.lines().next().unwrap().ends_with(",dataset") && rows.lines().nth(1).unwrap().ends_with(",flowers102"),
+        "{rows}"
+    );
     assert_eq!(report["data"]["cache_hit"], true, "data check filled the cache at this size");
     // The flowers preset reads Flowers-102 without --dataset, with its recipe (shortened here).
     let preset_out = tmp.path().join("preset");

@@ -271,3 +271,77 @@ def run(k, make, weight_decay, exempt):
     assert_eq!(outcome(2, 2), outcome(3, 2), "and leaves the conv weight's decay alone");
     assert_ne!(outcome(6, 2), outcome(7, 2), "Nesterov changes SGD's update");
 }
+
+#[test]
+fn the_ema_matches_timms_model_ema_v2_after_every_step() {
+    use common::peer::{assert_close, read_f32, run_python, write_f32};
+    use csp_tch::train::ema::Average;
+    const STEPS: usize = 12;
+    let tmp = tempfile::tempdir().unwrap();
+    // A weight, a bias and a BatchNorm-style statistic (not trained), as a Linear(3, 4) and a buffer.
+    let build = |vs: &nn::VarStore| {
+        let (p, fc) = (vs.root(), vs.root() / "fc");
+        (fc.zeros("weight", &[4, 3]), fc.zeros("bias", &[4]), p.zeros_no_train("running_mean", &[4]))
+    };
+    let (live, mut ema) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
+    let (mut w, mut b, mut m) = build(&live);
+    let _ = build(&ema);
+    let states: Vec<[Tensor; 3]> = {
+        let _rng = common::rng_turn();
+        tch::manual_seed(31);
+        (0..=STEPS)
+            .map(|_| [[4i64, 3].as_slice(), &[4], &[4]].map(|s| Tensor::randn(s, tch::kind::FLOAT_CPU)))
+            .collect()
+    };
+    for (k, state) in states.iter().enumerate() {
+        for (i, t) in state.iter().enumerate() {
+            write_f32(&tmp.path().join(format!("s{k}-{i}")), t);
+        }
+    }
+    let set = |w: &mut Tensor, b: &mut Tensor, m: &mut Tensor, s: &[Tensor; 3]| {
+        tch::no_grad(|| {
+            w.copy_(&s[0]);
+            b.copy_(&s[1]);
+            m.copy_(&s[2]);
+        })
+    };
+    // The copy starts from the model as it is when the average is made (state 0), then one update per step.
+    set(&mut w, &mut b, &mut m, &states[0]);
+    let mut average = Average::new(0.9, &mut ema, &live);
+    for state in &states[1..] {
+        set(&mut w, &mut b, &mut m, state);
+        average.update();
+    }
+    let script = format!(
+        r#"
+import sys, numpy as np, torch
+from timm.utils import ModelEmaV2
+d = sys.argv[1]
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 4)
+        self.register_buffer("running_mean", torch.zeros(4))
+net = Net()
+def load(k):
+    with torch.no_grad():
+        for i, t in enumerate([net.fc.weight, net.fc.bias, net.running_mean]):
+            t.copy_(torch.from_numpy(np.fromfile(f"{{d}}/s{{k}}-{{i}}", np.float32).reshape(t.shape)))
+load(0)
+ema = ModelEmaV2(net, decay=0.9)
+for k in range(1, {STEPS} + 1):
+    load(k)
+    ema.update(net)
+m = ema.module
+for i, t in enumerate([m.fc.weight, m.fc.bias, m.running_mean]):
+    t.detach().numpy().tofile(f"{{d}}/ema{{i}}")
+"#
+    );
+    run_python(&script, tmp.path());
+    let ours = ema.variables();
+    for (i, name) in ["fc.weight", "fc.bias", "running_mean"].into_iter().enumerate() {
+        let theirs = read_f32(&tmp.path().join(format!("ema{i}")));
+        assert_close(&Vec::<f32>::try_from(ours[name].flatten(0, -1)).unwrap(), &theirs, name);
+        assert!(!ours[name].equal(&states[STEPS][i]), "{name}: an average, not the last weights");
+    }
+}

@@ -173,8 +173,7 @@ impl DataArgs {
             ("--flowers-split", self.flowers_split.is_some(), d == DatasetName::Flowers102),
         ];
         if let Some((flag, ..)) = given.iter().find(|(_, set, applies)| *set && !applies) {
-            let name = clap::ValueEnum::to_possible_value(&d).map(|v| v.get_name().to_string()).unwrap_or_default();
-            bail!("{flag} does not apply to --dataset {name}; leave it out, or pick the dataset it belongs to");
+            bail!("{flag} does not apply to --dataset {}; leave it out, or pick the dataset it belongs to", d.label());
         }
         let defaults = DatasetSpec::default();
         Ok(DatasetSpec {
@@ -305,15 +304,15 @@ struct RecipeArgs {
     #[arg(long)]
     label_smoothing: Option<f64>,
     /// Clip each step's gradients to a global L2 norm of at most N, as
-    /// torch.nn.utils.clip_grad_norm_ (after fp16 unscaling, before Adam).
+    /// torch.nn.utils.clip_grad_norm_ (after fp16 unscaling, before the optimizer's update).
     #[arg(long)]
     clip_grad: Option<f64>,
     /// Augment training batches on the device: `none` (the tutorial's), `flip`
     /// (RandomHorizontalFlip), `crop-flip` (CIFAR's RandomCrop(padding=4), then the flip, on the
     /// stored images before the resize) or `rrc-flip` (torchvision's RandomResizedCrop at the run's
-    /// size in place of the resize, Pillow's bilinear, then the flip); draws are a hash of (seed, batch, image), so resumed runs
-    /// and replayed CUDA graphs draw exactly what an uninterrupted eager run does.
-    /// [preset; none]
+    /// size in place of the resize, Pillow's bilinear, then the flip); draws are a hash of (seed,
+    /// batch, image), so resumed runs and replayed CUDA graphs draw exactly what an uninterrupted
+    /// eager run does [preset; none].
     #[arg(long, value_enum)]
     aug: Option<Augment>,
     /// Evaluate as timm does: resize to floor(size / P) (a square, Pillow's bilinear), then the centre
@@ -447,12 +446,13 @@ struct OptimizerArgs {
 /// `--sched` and its settings, as `torch.optim.lr_scheduler` computes them.
 #[derive(Args, Debug)]
 struct ScheduleArgs {
-    /// The learning rate's course after any warm-up: `none` (constant, the tutorial's), `cosine`
-    /// (CosineAnnealingLR to --min-lr at the end), `step` (StepLR: times --decay-rate every
-    /// --decay-epochs after the warm-up) or `multistep` (MultiStepLR: times --decay-rate after each of
-    /// the --decay-epochs, counted from the start). A warm-up is LinearLR from --warmup-lr up to --lr,
-    /// chained by SequentialLR.
-    /// [preset]
+    /// The learning rate's course after any warm-up, at unit t of T (epochs or steps, --sched-on) after
+    /// W warm-up units: `none` (constant, the tutorial's); `cosine`, CosineAnnealingLR:
+    /// min_lr + (lr - min_lr) (1 + cos(pi (t - W) / (T - W))) / 2; `step`, StepLR: lr * rate^floor((t -
+    /// W) / period), the period --decay-epochs; `multistep`, MultiStepLR: lr * rate^(number of
+    /// --decay-epochs passed, counted from the start). The warm-up is LinearLR: lr (s + (1 - s) t / W)
+    /// with s = warmup_lr / lr, chained by SequentialLR. PyTorch computes these recursively, and so
+    /// does csp-tch, to the bit [preset].
     #[arg(long, value_enum)]
     sched: Option<SchedName>,
     /// Step the schedule after every epoch (timm's default) or every optimizer step [epoch].

@@ -35,6 +35,10 @@ pub struct EpochMetrics {
     pub eval_loss_ema: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_acc_ema: Option<f64>,
+    /// The dataset trained on (`--dataset`), when it is not the tutorial's CIFAR-10 (whose CSVs stay
+    /// as they were); comparison.json's `data` says the rest (splits, sizes, cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
 }
 
 impl EpochMetrics {

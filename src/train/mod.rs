@@ -7,7 +7,7 @@
 pub mod amp;
 pub mod checkpoint;
 pub mod cuda_graph;
-mod ema;
+pub mod ema;
 mod evaluate;
 mod interrupt;
 pub mod metrics;
@@ -32,7 +32,7 @@ use std::time::Instant;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{CudaGraphs, Execution, Precision, Recipe};
+use crate::config::{CudaGraphs, DatasetName, Execution, Precision, Recipe};
 use crate::data::transform;
 use crate::data::{self, Dataset};
 use crate::environment::synchronize;
@@ -402,6 +402,7 @@ impl Trainer {
             lr: trained.lr,
             eval_loss_ema: ema_eval.as_ref().map(|e| e.loss),
             eval_acc_ema: ema_eval.as_ref().map(|e| e.accuracy),
+            dataset: (data.info.dataset != DatasetName::Cifar10).then(|| data.info.dataset.label().to_string()),
         };
         if !metrics.eval_loss.is_finite() {
             bail!("{}: the evaluation loss is {} after epoch {epoch}; training stopped", self.name, metrics.eval_loss);
