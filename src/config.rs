@@ -339,6 +339,42 @@ pub struct Execution {
     /// Whether CUDA runs replay recorded CUDA graphs (`--cuda-graphs`).
     #[serde(default)]
     pub cuda_graphs: CudaGraphs,
+    /// Where the dataset's images are kept (`--data-on`); absent from comparison.json under `auto`.
+    #[serde(default, skip_serializing_if = "DataOn::is_auto")]
+    pub data_on: DataOn,
+}
+
+/// `--data-on`: where the uint8 images live while training. Either way every batch is resized,
+/// augmented and normalised on the training device, so the numbers are the same.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DataOn {
+    /// On the device when both splits take at most half of its free memory, else in host memory.
+    #[default]
+    Auto,
+    /// Uploaded to the device once (the default for sets that fit).
+    Device,
+    /// Kept in host memory (pinned, on CUDA): each batch is gathered there and copied to the device.
+    Host,
+}
+
+impl DataOn {
+    pub fn is_auto(&self) -> bool {
+        *self == DataOn::Auto
+    }
+
+    /// The share of the device's free memory a dataset may take under `auto`.
+    pub const AUTO_SHARE: f64 = 0.5;
+
+    /// Whether a set of `bytes` is kept in host memory on `device` whose memory is `memory`
+    /// (free, total bytes; `None` when unknown, as on the CPU, where host and device are one).
+    pub fn on_host(self, bytes: usize, memory: Option<(usize, usize)>) -> bool {
+        match self {
+            DataOn::Device => false,
+            DataOn::Host => true,
+            DataOn::Auto => memory.is_some_and(|(free, _)| bytes as f64 > free as f64 * Self::AUTO_SHARE),
+        }
+    }
 }
 
 impl Execution {
@@ -566,5 +602,20 @@ impl Precision {
     /// Whether gradients need loss scaling to survive this precision.
     pub fn needs_loss_scaling(self) -> bool {
         self == Precision::Fp16
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DataOn;
+
+    #[test]
+    fn auto_keeps_a_set_on_the_host_only_when_it_would_take_over_half_the_free_memory() {
+        const GB: usize = 1 << 30;
+        assert!(DataOn::Auto.on_host(10 * GB, Some((15 * GB, 140 * GB))), "10 GB of 15 free");
+        assert!(!DataOn::Auto.on_host(10 * GB, Some((30 * GB, 140 * GB))), "10 GB of 30 free");
+        assert!(!DataOn::Auto.on_host(500 * GB, None), "no device memory to ask (the CPU): one memory");
+        assert!(DataOn::Host.on_host(1, Some((30 * GB, 140 * GB))) && DataOn::Host.on_host(1, None));
+        assert!(!DataOn::Device.on_host(500 * GB, Some((1, 1))), "asked for: the device's out-of-memory error");
     }
 }

@@ -648,6 +648,27 @@ fn flowers102_comes_from_its_three_files_with_paddles_or_torchvisions_split() {
 }
 
 #[test]
+fn a_set_kept_in_host_memory_trains_and_evaluates_exactly_as_one_on_the_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, data_on: &str| {
+        let out = tmp.path().join(name);
+        let mut args =
+            common::small_run(&["train", "--model", "cspdarknet53-pad0"], common::synth(), &out, ["2", "200", "100"]);
+        // Partial batches on both splits, augmentation and an average: every path a batch takes.
+        args.extend(["--batch-size", "48", "--data-on", data_on, "--aug", "crop-flip", "--ema", "0.9"]);
+        let log = String::from_utf8_lossy(&csp_tch_ok(&args).stderr).into_owned();
+        let csv = common::without_timings(&std::fs::read_to_string(out.join("cspdarknet53-pad0.csv")).unwrap());
+        (csv, read_json(&out.join("comparison.json"))["config"].clone(), log)
+    };
+    let (device, device_config, device_log) = run("device", "device");
+    let (host, host_config, host_log) = run("host", "host");
+    assert_eq!(host, device, "the same metrics, EMA's included");
+    assert!(host_log.contains("kept in host memory (--data-on host)"), "{host_log}");
+    assert!(!device_log.contains("host memory"), "{device_log}");
+    assert_eq!((host_config["data_on"].as_str(), device_config["data_on"].as_str()), (Some("host"), Some("device")));
+}
+
+#[test]
 fn cifar10_is_read_as_before() {
     // No dataset section in the config of a CIFAR-10 run: its comparison.json is as it was.
     let tmp = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@ use tch::Device;
 
 use super::{BenchArgs, CheckGraphsArgs, EvalArgs, SummaryArgs};
 use crate::bench::Mode;
-use crate::config::{CudaGraphs, DatasetSpec};
+use crate::config::{CudaGraphs, DataOn, DatasetSpec};
 use crate::data::{self, Access};
 use crate::environment::{device_label, device_name, parse_device, Environment};
 use crate::models;
@@ -133,9 +133,12 @@ pub(super) fn eval(args: EvalArgs) -> Result<()> {
             spec.name
         );
     }
-    let cifar = full.limit(None, test_limit, recipe.seed)?.to_device(device);
+    let (cifar, placed) = crate::train::place(full.limit(None, test_limit, recipe.seed)?, device, DataOn::Auto);
+    if let Some(line) = placed {
+        eprintln!("{line}");
+    }
     let precision = meta.config.execution.precision(device);
-    let e = crate::train::evaluate(&model, &cifar.test_images, &cifar.test_labels, &meta.config.recipe, precision)?;
+    let e = crate::train::evaluate(&model, &cifar, &meta.config.recipe, precision)?;
     let per_class = e.per_class(&cifar.class_names);
     let report = EvalReport {
         checkpoint: args.checkpoint,

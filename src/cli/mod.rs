@@ -9,7 +9,7 @@ use crate::bench::{BenchConfig, Mode};
 use crate::config::Normalize;
 use crate::config::{AdamConfig, Augment, OptimizerConfig, SchedName, SchedOn, Schedule, SgdConfig, WeightDecay};
 use crate::config::{Cifar100Labels, DatasetName, DatasetSpec, FlowersSplit};
-use crate::config::{CudaGraphs, Execution, MemoryFormat, Preset, Recipe, RunConfig};
+use crate::config::{CudaGraphs, DataOn, Execution, MemoryFormat, Preset, Recipe, RunConfig};
 use crate::data::{self, Access};
 use crate::environment::parse_device;
 use crate::models;
@@ -333,6 +333,11 @@ struct RecipeArgs {
     seeds: Vec<u64>,
     #[command(flatten)]
     acceleration: AccelerationArgs,
+    /// Where the images live while training: `device` (uploaded once), `host` (host memory, pinned on
+    /// CUDA; each batch gathered there and copied over, for sets larger than the GPU) or `auto`
+    /// (device when both splits take at most half of its free memory). The numbers are the same.
+    #[arg(long, value_enum, default_value_t = DataOn::Auto)]
+    data_on: DataOn,
     /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -397,7 +402,7 @@ impl RecipeArgs {
                 eval_crop_pct: self.eval_crop_pct.or(preset.eval_crop_pct),
                 ema: self.ema.or(preset.ema),
             },
-            execution: self.acceleration.execution(),
+            execution: Execution { data_on: self.data_on, ..self.acceleration.execution() },
             classes: data::class_count(&dataset, &data_dir)?,
             dataset,
             data_dir,

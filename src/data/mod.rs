@@ -213,6 +213,9 @@ pub struct Dataset {
     pub test_labels: Tensor,
     pub class_names: Vec<String>,
     pub info: DataInfo,
+    /// Whether the images stay in host memory while training (`--data-on host`): each batch is then
+    /// gathered there and copied to the device, where the labels are.
+    pub images_on_host: bool,
 }
 
 /// Decodes image files into a split, through the cache.
@@ -289,6 +292,7 @@ pub fn load(spec: &DatasetSpec, dir: &Path, access: &Access, size: i64) -> Resul
         test_labels: test.labels,
         class_names,
         info,
+        images_on_host: false,
     })
 }
 
@@ -321,19 +325,33 @@ impl Dataset {
             test_labels,
             class_names: self.class_names.clone(),
             info: self.info.clone(),
+            images_on_host: self.images_on_host,
         })
     }
 
-    /// Moves the dataset to `device` once; batches are gathered there.
-    pub fn to_device(self, device: Device) -> Dataset {
+    /// Moves the dataset to `device` once, where batches are gathered; with `images_on_host`, the
+    /// images stay in host memory (pinned, for a CUDA device) and only the labels move: each batch is
+    /// then gathered on the host and copied over (`crate::train`'s staging).
+    pub fn to_device(self, device: Device, images_on_host: bool) -> Dataset {
+        let images = |t: Tensor| match (images_on_host, device.is_cuda()) {
+            (false, _) => t.to_device(device),
+            (true, true) => t.pin_memory(device),
+            (true, false) => t,
+        };
         Dataset {
-            train_images: self.train_images.to_device(device),
+            train_images: images(self.train_images),
             train_labels: self.train_labels.to_device(device),
-            test_images: self.test_images.to_device(device),
+            test_images: images(self.test_images),
             test_labels: self.test_labels.to_device(device),
             class_names: self.class_names,
             info: self.info,
+            images_on_host,
         }
+    }
+
+    /// The bytes of both splits' images.
+    pub fn image_bytes(&self) -> usize {
+        (self.train_images.numel() + self.test_images.numel()) * self.train_images.kind().elt_size_in_bytes()
     }
 
     pub fn train_len(&self) -> usize {

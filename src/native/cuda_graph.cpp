@@ -254,6 +254,18 @@ int csp_tch_graph_replay(void* graph) {
   });
 }
 
+// The free and total memory of `device` in bytes, as cudaMemGetInfo reports them: 0, or -1.
+int csp_tch_cuda_mem_info(int device, size_t* free, size_t* total) {
+  return csp_tch::guarded(-1, [&] {
+    c10::DeviceGuard guard(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
+    auto mem_get_info = cudart<cudaError_t(size_t*, size_t*)>("cudaMemGetInfo");
+    TORCH_CHECK(mem_get_info != nullptr, "cudaMemGetInfo is not loaded");
+    cudaError_t status = mem_get_info(free, total);
+    TORCH_CHECK(status == cudaSuccess, "cudaMemGetInfo failed with error ", static_cast<int>(status));
+    return 0;
+  });
+}
+
 // Waits for `device`: 0, or -1 with the message of an asynchronous CUDA error.
 int csp_tch_cuda_synchronize(int device) {
   return csp_tch::guarded(-1, [&] {
@@ -284,6 +296,7 @@ int csp_tch_graph_capture_begin(void*, void*) { return unavailable(); }
 int csp_tch_graph_capture_end(void*) { return unavailable(); }
 int csp_tch_graph_replay(void*) { return unavailable(); }
 int csp_tch_cuda_synchronize(int) { return unavailable(); }
+int csp_tch_cuda_mem_info(int, size_t*, size_t*) { return unavailable(); }
 }
 
 #endif

@@ -57,6 +57,7 @@ extern "C" {
     pub(crate) fn csp_tch_graph_capture_end(graph: *mut c_void) -> c_int;
     pub(crate) fn csp_tch_graph_replay(graph: *mut c_void) -> c_int;
     pub(crate) fn csp_tch_cuda_synchronize(device: c_int) -> c_int;
+    pub(crate) fn csp_tch_cuda_mem_info(device: c_int, free: *mut usize, total: *mut usize) -> c_int;
     pub(crate) fn csp_tch_set_cudnn_deterministic(on: c_int) -> c_int;
 }
 
@@ -64,4 +65,12 @@ extern "C" {
 pub(crate) fn last_error() -> String {
     // SAFETY: the shim returns a NUL-terminated string that lives until the next error on this thread.
     unsafe { CStr::from_ptr(csp_tch_last_error()) }.to_string_lossy().into_owned()
+}
+
+/// The free and total memory of CUDA device `index` in bytes (`None` when this build or device cannot say).
+pub fn cuda_memory(index: usize) -> Option<(usize, usize)> {
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: two valid out-pointers; the shim catches every exception.
+    let status = unsafe { csp_tch_cuda_mem_info(index as c_int, &mut free, &mut total) };
+    (status == 0).then_some((free, total))
 }

@@ -155,7 +155,10 @@ fn run_one(config: &RunConfig, data: Dataset, settings: &Settings, environment: 
         false => None,
     };
     let device = settings.device;
-    let data = data.to_device(device);
+    let (data, placed) = crate::train::place(data, device, config.execution.data_on);
+    if let Some(line) = placed {
+        eprintln!("{line}");
+    }
     let mut environment = environment.clone();
     let progress = Progress::detect();
     let mut reports: IndexMap<String, ModelReport> = IndexMap::new();

@@ -6,9 +6,11 @@ use serde::Serialize;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
+use super::staging::Staging;
 use super::timing::{warmup_seconds, HEAD_STEPS};
 use super::{amp, batch_bounds, model_input, partial_batch, StepGraphs};
 use crate::config::{Precision, Recipe};
+use crate::data::Dataset;
 use crate::environment::synchronize;
 use crate::models::fastpath::FoldedBatchNorm;
 use crate::models::Backbone;
@@ -56,6 +58,9 @@ pub(super) struct EvalSums {
     confusion: Tensor,
     classes: i64,
     last_loss: Tensor,
+    /// For a test set kept in host memory, the device buffers its batches are copied into: kept with
+    /// the sums from epoch to epoch, so that a recorded evaluation step finds them in place.
+    staging: Option<Staging>,
 }
 
 impl EvalSums {
@@ -65,6 +70,7 @@ impl EvalSums {
             confusion: Tensor::zeros([classes * classes], (Kind::Int64, device)),
             classes,
             last_loss: Tensor::zeros([], (Kind::Float, device)),
+            staging: None,
         }
     }
 
@@ -115,6 +121,8 @@ pub struct Evaluator<'a> {
     graphs: Option<&'a mut StepGraphs>,
     sums: &'a mut EvalSums,
     _folded: Option<FoldedBatchNorm<'a>>,
+    /// Whether the images are kept in host memory, to be staged batch by batch.
+    on_host: bool,
 }
 
 impl<'a> Evaluator<'a> {
@@ -126,7 +134,13 @@ impl<'a> Evaluator<'a> {
         fold: bool,
     ) -> Evaluator<'a> {
         let folded = fold.then(|| model.fold_batch_norm());
-        Evaluator { model, precision, graphs, sums, _folded: folded }
+        Evaluator { model, precision, graphs, sums, _folded: folded, on_host: false }
+    }
+
+    /// For images kept in host memory (`Dataset::images_on_host`): each batch staged on the device.
+    pub fn staged(mut self, on_host: bool) -> Evaluator<'a> {
+        self.on_host = on_host;
+        self
     }
 
     /// One batch into the sums: replayed when steps are recorded and the batch is full.
@@ -148,14 +162,23 @@ impl<'a> Evaluator<'a> {
 
     /// All of `images`, in batches: the evaluation and the warm-up time of its first batches.
     pub fn run(mut self, images: &Tensor, labels: &Tensor, recipe: &Recipe) -> Result<(Evaluation, f64)> {
-        let device = images.device();
+        let device = labels.device();
         let n = labels.size()[0] as usize;
         let bounds = batch_bounds(n, recipe.batch_size, false);
         self.sums.zero();
         let started = Instant::now();
         let mut head_seconds = 0.0;
         for (step, &(start, len)) in bounds.iter().enumerate() {
-            self.batch(images, labels, &Tensor::arange_start(start, start + len, (Kind::Int64, device)), recipe)?;
+            let index = Tensor::arange_start(start, start + len, (Kind::Int64, device));
+            if self.on_host {
+                let host_index = Tensor::arange_start(start, start + len, (Kind::Int64, Device::Cpu));
+                let staging =
+                    self.sums.staging.get_or_insert_with(|| Staging::new(images, recipe.batch_size as i64, device));
+                let [staged, staged_labels, index] = staging.batch(images, labels, &host_index, &index);
+                self.batch(&staged, &staged_labels, &index, recipe)?;
+            } else {
+                self.batch(images, labels, &index, recipe)?;
+            }
             if step + 1 == HEAD_STEPS {
                 synchronize(device);
                 head_seconds = started.elapsed().as_secs_f64();
@@ -168,14 +191,10 @@ impl<'a> Evaluator<'a> {
     }
 }
 
-/// Test loss, accuracy and confusion matrix over all of `images` (BatchNorm in eval mode), eagerly.
-pub fn evaluate(
-    model: &Backbone,
-    images: &Tensor,
-    labels: &Tensor,
-    recipe: &Recipe,
-    precision: Precision,
-) -> Result<Evaluation> {
-    let mut sums = EvalSums::new(images.device(), model.classes);
-    Ok(Evaluator::new(model, precision, None, &mut sums, true).run(images, labels, recipe)?.0)
+/// Test loss, accuracy and confusion matrix over all of `data`'s test split (BatchNorm in eval
+/// mode), eagerly.
+pub fn evaluate(model: &Backbone, data: &Dataset, recipe: &Recipe, precision: Precision) -> Result<Evaluation> {
+    let mut sums = EvalSums::new(data.test_labels.device(), model.classes);
+    let evaluator = Evaluator::new(model, precision, None, &mut sums, true).staged(data.images_on_host);
+    Ok(evaluator.run(&data.test_images, &data.test_labels, recipe)?.0)
 }

@@ -15,11 +15,13 @@ pub mod objective;
 pub mod optim;
 mod progress;
 pub mod schedule;
+mod staging;
 mod timing;
 
 pub use evaluate::{eval_logits, evaluate, ClassAccuracy, Evaluation, Evaluator};
 pub use interrupt::{stop_on_signals, stop_requested, Interrupted};
 pub use progress::Progress;
+pub use staging::place;
 pub use timing::{warmup_seconds, PhaseTimes};
 
 use evaluate::EvalSums;
@@ -43,6 +45,7 @@ use checkpoint::EpochProgress;
 use cuda_graph::{GraphPlan, MemoryPoolSlot, Replayer};
 use ema::Ema;
 use schedule::LrTable;
+use staging::Staging;
 
 /// The input of `model` for the images at `index`: the recipe's transform, in the model's layout;
 /// with `--aug` when training, given the batch's number on the device (`augment_counter`), with
@@ -171,6 +174,8 @@ pub struct Trainer {
     pub epoch_progress: Option<EpochProgress>,
     train_sums: TrainSums,
     eval_sums: EvalSums,
+    /// For a set kept in host memory, the device buffers training batches are copied into.
+    train_staging: Option<Staging>,
     /// The number of the batch in training, from the run's start: what `--aug` draws from, written
     /// before every step (a recorded step reads it from the device).
     batch_counter: Tensor,
@@ -225,6 +230,7 @@ impl Trainer {
             train_sums: TrainSums::new(device),
             eval_sums: EvalSums::new(device, classes),
             batch_counter: crate::data::augment::counter(device),
+            train_staging: None,
             epoch_progress: None,
         };
         trainer.set_precision(precision);
@@ -380,10 +386,13 @@ impl Trainer {
             .bar(batch_bounds(data.train_len(), recipe.batch_size, true).len(), self.epoch_label(epoch, recipe));
         let trained = self.train_epoch(data, recipe, epoch, &bar, first_steps)?;
         bar.finish_and_clear();
-        let (eval, eval_warmup) = self.evaluate(&data.test_images, &data.test_labels, recipe)?;
+        let on_host = data.images_on_host;
+        let (eval, eval_warmup) = self.evaluator().staged(on_host).run(&data.test_images, &data.test_labels, recipe)?;
         let precision = self.precision;
         let ema_eval = match self.ema.as_mut() {
-            Some(ema) => Some(ema.evaluator(precision).run(&data.test_images, &data.test_labels, recipe)?.0),
+            Some(ema) => {
+                Some(ema.evaluator(precision).staged(on_host).run(&data.test_images, &data.test_labels, recipe)?.0)
+            }
             None => None,
         };
         let metrics = EpochMetrics {
@@ -447,8 +456,8 @@ impl Trainer {
     ) -> Result<TrainedEpoch> {
         let device = self.vs.device();
         let started = Instant::now();
-        let order = data::epoch_permutation(data.train_len(), recipe.seed, epoch);
-        let order = Tensor::from_slice(&order).to_device(device);
+        let order = Tensor::from_slice(&data::epoch_permutation(data.train_len(), recipe.seed, epoch));
+        let (order_host, order) = (order.shallow_clone(), order.to_device(device));
         let bounds = batch_bounds(data.train_len(), recipe.batch_size, true);
         let base_lr = recipe.optimizer.lr();
         let rates = recipe.schedule.as_ref().map(|s| LrTable::new(s, base_lr, recipe.epochs, bounds.len()));
@@ -487,7 +496,17 @@ impl Trainer {
                     self.optimizer.set_lr(lr);
                 }
             }
-            self.train_batch(&data.train_images, &data.train_labels, &order.narrow(0, start, len), recipe)?;
+            let index = order.narrow(0, start, len);
+            if data.images_on_host {
+                let staging = self
+                    .train_staging
+                    .get_or_insert_with(|| Staging::new(&data.train_images, recipe.batch_size as i64, device));
+                let [images, labels, index] =
+                    staging.batch(&data.train_images, &data.train_labels, &order_host.narrow(0, start, len), &index);
+                self.train_batch(&images, &labels, &index, recipe)?;
+            } else {
+                self.train_batch(&data.train_images, &data.train_labels, &index, recipe)?;
+            }
             images += len;
             if step + 1 == HEAD_STEPS {
                 synchronize(device);
