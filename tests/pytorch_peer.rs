@@ -44,7 +44,9 @@ fn a_checkpoint_gives_the_same_logits_in_pytorch_and_in_timm() {
     csp_tch_ok(&args);
     for model in csp_tch::models::model_names() {
         let ckpt = out.join(format!("checkpoints/{model}.safetensors"));
-        let (_meta, _vs, net) = csp_tch::train::checkpoint::load_model(&ckpt, Device::Cpu).unwrap();
+        let (_meta, _vs, net) =
+            csp_tch::train::checkpoint::load_model(&ckpt, Device::Cpu, csp_tch::train::checkpoint::Weights::Trained)
+                .unwrap();
         let input = {
             let _rng = common::rng_turn();
             tch::manual_seed(1);

@@ -96,6 +96,17 @@ fn adamw_cosine_per_step_with_ema_killed_and_resumed_is_exact() {
     let row = format!("| {MODEL} | {:.4} | {:.4} |", raw.last().unwrap(), ema.last().unwrap());
     assert!(markdown.contains("(`--ema 0.9`)") && markdown.contains(&row), "{markdown}");
     assert!(markdown.contains("past the tutorial's recipe: adamw `{"), "{markdown}");
+    // `eval --ema` evaluates the averaged weights the checkpoint holds: the CSV's last EMA numbers.
+    let checkpoint = tmp.path().join("straight").join("checkpoints").join(format!("{MODEL}.safetensors"));
+    let eval = |extra: &[&str]| {
+        let out = csp_tch_ok(
+            &[&["eval", "--checkpoint", common::s(&checkpoint), "--device", "cpu", "--json"][..], extra].concat(),
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let (averaged, trained) = (eval(&["--ema"]), eval(&[]));
+    assert_eq!((averaged["weights"].as_str(), averaged["accuracy"].as_f64()), (Some("ema"), ema.last().copied()));
+    assert_eq!(trained["accuracy"].as_f64(), raw.last().copied());
 }
 
 #[test]
@@ -142,6 +153,10 @@ fn the_tutorial_recipe_writes_what_it_always_wrote() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("plain");
     csp_tch_ok(&common::small_run(&["train", "--model", MODEL], common::synth(), &out, ["1", "128", "64"]));
+    let checkpoint = out.join("checkpoints").join(format!("{MODEL}.safetensors"));
+    let refused = csp_tch(&["eval", "--checkpoint", common::s(&checkpoint), "--ema"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("trained without --ema"), "{err}");
     let header = csv(&out).lines().next().unwrap().to_string();
     assert_eq!(
         header,

@@ -12,6 +12,7 @@ use crate::data::{self, Access};
 use crate::environment::{device_label, device_name, parse_device, Environment};
 use crate::models;
 use crate::report::{si, thousands};
+use crate::train::checkpoint::Weights;
 use crate::train::ClassAccuracy;
 
 pub(super) fn summary(args: SummaryArgs) -> Result<()> {
@@ -108,6 +109,8 @@ struct EvalReport {
     data_dir: PathBuf,
     test_images: usize,
     device: String,
+    /// `trained` or `ema` (`--ema`: the run's averaged weights).
+    weights: &'static str,
     loss: f64,
     accuracy: f64,
     per_class: Vec<ClassAccuracy>,
@@ -117,7 +120,8 @@ struct EvalReport {
 
 pub(super) fn eval(args: EvalArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
-    let (meta, _vs, model) = crate::train::checkpoint::load_model(&args.checkpoint, device)?;
+    let weights = if args.ema { Weights::Ema } else { Weights::Trained };
+    let (meta, _vs, model) = crate::train::checkpoint::load_model(&args.checkpoint, device, weights)?;
     let data_dir = args.data_dir.unwrap_or_else(|| meta.config.data_dir.clone());
     let test_limit = args.test_limit.map_or(meta.config.test_limit, |l| l.0);
     let (spec, recipe) = (&meta.config.dataset, &meta.config.recipe);
@@ -147,6 +151,7 @@ pub(super) fn eval(args: EvalArgs) -> Result<()> {
         data_dir,
         test_images: cifar.test_len(),
         device: device_label(device),
+        weights: if args.ema { "ema" } else { "trained" },
         loss: e.loss,
         accuracy: e.accuracy,
         per_class,
@@ -162,8 +167,9 @@ pub(super) fn eval(args: EvalArgs) -> Result<()> {
 
 fn print_eval(r: &EvalReport) {
     println!(
-        "{} after {} epoch(s), on {} test images from {} ({})",
+        "{}{} after {} epoch(s), on {} test images from {} ({})",
         r.model,
+        if r.weights == "ema" { " (its EMA weights)" } else { "" },
         r.epochs_done,
         r.test_images,
         r.data_dir.display(),

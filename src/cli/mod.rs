@@ -673,6 +673,9 @@ struct EvalArgs {
     test_limit: Option<Limit>,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Evaluate the run's `--ema` average instead of its trained weights.
+    #[arg(long)]
+    ema: bool,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,

@@ -296,12 +296,32 @@ pub fn restore(
     Ok(meta)
 }
 
-/// The checkpoint's model, built on `device` with the checkpoint's weights and BN statistics.
-pub fn load_model(file: &Path, device: Device) -> Result<(Meta, nn::VarStore, Backbone)> {
+/// Which of a checkpoint's weights to load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Weights {
+    /// The trained weights (`model/`).
+    Trained,
+    /// The `--ema` average (`ema/`).
+    Ema,
+}
+
+/// The checkpoint's model, built on `device` with the checkpoint's weights and BN statistics (the
+/// trained ones, or the `--ema` average of a run that kept one).
+pub fn load_model(file: &Path, device: Device, weights: Weights) -> Result<(Meta, nn::VarStore, Backbone)> {
     let (bytes, meta) = read(file)?;
+    if weights == Weights::Ema && meta.config.recipe.ema.is_none() {
+        bail!(
+            "{} was trained without --ema, so it holds no averaged weights; evaluate it without --ema",
+            file.display()
+        );
+    }
     let tensors = safetensors::SafeTensors::deserialize(&bytes).with_context(|| corrupt(file))?;
     let vs = nn::VarStore::new(device);
     let model = crate::models::build(&vs.root(), crate::models::model_info(&meta.model)?, meta.config.classes);
-    load_variables(&tensors, file, "model", &vs)?;
+    let prefix = match weights {
+        Weights::Trained => "model",
+        Weights::Ema => EMA_PREFIX,
+    };
+    load_variables(&tensors, file, prefix, &vs)?;
     Ok((meta, vs, model))
 }
