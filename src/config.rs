@@ -354,7 +354,8 @@ pub enum DataOn {
     Auto,
     /// Uploaded to the device once (the default for sets that fit).
     Device,
-    /// Kept in host memory (pinned, on CUDA): each batch is gathered there and copied to the device.
+    /// Kept in host memory (a read image cache memory-mapped): each batch is gathered there into a
+    /// pinned buffer and copied to the device.
     Host,
 }
 

@@ -372,6 +372,17 @@ fn a_folder_run_names_its_data_and_reuses_the_cache_until_a_file_changes() {
     assert_eq!(read_json(&out2.join("comparison.json"))["data"]["cache_hit"], true);
     let csv = |o: &Path| common::without_timings(&std::fs::read_to_string(o.join("cspdarknet53-pad0.csv")).unwrap());
     assert_eq!(csv(&out), csv(&out2));
+    // Kept in host memory, the cache is trained from as mapped: the same numbers, the file untouched
+    // (the mapping is private and read-only).
+    let caches: Vec<PathBuf> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    let pixels = |c: &[PathBuf]| c.iter().map(|f| std::fs::read(f.join("pixels.u8")).unwrap()).collect::<Vec<_>>();
+    let before = pixels(&caches);
+    let mapped = tmp.path().join("mapped");
+    csp_tch_ok(&folder_run(&root, &mapped, &cache, &["--data-on", "host", "--aug", "crop-flip"]));
+    let flipped = tmp.path().join("flipped");
+    csp_tch_ok(&folder_run(&root, &flipped, &cache, &["--aug", "crop-flip"]));
+    assert_eq!(csv(&mapped), csv(&flipped), "host and device runs from the cache agree");
+    assert!(pixels(&caches) == before, "the cache is unchanged");
     // A damaged cache is decoded again (and replaced), not an error.
     let caches: Vec<PathBuf> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(caches.len(), 2, "one cache per split");

@@ -333,8 +333,8 @@ struct RecipeArgs {
     seeds: Vec<u64>,
     #[command(flatten)]
     acceleration: AccelerationArgs,
-    /// Where the images live while training: `device` (uploaded once), `host` (host memory, pinned on
-    /// CUDA; each batch gathered there and copied over, for sets larger than the GPU) or `auto`
+    /// Where the images live while training: `device` (uploaded once), `host` (host memory, a read image
+    /// cache memory-mapped; each batch gathered there and copied over, for sets larger than the GPU) or `auto`
     /// (device when both splits take at most half of its free memory). The numbers are the same.
     #[arg(long, value_enum, default_value_t = DataOn::Auto)]
     data_on: DataOn,

@@ -129,12 +129,13 @@ fn read_cache(folder: &Path) -> Result<Option<Decoded>> {
         _ => bail!("the image cache {} is damaged (its meta.json)", folder.display()),
     };
     let damaged = || format!("the image cache {} is damaged", folder.display());
-    let mut file = std::fs::File::open(folder.join(PIXELS_FILE)).with_context(damaged)?;
-    let mut images = uint8_block([meta.labels.len(), 3, meta.height, meta.width]);
-    if file.metadata().with_context(damaged)?.len() != images.numel() as u64 {
+    let path = folder.join(PIXELS_FILE);
+    let shape = [meta.labels.len(), 3, meta.height, meta.width];
+    let numel: usize = shape.iter().product();
+    if std::fs::metadata(&path).with_context(damaged)?.len() != numel as u64 {
         bail!("{} (its size is wrong)", damaged());
     }
-    std::io::Read::read_exact(&mut file, bytes_mut(&mut images)).with_context(damaged)?;
+    let images = map_pixels(&path, shape).with_context(damaged)?;
     Ok(Some(Decoded {
         images,
         labels: meta.labels,
@@ -144,6 +145,17 @@ fn read_cache(folder: &Path) -> Result<Option<Decoded>> {
         cache_hit: true,
         seconds: 0.0,
     }))
+}
+
+/// The cached pixels of `shape`, memory-mapped privately (libtorch's `from_file`, copy-on-write, the
+/// file opened read-only): pages are read when a batch first touches them and can be dropped again
+/// by the kernel, so a set kept in host memory (`--data-on host`) costs page cache, not resident
+/// memory of its own; a later run that replaces the cache leaves this mapping on the old file.
+fn map_pixels(path: &Path, shape: [usize; 4]) -> Result<Tensor> {
+    let name = path.to_str().with_context(|| format!("{} is not a UTF-8 path", path.display()))?;
+    let numel = shape.iter().product::<usize>() as i64;
+    let flat = Tensor::f_from_file(name, false, Some(numel), (Kind::Uint8, tch::Device::Cpu))?;
+    Ok(flat.view(shape.map(|d| d as i64)))
 }
 
 fn write_cache(folder: &Path, decoded: &Decoded) -> Result<()> {

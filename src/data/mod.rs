@@ -330,14 +330,11 @@ impl Dataset {
     }
 
     /// Moves the dataset to `device` once, where batches are gathered; with `images_on_host`, the
-    /// images stay in host memory (pinned, for a CUDA device) and only the labels move: each batch is
-    /// then gathered on the host and copied over (`crate::train`'s staging).
+    /// images stay where they are in host memory (a read cache stays memory-mapped) and only the
+    /// labels move: each batch is then gathered on the host and copied over through a pinned buffer
+    /// (`crate::train`'s staging).
     pub fn to_device(self, device: Device, images_on_host: bool) -> Dataset {
-        let images = |t: Tensor| match (images_on_host, device.is_cuda()) {
-            (false, _) => t.to_device(device),
-            (true, true) => t.pin_memory(device),
-            (true, false) => t,
-        };
+        let images = |t: Tensor| if images_on_host { t } else { t.to_device(device) };
         Dataset {
             train_images: images(self.train_images),
             train_labels: self.train_labels.to_device(device),

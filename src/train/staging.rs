@@ -1,5 +1,6 @@
-//! `--data-on host`: a dataset kept in host memory, batch by batch. Each batch is gathered on the
-//! host (through a pinned buffer when the device is CUDA) and copied into one device buffer kept for
+//! `--data-on host`: a dataset kept in host memory (a read image cache memory-mapped), batch by
+//! batch. Each batch is gathered on the host into a pinned buffer (when the device is CUDA) and
+//! copied into one device buffer kept for
 //! the whole run, so that a recorded CUDA graph finds its input in place; the step then gathers
 //! `0..n` of that buffer where it would have gathered the batch's indices from the whole set.
 //!
