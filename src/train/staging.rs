@@ -77,8 +77,8 @@ pub fn place(data: Dataset, device: Device, data_on: DataOn) -> (Dataset, Option
             _ => "--data-on host".to_string(),
         };
         format!(
-            "data: {:.1} GB of images kept in host memory ({why}); each batch is copied to the device",
-            bytes as f64 / 1e9
+            "data: {} MB of images kept in host memory ({why}); each batch is copied to the device",
+            bytes.div_ceil(1 << 20)
         )
     });
     (data.to_device(device, on_host), line)
