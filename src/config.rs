@@ -44,10 +44,8 @@ impl Preset {
                 sched: SchedName::Cosine,
                 on: SchedOn::Step,
                 warmup_epochs: 5,
-                warmup_lr: 1e-5,
                 min_lr: 1e-5,
-                decay_epochs: Vec::new(),
-                decay_rate: 0.1,
+                ..Schedule::default()
             }),
             ..Recipe::tutorial()
         };
@@ -512,12 +510,48 @@ impl OptimizerConfig {
         }
     }
 
-    /// `adam`, `adamw` or `sgd`, as `--opt` spells it.
-    pub fn name(&self) -> &'static str {
+    pub fn kind(&self) -> OptimizerKind {
         match self {
-            OptimizerConfig::Adam(_) => "adam",
-            OptimizerConfig::Adamw(_) => "adamw",
-            OptimizerConfig::Sgd(_) => "sgd",
+            OptimizerConfig::Adam(_) => OptimizerKind::Adam,
+            OptimizerConfig::Adamw(_) => OptimizerKind::Adamw,
+            OptimizerConfig::Sgd(_) => OptimizerKind::Sgd,
+        }
+    }
+}
+
+/// `--opt`: which optimizer, without its hyperparameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptimizerKind {
+    Adam,
+    Adamw,
+    Sgd,
+}
+
+impl OptimizerKind {
+    /// As `--opt` spells it.
+    pub fn label(self) -> &'static str {
+        match self {
+            OptimizerKind::Adam => "adam",
+            OptimizerKind::Adamw => "adamw",
+            OptimizerKind::Sgd => "sgd",
+        }
+    }
+
+    /// The optimizer with its defaults: PyTorch's (AdamW's weight decay 0.01), SGD at lr 0.1 with
+    /// momentum 0.9 (the usual CIFAR recipe; PyTorch's SGD has no default worth training with).
+    pub fn defaults(self) -> OptimizerConfig {
+        match self {
+            OptimizerKind::Adam => OptimizerConfig::Adam(AdamConfig::default()),
+            OptimizerKind::Adamw => OptimizerConfig::Adamw(AdamConfig {
+                decay: WeightDecay { weight_decay: 0.01, no_decay_bn_bias: true },
+                ..AdamConfig::default()
+            }),
+            OptimizerKind::Sgd => OptimizerConfig::Sgd(SgdConfig {
+                lr: 0.1,
+                momentum: 0.9,
+                nesterov: false,
+                decay: WeightDecay::default(),
+            }),
         }
     }
 }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use crate::bench::{BenchConfig, Mode};
 use crate::config::Normalize;
-use crate::config::{AdamConfig, Augment, OptimizerConfig, SchedName, SchedOn, Schedule, SgdConfig, WeightDecay};
+use crate::config::{
+    AdamConfig, Augment, OptimizerConfig, OptimizerKind, SchedName, SchedOn, Schedule, SgdConfig, WeightDecay,
+};
 use crate::config::{Cifar100Labels, DatasetName, DatasetSpec, FlowersSplit};
 use crate::config::{CudaGraphs, DataOn, Execution, MemoryFormat, Preset, Recipe, RunConfig};
 use crate::data::{self, Access};
@@ -422,7 +424,7 @@ struct OptimizerArgs {
     /// `adam` (torch.optim.Adam, the tutorial's), `adamw` (torch.optim.AdamW: decoupled weight decay)
     /// or `sgd` (torch.optim.SGD, no dampening) [preset].
     #[arg(long, value_enum)]
-    opt: Option<OptName>,
+    opt: Option<OptimizerKind>,
     /// Learning rate [adam, adamw: 1e-3 (the tutorial's); sgd: 0.1].
     #[arg(long)]
     lr: Option<f64>,
@@ -559,55 +561,19 @@ impl ScheduleArgs {
     }
 }
 
-/// `--opt`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum OptName {
-    Adam,
-    Adamw,
-    Sgd,
-}
-
-impl OptName {
-    fn of(config: &OptimizerConfig) -> OptName {
-        match config {
-            OptimizerConfig::Adam(_) => OptName::Adam,
-            OptimizerConfig::Adamw(_) => OptName::Adamw,
-            OptimizerConfig::Sgd(_) => OptName::Sgd,
-        }
-    }
-
-    /// The optimizer with its defaults: PyTorch's (AdamW's weight decay 0.01), SGD at lr 0.1 with
-    /// momentum 0.9 (the usual CIFAR recipe; PyTorch's SGD has no default worth training with).
-    fn defaults(self) -> OptimizerConfig {
-        match self {
-            OptName::Adam => OptimizerConfig::Adam(AdamConfig::default()),
-            OptName::Adamw => OptimizerConfig::Adamw(AdamConfig {
-                decay: WeightDecay { weight_decay: 0.01, no_decay_bn_bias: true },
-                ..AdamConfig::default()
-            }),
-            OptName::Sgd => OptimizerConfig::Sgd(SgdConfig {
-                lr: 0.1,
-                momentum: 0.9,
-                nesterov: false,
-                decay: WeightDecay::default(),
-            }),
-        }
-    }
-}
-
 impl OptimizerArgs {
     /// The optimizer of these flags over `preset`'s.
     fn resolve(&self, preset: OptimizerConfig) -> Result<OptimizerConfig> {
-        let opt = self.opt.unwrap_or(OptName::of(&preset));
-        let base = if opt == OptName::of(&preset) { preset } else { opt.defaults() };
+        let opt = self.opt.unwrap_or(preset.kind());
+        let base = if opt == preset.kind() { preset } else { opt.defaults() };
         let refuse = |flag: &str, set: bool, applies: bool| -> Result<()> {
             if set && !applies {
-                let name = format!("{opt:?}").to_lowercase();
+                let name = opt.label();
                 bail!("{flag} does not apply to --opt {name}; leave it out, or choose an optimizer it applies to");
             }
             Ok(())
         };
-        let sgd = opt == OptName::Sgd;
+        let sgd = opt == OptimizerKind::Sgd;
         refuse("--momentum", self.momentum.is_some(), sgd)?;
         refuse("--nesterov", self.nesterov, sgd)?;
         refuse("--betas", !self.betas.is_empty(), !sgd)?;
@@ -622,7 +588,7 @@ impl OptimizerArgs {
             bail!("--weight-decay {weight_decay} must be a number of at least 0");
         }
         // Recorded only where there is a decay to exempt from.
-        let exempt = self.no_decay_bn_bias.unwrap_or(opt != OptName::Adam || base_decay.no_decay_bn_bias);
+        let exempt = self.no_decay_bn_bias.unwrap_or(opt != OptimizerKind::Adam || base_decay.no_decay_bn_bias);
         let decay = WeightDecay { weight_decay, no_decay_bn_bias: weight_decay > 0.0 && exempt };
         match base {
             OptimizerConfig::Sgd(base) => {
@@ -650,7 +616,11 @@ impl OptimizerArgs {
                     bail!("--eps {eps} must be a positive number");
                 }
                 let config = AdamConfig { lr, beta1, beta2, eps, decay };
-                Ok(if opt == OptName::Adam { OptimizerConfig::Adam(config) } else { OptimizerConfig::Adamw(config) })
+                Ok(if opt == OptimizerKind::Adam {
+                    OptimizerConfig::Adam(config)
+                } else {
+                    OptimizerConfig::Adamw(config)
+                })
             }
         }
     }

@@ -6,7 +6,7 @@
 use anyhow::{ensure, Result};
 use serde::Serialize;
 
-use super::{read_csv, RecordedRun};
+use super::{read_csv, recipe_fields, RecordedRun};
 use crate::config::RunConfig;
 use crate::environment::RunEnvironment;
 use crate::files::OutDir;
@@ -178,10 +178,7 @@ fn recorded(out: &OutDir) -> Result<RecordedRun> {
 /// What a run computes, as a flat JSON object: the recipe (its seed aside: seeds are paired run by
 /// run), the dataset, the class count and the limits.
 fn computes(config: &RunConfig) -> serde_json::Map<String, serde_json::Value> {
-    let mut what = match serde_json::to_value(&config.recipe) {
-        Ok(serde_json::Value::Object(map)) => map,
-        _ => unreachable!("a recipe serialises as an object"),
-    };
+    let mut what = recipe_fields(&config.recipe);
     what.remove("seed");
     let data = serde_json::json!({
         "dataset": config.dataset,

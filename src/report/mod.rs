@@ -418,17 +418,21 @@ impl RecordedRun {
     }
 }
 
+/// A recipe as comparison.json's `config` holds it, key by key.
+fn recipe_fields(recipe: &Recipe) -> serde_json::Map<String, serde_json::Value> {
+    match serde_json::to_value(recipe) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => unreachable!("a recipe serialises as an object"),
+    }
+}
+
 /// The settings of `recipe` beyond those the run line names that are not the tutorial's (another
 /// optimizer or its hyperparameters, a schedule, augmentation, smoothing, clipping, EMA, an eval
 /// crop), each as `key value` with the value as comparison.json holds it.
 fn past_the_tutorial(recipe: &Recipe) -> Vec<String> {
     let mut tutorial = Recipe::tutorial();
     tutorial.optimizer.set_lr(recipe.optimizer.lr());
-    let as_map = |r: &Recipe| match serde_json::to_value(r) {
-        Ok(serde_json::Value::Object(map)) => map,
-        _ => unreachable!("a recipe serialises as an object"),
-    };
-    let (ours, theirs) = (as_map(recipe), as_map(&tutorial));
+    let (ours, theirs) = (recipe_fields(recipe), recipe_fields(&tutorial));
     let named = ["epochs", "batch_size", "image_size", "normalize", "seed"];
     ours.iter()
         .filter(|(k, v)| !named.contains(&k.as_str()) && theirs.get(*k) != Some(v))

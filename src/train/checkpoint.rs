@@ -1,9 +1,9 @@
 //! Checkpoints: `<out>/checkpoints/<model>.safetensors` holds a model's variables (weights and
 //! BatchNorm statistics, as `model/<name>`), the optimizer's state (Adam's and AdamW's moments as
 //! `adam.exp_avg/<name>` and `adam.exp_avg_sq/<name>`, SGD's `sgd.momentum_buffer/<name>`), the
-//! `--ema` average (`ema/<name>`) and, in
-//! the safetensors metadata, the run position: epochs done, the optimizer's step count, the metrics so far, the configuration that produced them and, after a stop
-//! inside an epoch, the place there ([`EpochProgress`]).
+//! `--ema` average (`ema/<name>`) and, in the safetensors metadata, the run position: epochs done,
+//! the optimizer's step count, the metrics so far, the configuration that produced them and, after
+//! a stop inside an epoch, the place there ([`EpochProgress`]).
 //!
 //! The shuffle of epoch `e` is a function of `(seed, e)` alone, so weights, moments, the epoch count
 //! and the place inside an epoch are the whole training state: a resumed run replays exactly what an
@@ -199,6 +199,11 @@ fn to_bytes(t: &Tensor) -> Result<Bytes> {
     Ok(Bytes { dtype: safetensors::Dtype::F32, shape: t.size().iter().map(|&d| d as usize).collect(), data })
 }
 
+/// The key of one of `optimizer`'s state tensors: `adam.exp_avg/<name>`, `sgd.momentum_buffer/<name>`.
+fn state_key(optimizer: &Optimizer, state: &str, name: &str) -> String {
+    format!("{}.{state}/{name}", optimizer.state_prefix())
+}
+
 /// Writes a model's variables (`vs`), its optimizer's state and `meta` atomically.
 pub fn save(
     file: &Path,
@@ -214,7 +219,7 @@ pub fn save(
         }
     }
     for (state, name, t) in optimizer.state() {
-        tensors.push((format!("{}.{state}/{name}", optimizer.state_prefix()), to_bytes(t)?));
+        tensors.push((state_key(optimizer, state, name), to_bytes(t)?));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let info = HashMap::from([(META_KEY.to_string(), serde_json::to_string(meta)?)]);
@@ -288,9 +293,7 @@ pub fn restore(
     }
     let saved = optimizer
         .state()
-        .map(|(state, name, like)| {
-            load_tensor(&tensors, file, &format!("{}.{state}/{name}", optimizer.state_prefix()), like)
-        })
+        .map(|(state, name, like)| load_tensor(&tensors, file, &state_key(optimizer, state, name), like))
         .collect::<Result<Vec<_>>>()?;
     optimizer.set_state(&saved, meta.optimizer_steps);
     Ok(meta)

@@ -6,7 +6,7 @@ use serde::Serialize;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-use super::staging::Staging;
+use super::staging::{self, Staging};
 use super::timing::{warmup_seconds, HEAD_STEPS};
 use super::{amp, batch_bounds, model_input, partial_batch, StepGraphs};
 use crate::config::{Precision, Recipe};
@@ -169,16 +169,15 @@ impl<'a> Evaluator<'a> {
         let started = Instant::now();
         let mut head_seconds = 0.0;
         for (step, &(start, len)) in bounds.iter().enumerate() {
-            let index = Tensor::arange_start(start, start + len, (Kind::Int64, device));
-            if self.on_host {
-                let host_index = Tensor::arange_start(start, start + len, (Kind::Int64, Device::Cpu));
-                let staging =
-                    self.sums.staging.get_or_insert_with(|| Staging::new(images, recipe.batch_size as i64, device));
-                let [staged, staged_labels, index] = staging.batch(images, labels, &host_index, &index);
-                self.batch(&staged, &staged_labels, &index, recipe)?;
-            } else {
-                self.batch(images, labels, &index, recipe)?;
-            }
+            let [batch_images, batch_labels, index] = staging::step_input(
+                &mut self.sums.staging,
+                self.on_host,
+                (images, labels),
+                Tensor::arange_start(start, start + len, (Kind::Int64, device)),
+                || Tensor::arange_start(start, start + len, (Kind::Int64, Device::Cpu)),
+                recipe.batch_size as i64,
+            );
+            self.batch(&batch_images, &batch_labels, &index, recipe)?;
             if step + 1 == HEAD_STEPS {
                 synchronize(device);
                 head_seconds = started.elapsed().as_secs_f64();

@@ -496,17 +496,15 @@ impl Trainer {
                     self.optimizer.set_lr(lr);
                 }
             }
-            let index = order.narrow(0, start, len);
-            if data.images_on_host {
-                let staging = self
-                    .train_staging
-                    .get_or_insert_with(|| Staging::new(&data.train_images, recipe.batch_size as i64, device));
-                let [images, labels, index] =
-                    staging.batch(&data.train_images, &data.train_labels, &order_host.narrow(0, start, len), &index);
-                self.train_batch(&images, &labels, &index, recipe)?;
-            } else {
-                self.train_batch(&data.train_images, &data.train_labels, &index, recipe)?;
-            }
+            let [batch_images, batch_labels, index] = staging::step_input(
+                &mut self.train_staging,
+                data.images_on_host,
+                (&data.train_images, &data.train_labels),
+                order.narrow(0, start, len),
+                || order_host.narrow(0, start, len),
+                recipe.batch_size as i64,
+            );
+            self.train_batch(&batch_images, &batch_labels, &index, recipe)?;
             images += len;
             if step + 1 == HEAD_STEPS {
                 synchronize(device);

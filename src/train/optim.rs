@@ -179,7 +179,7 @@ impl Optimizer {
             )
         };
         // Only a broken invariant (a parameter on another device or dtype) gets here.
-        assert_eq!(status, 0, "fused {}: {}", self.config.name(), native::last_error());
+        assert_eq!(status, 0, "fused {}: {}", self.config.kind().label(), native::last_error());
     }
 
     /// The update as tensor operations (any device), in `torch.optim`'s order (its for-loop

@@ -27,7 +27,7 @@ pub(crate) struct Staging {
 
 impl Staging {
     /// Buffers for batches of up to `batch` images like those of `host_images`, on `device`.
-    pub(crate) fn new(host_images: &Tensor, batch: i64, device: Device) -> Staging {
+    fn new(host_images: &Tensor, batch: i64, device: Device) -> Staging {
         let mut shape = host_images.size();
         shape[0] = batch;
         let host = Tensor::empty(&shape, (host_images.kind(), Device::Cpu));
@@ -42,13 +42,7 @@ impl Staging {
 
     /// The batch of host images at `host_index` (on the CPU) with the labels at `index` (on the
     /// device), staged: (images, labels, index) to train or evaluate on, as if the set were on the device.
-    pub(crate) fn batch(
-        &mut self,
-        host_images: &Tensor,
-        labels: &Tensor,
-        host_index: &Tensor,
-        index: &Tensor,
-    ) -> [Tensor; 3] {
+    fn batch(&mut self, host_images: &Tensor, labels: &Tensor, host_index: &Tensor, index: &Tensor) -> [Tensor; 3] {
         let n = host_index.size()[0];
         let host = self.host.narrow(0, 0, n);
         let _ = host_images.index_select_out(&host, 0, host_index);
@@ -58,6 +52,24 @@ impl Staging {
         staged_labels.shallow_clone().copy_(&labels.index_select(0, index));
         [images, staged_labels, self.arange.narrow(0, 0, n)]
     }
+}
+
+/// The (images, labels, index) a step at `index` reads: the set's own tensors when its images are on
+/// the device; else the batch at `host_index` (made only then) staged into `slot`'s buffers, made
+/// on first use for batches of up to `batch` images.
+pub(crate) fn step_input(
+    slot: &mut Option<Staging>,
+    on_host: bool,
+    (images, labels): (&Tensor, &Tensor),
+    index: Tensor,
+    host_index: impl FnOnce() -> Tensor,
+    batch: i64,
+) -> [Tensor; 3] {
+    if !on_host {
+        return [images.shallow_clone(), labels.shallow_clone(), index];
+    }
+    let staging = slot.get_or_insert_with(|| Staging::new(images, batch, labels.device()));
+    staging.batch(images, labels, &host_index(), &index)
 }
 
 /// Puts `data` where `--data-on` says for training on `device`: returns it with a line saying so
