@@ -146,6 +146,10 @@ fn the_cifar_long_preset_is_its_recipe_and_flags_override_it() {
     assert_eq!((config["sgd"]["lr"].as_f64(), config["sgd"]["momentum"].as_f64()), (Some(0.1), Some(0.9)), "{config}");
     assert!(config.get("adamw").is_none() && config.get("label_smoothing").is_none(), "{config}");
     assert_eq!(config["schedule"]["warmup_epochs"], 5);
+    // The preset's own optimizer with its exemption turned off: every parameter decays.
+    let (config, _) = run("decay-all", &["--no-decay-bn-bias", "false"]);
+    assert_eq!(config["adamw"]["weight_decay"], 0.05, "{config}");
+    assert!(config["adamw"].get("no_decay_bn_bias").is_none(), "{config}");
 }
 
 #[test]
