@@ -44,6 +44,8 @@ struct GraphHeaders {
     folders: Vec<PathBuf>,
     /// `CUDA_VERSION` of libtorch's CUDA (13000 for 13.0).
     torch_cuda_version: u32,
+    /// The folder of `nccl.h` (the `nvidia-nccl` wheel torch depends on), for c10d's NCCL process group.
+    nccl: Option<PathBuf>,
 }
 
 /// The headers for libtorch `lib`'s CUDA graphs: CUDA runtime headers of libtorch's own CUDA major
@@ -61,7 +63,17 @@ fn cuda_graph_headers(lib: &Path) -> Result<GraphHeaders, String> {
             torch_cuda_version % 1000 / 10
         )
     })?;
-    Ok(GraphHeaders { folders, torch_cuda_version })
+    // c10d's NCCL header includes cuda_fp16.h, which wants CCCL's <nv/target> (nvidia-cuda-cccl).
+    let cccl = folders.iter().any(|dir| dir.join("nv/target").exists());
+    Ok(GraphHeaders { nccl: nccl_headers(lib).filter(|_| cccl), folders, torch_cuda_version })
+}
+
+/// The folder of `nccl.h` for libtorch `lib`: the `nvidia-nccl` wheel beside it (the NCCL it links;
+/// `ncclConfig_t`, which c10d's options embed, must have its layout), else `$CUDA_HOME/include`.
+fn nccl_headers(lib: &Path) -> Option<PathBuf> {
+    let wheel = lib.parent().and_then(Path::parent).map(|site_packages| site_packages.join("nvidia/nccl/include"));
+    let toolkit = std::env::var_os("CUDA_HOME").map(|h| PathBuf::from(h).join("include"));
+    wheel.into_iter().chain(toolkit).find(|dir| dir.join("nccl.h").exists())
 }
 
 /// libtorch's CUDA version as `CUDA_VERSION` writes it: pip's `cuda = '13.0'` in torch/version.py,
@@ -131,6 +143,7 @@ fn compile_shims(lib: &Path, graphs: &Result<GraphHeaders, String>) {
         "src/native/onednn.cpp",
         "src/native/fused_optim.cpp",
         "src/native/cuda_graph.cpp",
+        "src/native/distributed.cpp",
     ];
     for source in sources.iter().chain(&["src/native/shim.h"]) {
         println!("cargo:rerun-if-changed={source}");
@@ -145,8 +158,13 @@ fn compile_shims(lib: &Path, graphs: &Result<GraphHeaders, String>) {
         .pic(true)
         .warnings(false)
         .include(root.join("include"))
+        // The C++ frontend's headers, which c10d's include.
+        .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        // c10d's Gloo process group, against the gloo headers vendored beside the shim.
+        .include("src/native/third_party/gloo")
+        .define("USE_C10D_GLOO", None)
         .files(sources);
     match graphs {
         Ok(headers) => {
@@ -154,6 +172,15 @@ fn compile_shims(lib: &Path, graphs: &Result<GraphHeaders, String>) {
                 .includes(&headers.folders)
                 .define("CSP_TCH_CUDA", None)
                 .define("CSP_TCH_TORCH_CUDA_VERSION", headers.torch_cuda_version.to_string().as_str());
+            match &headers.nccl {
+                Some(folder) => {
+                    build.include(folder).define("USE_C10D_NCCL", None).define("CSP_TCH_NCCL", None);
+                }
+                None => println!(
+                    "cargo:warning=csp-tch is built without NCCL (data-parallel runs use Gloo): no nccl.h beside \
+                     libtorch, or no CCCL headers (nv/target) beside CUDA's; run scripts/setup.sh"
+                ),
+            }
         }
         Err(why) => {
             build.define("CSP_TCH_NO_GRAPHS_REASON", format!("{why:?}").as_str());

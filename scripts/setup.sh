@@ -79,5 +79,11 @@ if [ ! -e "$torch_dir/../nvidia/cu13/include/crt/host_config.h" ]; then
   echo "setup: installing nvidia-cuda-crt (the CUDA headers csp-tch's CUDA graphs compile against)"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "nvidia-cuda-crt==13.0.*"
 fi
+# CCCL's headers (<nv/target>), which CUDA's cuda_fp16.h includes where c10d's NCCL process group
+# (src/native/distributed.cpp) is compiled; without them csp-tch is built with Gloo only.
+if [ ! -e "$torch_dir/../nvidia/cu13/include/nv/target" ]; then
+  echo "setup: installing nvidia-cuda-cccl (the CUDA headers csp-tch's NCCL process group compiles against)"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "nvidia-cuda-cccl==13.0.*"
+fi
 write_config "$torch_dir" "$venv/bin/python"
 echo "setup: libtorch $torch_version at $torch_dir"

@@ -2,6 +2,7 @@
 //! graphs) and the resolved run that comparison.json and checkpoints record. Types only, with the
 //! rules that resolve them; nothing here runs anything.
 
+use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use tch::Device;
@@ -99,6 +100,17 @@ pub struct RunConfig {
     /// ([`RunConfig::for_seed`]); empty for a single run (`recipe.seed`, files in `out`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub seeds: Vec<u64>,
+    /// Processes of a data-parallel run, each with `recipe.batch_size` images a step (absent when 1).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl RunConfig {
@@ -637,6 +649,119 @@ impl Precision {
     /// Whether gradients need loss scaling to survive this precision.
     pub fn needs_loss_scaling(self) -> bool {
         self == Precision::Fp16
+    }
+}
+
+/// `--dist-backend`: what the processes of a data-parallel run talk through (c10d's process groups).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DistBackend {
+    /// NCCL on CUDA, Gloo on the CPU (as torch.distributed's default).
+    #[default]
+    Auto,
+    Gloo,
+    Nccl,
+}
+
+impl DistBackend {
+    /// The backend for a rank on CUDA (`cuda`) or the CPU, in a build with NCCL (`nccl_built`) or not.
+    pub fn resolve(self, cuda: bool, nccl_built: bool) -> Result<DistBackend> {
+        Ok(match self {
+            DistBackend::Auto if cuda && nccl_built => DistBackend::Nccl,
+            DistBackend::Auto => DistBackend::Gloo,
+            DistBackend::Nccl if !cuda => {
+                bail!("--dist-backend nccl needs CUDA devices; on the CPU use --dist-backend gloo (or auto)")
+            }
+            DistBackend::Nccl if !nccl_built => bail!(
+                "--dist-backend nccl: this csp-tch was built without NCCL (no nccl.h beside libtorch; run \
+                 scripts/setup.sh and build again), use --dist-backend gloo"
+            ),
+            chosen => chosen,
+        })
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            DistBackend::Auto => "auto",
+            DistBackend::Gloo => "gloo",
+            DistBackend::Nccl => "nccl",
+        }
+    }
+}
+
+/// This process's place in a data-parallel run, from the variables torchrun sets (`--nproc-per-node`
+/// sets the same for the workers it starts).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataParallel {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// `TORCHELASTIC_USE_AGENT_STORE`: torchrun's agent already hosts the TCPStore on the master port,
+    /// so rank 0 joins it as a client, as `torch.distributed`'s env:// rendezvous does.
+    pub agent_store: bool,
+    /// `TORCHELASTIC_RESTART_COUNT`: which of torchrun's attempts this is (their store keys are apart).
+    pub attempt: u32,
+    /// As asked for; Gloo or NCCL once resolved for the device (`run::Settings::check`).
+    pub backend: DistBackend,
+    pub timeout: std::time::Duration,
+}
+
+impl DataParallel {
+    /// The variables a worker of a data-parallel run is started with (by torchrun or `--nproc-per-node`).
+    pub const ENV: [&'static str; 4] = ["RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"];
+
+    /// This process's place from `env` (a lookup of the environment), or `None` when it is not a worker
+    /// (no `RANK` or `WORLD_SIZE`): a single-process run. `backend` is resolved once the device is
+    /// known ([`DistBackend::resolve`]).
+    pub fn from_env(
+        env: impl Fn(&str) -> Option<String>,
+        backend: DistBackend,
+        timeout_s: f64,
+    ) -> Result<Option<DataParallel>> {
+        if env("RANK").is_none() && env("WORLD_SIZE").is_none() {
+            return Ok(None);
+        }
+        let var = |name: &str| {
+            env(name).ok_or_else(|| {
+                anyhow!(
+                    "{name} is not set, but RANK or WORLD_SIZE is: a data-parallel worker needs all of {} (as                      torchrun sets them); unset RANK and WORLD_SIZE for a single-process run",
+                    Self::ENV.join(", ")
+                )
+            })
+        };
+        fn number<T: std::str::FromStr>(name: &str, value: String) -> Result<T> {
+            value.trim().parse().map_err(|_| anyhow!("{name}={value:?} is not a non-negative whole number"))
+        }
+        let rank: usize = number("RANK", var("RANK")?)?;
+        let world_size: usize = number("WORLD_SIZE", var("WORLD_SIZE")?)?;
+        if world_size == 0 || rank >= world_size {
+            bail!("RANK={rank} with WORLD_SIZE={world_size}: a rank must be below the world size");
+        }
+        let local_rank: usize = match env("LOCAL_RANK") {
+            Some(v) => number("LOCAL_RANK", v)?,
+            None => rank,
+        };
+        let master_port: u16 = number("MASTER_PORT", var("MASTER_PORT")?)?;
+        let attempt: u32 = match env("TORCHELASTIC_RESTART_COUNT") {
+            Some(v) => number("TORCHELASTIC_RESTART_COUNT", v)?,
+            None => 0,
+        };
+        if !(timeout_s.is_finite() && timeout_s > 0.0) {
+            bail!("--dist-timeout {timeout_s} must be a positive number of seconds");
+        }
+        Ok(Some(DataParallel {
+            rank,
+            world_size,
+            local_rank,
+            master_addr: var("MASTER_ADDR")?,
+            master_port,
+            agent_store: env("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true")),
+            attempt,
+            backend,
+            timeout: std::time::Duration::from_secs_f64(timeout_s),
+        }))
     }
 }
 

@@ -138,6 +138,19 @@ pub struct RunEnvironment {
     /// not visible through tch).
     #[serde(default)]
     pub peak_resident_mb: Option<f64>,
+    /// A data-parallel run's backend, world size and each rank's device; absent for one process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_parallel: Option<ParallelEnvironment>,
+}
+
+/// How a data-parallel run ran.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParallelEnvironment {
+    /// `gloo` or `nccl`.
+    pub backend: String,
+    pub world_size: usize,
+    /// Each rank's device (`cuda:0 (NVIDIA H200)`, `cpu`), by rank.
+    pub devices: Vec<String>,
 }
 
 impl RunEnvironment {
@@ -148,6 +161,7 @@ impl RunEnvironment {
             precision,
             versions: Environment::detect(),
             peak_resident_mb: peak_resident_mb(),
+            data_parallel: None,
         }
     }
 }

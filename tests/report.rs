@@ -122,6 +122,7 @@ fn each_csp_model_is_compared_with_its_own_plain_network() {
         device: "cpu".into(),
         out: "out".into(),
         seeds: Vec::new(),
+        world_size: 1,
     };
     let epoch = |eval_acc: f64, train_ms_per_step: f64| EpochMetrics {
         epoch: 1,

@@ -72,6 +72,9 @@ pub(super) fn env() -> Result<()> {
         false => println!("CUDA graphs: not in this build ({})", crate::train::cuda_graph::MISSING_REASON),
     }
     println!("{}", crate::train::cuda_graph::decision_line(CudaGraphs::Auto, device, crate::config::Precision::Fp32)?);
+    let nccl =
+        if crate::native::nccl_built() { "NCCL (CUDA) and Gloo (CPU)" } else { "Gloo only (built without NCCL)" };
+    println!("data-parallel: c10d process groups, {nccl}; under torchrun or --nproc-per-node");
     Ok(())
 }
 

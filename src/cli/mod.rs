@@ -11,7 +11,9 @@ use crate::config::{
     AdamConfig, Augment, OptimizerConfig, OptimizerKind, SchedName, SchedOn, Schedule, SgdConfig, WeightDecay,
 };
 use crate::config::{Cifar100Labels, DatasetName, DatasetSpec, FlowersSplit};
-use crate::config::{CudaGraphs, DataOn, Execution, MemoryFormat, Preset, Recipe, RunConfig};
+use crate::config::{
+    CudaGraphs, DataOn, DataParallel, DistBackend, Execution, MemoryFormat, Preset, Recipe, RunConfig,
+};
 use crate::data::{self, Access};
 use crate::environment::parse_device;
 use crate::models;
@@ -351,6 +353,49 @@ struct RecipeArgs {
     resume: bool,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    parallel: ParallelArgs,
+}
+
+/// Data-parallel training (DistributedDataParallel's semantics on c10d): under torchrun
+/// (`torchrun --nproc-per-node N --no-python csp-tch run-all ...`, its variables RANK, WORLD_SIZE,
+/// MASTER_ADDR, MASTER_PORT read from the environment) or started by csp-tch itself.
+#[derive(Args, Debug)]
+struct ParallelArgs {
+    /// Start N worker processes of this command on this machine, one per GPU (cuda:0 ..) or, on the
+    /// CPU, sharing its cores: a data-parallel run as torchrun would start it. --batch-size is per
+    /// process, so a step takes N times as many images.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    nproc_per_node: Option<u32>,
+    /// The process group: `auto` (NCCL on CUDA, Gloo on the CPU), `gloo` or `nccl`.
+    #[arg(long, value_enum, default_value_t = DistBackend::Auto)]
+    dist_backend: DistBackend,
+    /// Seconds a rank waits for the others (joining, each allreduce, rank 0 reading the data) before it
+    /// stops with an error: a rank that died or hangs stops the run within this time [PyTorch's 30 min].
+    #[arg(long, value_name = "SECONDS", default_value_t = 1800.0)]
+    dist_timeout: f64,
+}
+
+impl ParallelArgs {
+    /// Runs `config` as this process's part: one process, a data-parallel rank (torchrun's variables
+    /// set), or the launcher of `--nproc-per-node` workers.
+    fn run(&self, config: RunConfig, resume: bool, access: &Access) -> Result<()> {
+        let place = DataParallel::from_env(|name| std::env::var(name).ok(), self.dist_backend, self.dist_timeout)?;
+        if let Some(workers) = self.nproc_per_node {
+            if place.is_some() {
+                bail!(
+                    "--nproc-per-node: this process is already a data-parallel worker (RANK and WORLD_SIZE are set, \
+                     as torchrun sets them); drop --nproc-per-node under torchrun"
+                );
+            }
+            // Refuse bad settings once, before any worker starts.
+            run::Settings::check(config, resume, None)?;
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            let timeout = std::time::Duration::from_secs_f64(self.dist_timeout);
+            return run::launch::launch(workers as usize, &run::launch::worker_args(&args), timeout);
+        }
+        run::run(&run::Settings::check(config, resume, place)?, access)
+    }
 }
 
 impl RecipeArgs {
@@ -413,6 +458,7 @@ impl RecipeArgs {
             device: self.device.clone(),
             out: self.out.clone(),
             seeds,
+            world_size: 1,
         })
     }
 }
@@ -802,12 +848,12 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(twice) = first_repeated(&models) {
                 bail!("--models lists {twice} twice; name each model once");
             }
-            let settings = run::Settings::check(args.recipe.resolve(models)?, args.recipe.resume)?;
-            run::run(&settings, &args.recipe.data.access())
+            let recipe = &args.recipe;
+            recipe.parallel.run(recipe.resolve(models)?, recipe.resume, &recipe.data.access())
         }
         Command::Train(args) => {
-            let settings = run::Settings::check(args.recipe.resolve(vec![args.model])?, args.recipe.resume)?;
-            run::run(&settings, &args.recipe.data.access())
+            let recipe = &args.recipe;
+            recipe.parallel.run(recipe.resolve(vec![args.model])?, recipe.resume, &recipe.data.access())
         }
         Command::Eval(args) => eval(args),
         Command::Compare { a, b, json } => compare(&a, &b, json),

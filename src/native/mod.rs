@@ -59,7 +59,33 @@ extern "C" {
     pub(crate) fn csp_tch_cuda_synchronize(device: c_int) -> c_int;
     pub(crate) fn csp_tch_cuda_mem_info(device: c_int, free: *mut usize, total: *mut usize) -> c_int;
     pub(crate) fn csp_tch_set_cudnn_deterministic(on: c_int) -> c_int;
+
+    // distributed.cpp: backend 0 Gloo, 1 NCCL.
+    fn csp_tch_nccl_built() -> c_int;
+    fn csp_tch_process_group_new(
+        backend: c_int,
+        host: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        host_store: c_int,
+        prefix: *const c_char,
+        timeout_ms: i64,
+        device: c_int,
+        gloo_host: *const c_char,
+        gloo_interface: *const c_char,
+    ) -> *mut c_void;
+    fn csp_tch_process_group_free(group: *mut c_void);
+    fn csp_tch_process_group_silent_ranks(group: *mut c_void, world: c_int, wait_ms: i64, silent: *mut c_int) -> c_int;
+    fn csp_tch_process_group_broadcast(group: *mut c_void, tensor: *const C_tensor, root: c_int) -> c_int;
+    fn csp_tch_process_group_allreduce(group: *mut c_void, tensor: *const C_tensor) -> c_int;
+    fn csp_tch_store_set(group: *mut c_void, key: *const c_char, value: *const u8, len: usize) -> c_int;
+    fn csp_tch_store_get(group: *mut c_void, key: *const c_char, len: *mut usize) -> *mut u8;
+    fn csp_tch_store_free(buffer: *mut u8);
 }
+
+mod distributed;
+pub use distributed::{nccl_built, GroupBackend, ProcessGroup, Rendezvous};
 
 /// The message of the last libtorch error a shim function reported on this thread.
 pub(crate) fn last_error() -> String {

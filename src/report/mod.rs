@@ -451,20 +451,26 @@ pub fn run_line(config: &RunConfig, env: &RunEnvironment) -> String {
     let beyond = past_the_tutorial(&config.recipe);
     let beyond =
         if beyond.is_empty() { String::new() } else { format!(", past the tutorial's recipe: {}", beyond.join(", ")) };
+    // A data-parallel run: the batch is per process, as in PyTorch; the step takes all of them.
+    let batch = match config.world_size {
+        1 => config.recipe.batch_size.to_string(),
+        world => format!("{} per process ({} a step)", config.recipe.batch_size, config.recipe.batch_size * world),
+    };
+    let device = match &env.data_parallel {
+        Some(p) => format!("{} data-parallel processes over {} ({})", p.world_size, p.backend, p.devices.join(", ")),
+        None => format!("device {} ({})", env.device, env.device_name),
+    };
     format!(
-        "Preset `{}`, {} px, {} epoch(s), batch {}, lr {}, normalize `{}`{beyond}, {seeds}; data `{}` (train limit {}, \
-         test limit {}); device {} ({}), {}, libtorch {}, csp-tch {}.",
+        "Preset `{}`, {} px, {} epoch(s), batch {batch}, lr {}, normalize `{}`{beyond}, {seeds}; data `{}` (train \
+         limit {}, test limit {}); {device}, {}, libtorch {}, csp-tch {}.",
         serde_label(&config.preset),
         config.recipe.image_size,
         config.recipe.epochs,
-        config.recipe.batch_size,
         config.recipe.optimizer.lr(),
         serde_label(&config.recipe.normalize),
         config.data_dir.display(),
         limit(config.train_limit),
         limit(config.test_limit),
-        env.device,
-        env.device_name,
         serde_label(&env.precision),
         env.versions.libtorch,
         env.versions.csp_tch,

@@ -3,9 +3,10 @@
 
 use anyhow::{bail, Result};
 use indexmap::IndexMap;
+use std::rc::Rc;
 use tch::Device;
 
-use crate::config::{Preset, RunConfig};
+use crate::config::{DataParallel, Preset, RunConfig};
 use crate::data::{self, Access, Dataset};
 use crate::environment::{parse_device, peak_resident_mb, RunEnvironment};
 use crate::files::OutDir;
@@ -13,8 +14,10 @@ use crate::models;
 use crate::report::plot::{self, ModelCurves};
 use crate::report::seeds::{self, SeedsReport};
 use crate::report::{self, Comparison, ModelReport, RanAs};
+use crate::train::distributed::Group;
 use crate::train::{self, checkpoint, cuda_graph, Interrupted, Progress, Trainer};
 
+pub mod launch;
 mod rebuild;
 pub use rebuild::rebuild;
 use rebuild::{collect, has_results};
@@ -27,18 +30,42 @@ pub struct Settings {
     pub device: Device,
     /// `--resume`: continue each model from its checkpoint instead of starting afresh.
     pub resume: bool,
+    /// This process's place in a data-parallel run (torchrun's variables), its backend resolved.
+    pub parallel: Option<DataParallel>,
 }
 
 impl Settings {
     /// Checks everything about `config` that can be known without its data: the device, each
     /// model's least input size, what `--cuda-graphs` comes to with this precision.
-    pub fn check(config: RunConfig, resume: bool) -> Result<Settings> {
-        let device = parse_device(&config.device)?;
+    /// A data-parallel rank (`parallel`) computes on CUDA device `LOCAL_RANK` under `--device auto`
+    /// (where CUDA is available) or `cuda`, on the CPU under `cpu`.
+    pub fn check(mut config: RunConfig, resume: bool, parallel: Option<DataParallel>) -> Result<Settings> {
+        let device = match &parallel {
+            None => parse_device(&config.device)?,
+            Some(place) => match config.device.as_str() {
+                "auto" | "cuda" if tch::Cuda::is_available() || config.device == "cuda" => {
+                    parse_device(&format!("cuda:{}", place.local_rank))?
+                }
+                "auto" | "cpu" => Device::Cpu,
+                other => bail!(
+                    "--device {other} in a data-parallel run: each rank computes on cuda:LOCAL_RANK; use --device \
+                     auto, cuda or cpu"
+                ),
+            },
+        };
+        let parallel = match parallel {
+            Some(place) => {
+                let backend = place.backend.resolve(device.is_cuda(), crate::native::nccl_built())?;
+                config.world_size = place.world_size;
+                Some(DataParallel { backend, ..place })
+            }
+            None => None,
+        };
         for name in &config.models {
             models::model_info(name)?.check_image_size(config.recipe.image_size)?;
         }
         cuda_graph::plan(config.execution.cuda_graphs, device, config.execution.precision(device))?;
-        Ok(Settings { config, device, resume })
+        Ok(Settings { config, device, resume, parallel })
     }
 
     /// The single runs this one is made of: itself, or one per seed with `--seeds`.
@@ -57,17 +84,48 @@ impl Settings {
 /// nothing): a bad setting, a data problem or a Ctrl-C before training leaves `--out` as it was.
 /// A model that fails is recorded as failed and the others still run (the result is then an
 /// error); a signal stops the run before its next step, keeping the checkpoints.
+///
+/// In a data-parallel run every rank does this together: it joins the group, refuses settings that
+/// differ from rank 0's, and only rank 0 locks and writes `--out` and fetches the data (the others
+/// wait for it, then read it, a decoded folder from rank 0's cache).
 pub fn run(settings: &Settings, access: &Access) -> Result<()> {
     let config = &settings.config;
     let out = config.out_dir();
-    let _lock = out.lock()?;
-    out.remove_leftovers()?;
-    data::ensure(&config.dataset, &config.data_dir, access)?;
+    let group = match &settings.parallel {
+        Some(place) => {
+            let group = Group::join(place, settings.device)?;
+            group.check_same("settings", &serde_json::json!({ "config": config, "resume": settings.resume }))?;
+            Some(Rc::new(group))
+        }
+        None => None,
+    };
+    let writes = group.as_ref().is_none_or(|g| g.rank() == 0);
+    let _lock = writes.then(|| out.lock()).transpose()?;
+    if writes {
+        out.remove_leftovers()?;
+        data::ensure(&config.dataset, &config.data_dir, access)?;
+    }
     // From here on, the first Ctrl-C or SIGTERM stops the run before its next step (a download
     // before this stops at once). Installed before the data loads, so that no signal is lost.
     train::stop_on_signals();
     let started = std::time::Instant::now();
-    let full = data::load(&config.dataset, &config.data_dir, access, config.recipe.image_size)?;
+    let load = || data::load(&config.dataset, &config.data_dir, access, config.recipe.image_size);
+    let full = match &group {
+        Some(group) => {
+            let full = if writes { Some(load()?) } else { None };
+            group.barrier("waiting for rank 0 to read the data")?;
+            let full = match full {
+                Some(full) => full,
+                None => load()?,
+            };
+            let sizes = serde_json::json!({
+                "train_images": full.train_len(), "test_images": full.test_len(), "classes": full.classes()
+            });
+            group.check_same("data", &sizes)?;
+            full
+        }
+        None => load()?,
+    };
     if full.classes() != config.classes {
         bail!(
             "{} has {} classes, the run was set up for {}; the folder changed while it loaded",
@@ -86,21 +144,36 @@ pub fn run(settings: &Settings, access: &Access) -> Result<()> {
         .collect::<Result<Vec<(RunConfig, Dataset)>>>()?;
     drop(full);
     let first_data = &runs[0].1;
-    eprintln!(
+    let say = |line: String| writes.then(|| eprintln!("{line}"));
+    say(format!(
         "data: {} train / {} test images, {} classes, from {} ({:.1} s)",
         first_data.train_len(),
         first_data.test_len(),
         first_data.classes(),
         config.data_dir.display(),
         started.elapsed().as_secs_f64()
-    );
+    ));
     if train::stop_requested() {
         eprintln!("stopped before any training: nothing in {} was changed", out.root().display());
         return Err(Interrupted.into());
     }
     let precision = config.execution.precision(settings.device);
-    let environment = RunEnvironment::detect(settings.device, precision);
-    eprintln!("{}", cuda_graph::decision_line(config.execution.cuda_graphs, settings.device, precision)?);
+    let mut environment = RunEnvironment::detect(settings.device, precision);
+    match &group {
+        Some(group) => {
+            let parallel = group.environment(&environment)?;
+            say(format!(
+                "data-parallel: {} processes over {} ({}); {} images a step each, {} in all; steps run eagerly",
+                parallel.world_size,
+                parallel.backend,
+                parallel.devices.join(", "),
+                config.recipe.batch_size,
+                config.recipe.batch_size * parallel.world_size
+            ));
+            environment.data_parallel = Some(parallel);
+        }
+        None => eprintln!("{}", cuda_graph::decision_line(config.execution.cuda_graphs, settings.device, precision)?),
+    }
     if settings.resume {
         // Refuse a mismatched checkpoint before any training.
         for (run, data) in &runs {
@@ -112,26 +185,29 @@ pub fn run(settings: &Settings, access: &Access) -> Result<()> {
                 }
             }
         }
-    } else {
+    } else if writes {
         out.remove_previous(&models::model_names(), !config.seeds.is_empty())?;
     }
+    let context = RunContext { settings, environment: &environment, group: group.clone() };
     if config.seeds.is_empty() {
         let (run, data) = runs.into_iter().next().expect("one run");
-        return run_one(&run, data, settings, &environment);
+        return run_one(&run, data, &context);
     }
     let mut failures = Vec::new();
     let count = runs.len();
     for (i, (run, data)) in runs.into_iter().enumerate() {
         let seed = run.recipe.seed;
-        eprintln!("seed {seed} ({} of {count}): {}", i + 1, run.out.display());
-        match run_one(&run, data, settings, &environment) {
+        say(format!("seed {seed} ({} of {count}): {}", i + 1, run.out.display()));
+        match run_one(&run, data, &context) {
             Err(err) if err.is::<Interrupted>() => return Err(err),
             Err(err) => failures.push(format!("seed {seed}: {err:#}")),
             Ok(()) => {}
         }
-        let report = write_seeds_report(config)?;
-        if i + 1 == count {
-            println!("{}", report.markdown());
+        if writes {
+            let report = write_seeds_report(config)?;
+            if i + 1 == count {
+                println!("{}", report.markdown());
+            }
         }
     }
     if !failures.is_empty() {
@@ -140,13 +216,29 @@ pub fn run(settings: &Settings, access: &Access) -> Result<()> {
     Ok(())
 }
 
+/// What every single run of a [`run`] shares.
+struct RunContext<'a> {
+    settings: &'a Settings,
+    environment: &'a RunEnvironment,
+    /// In a data-parallel run, its group: only rank 0 writes files and reports.
+    group: Option<Rc<Group>>,
+}
+
+impl RunContext<'_> {
+    /// Whether this process writes the run's files and reports (rank 0, or a single process).
+    fn writes(&self) -> bool {
+        self.group.as_ref().is_none_or(|g| g.rank() == 0)
+    }
+}
+
 /// Trains and evaluates every model of the single run `config` on `data` (its subsets), writing
 /// `<model>.csv` and the model's checkpoint after each epoch and the report (comparison.json / .md,
 /// curves.svg) after each model. Its folder is locked meanwhile (a seed folder of a multi-seed run
 /// has its own lock).
-fn run_one(config: &RunConfig, data: Dataset, settings: &Settings, environment: &RunEnvironment) -> Result<()> {
+fn run_one(config: &RunConfig, data: Dataset, context: &RunContext) -> Result<()> {
+    let (settings, writes) = (context.settings, context.writes());
     let out = config.out_dir();
-    let _lock = match config.out != settings.config.out {
+    let _lock = match config.out != settings.config.out && writes {
         true => {
             let lock = out.lock()?;
             out.remove_leftovers()?;
@@ -156,20 +248,25 @@ fn run_one(config: &RunConfig, data: Dataset, settings: &Settings, environment: 
     };
     let device = settings.device;
     let (data, placed) = crate::train::place(data, device, config.execution.data_on);
-    if let Some(line) = placed {
+    if let Some(line) = placed.filter(|_| writes) {
         eprintln!("{line}");
     }
-    let mut environment = environment.clone();
-    let progress = Progress::detect();
+    let mut environment = context.environment.clone();
+    let progress = Progress::shown_if(writes);
     let mut reports: IndexMap<String, ModelReport> = IndexMap::new();
     let mut comparison = None;
     for name in &config.models {
         let mut trainer = Trainer::new(name, config.classes, &config.recipe, &config.execution, device)?;
-        let result =
-            train_model(config, &mut trainer, &data, progress, reports.is_empty(), settings.resume, &environment);
+        let result = train_model(config, &mut trainer, &data, progress, reports.is_empty(), context, &environment);
         if let Err(err) = &result {
             if err.is::<Interrupted>() {
-                eprintln!("{}", stop_message(config, &trainer, !reports.is_empty()));
+                if writes {
+                    eprintln!("{}", stop_message(config, &trainer, !reports.is_empty()));
+                }
+                return result;
+            }
+            // A failed collective leaves the group unusable: the run ends here on every rank.
+            if context.group.is_some() {
                 return result;
             }
             eprintln!("error: {name} failed: {err:#}");
@@ -183,8 +280,13 @@ fn run_one(config: &RunConfig, data: Dataset, settings: &Settings, environment: 
         let report = ModelReport::new(name, config, trainer.history, ran_as, result.err().map(|e| format!("{e:#}")))?;
         reports.insert(name.clone(), report);
         environment.peak_resident_mb = peak_resident_mb();
-        comparison =
-            Some(write_report(&out, Comparison::new(config, &environment, Some(data.info.clone()), reports.clone()))?);
+        if writes {
+            let comparison_now = Comparison::new(config, &environment, Some(data.info.clone()), reports.clone());
+            comparison = Some(write_report(&out, comparison_now)?);
+        }
+    }
+    if !writes {
+        return Ok(());
     }
     if let Some(comparison) = &comparison {
         println!("{}", comparison.models_markdown());
@@ -269,15 +371,17 @@ fn train_model(
     data: &Dataset,
     progress: Progress,
     first_model: bool,
-    resume: bool,
+    context: &RunContext,
     environment: &RunEnvironment,
 ) -> Result<()> {
     let name = trainer.name.clone();
     let file = config.out_dir().checkpoint(&name);
     let csv = config.out_dir().csv(&name);
-    if resume && file.exists() {
+    let writes = context.writes();
+    if context.settings.resume && file.exists() {
         let meta = trainer.restore_checkpoint(&file)?;
         match &trainer.epoch_progress {
+            _ if !writes => {}
             Some(place) => eprintln!(
                 "{name}: resuming in epoch {} after step {} from {}",
                 place.epoch,
@@ -286,22 +390,29 @@ fn train_model(
             ),
             None => eprintln!("{name}: resuming after epoch {} from {}", meta.epochs_done, file.display()),
         }
-        report::write_csv(&csv, &trainer.history)?;
+        if writes {
+            report::write_csv(&csv, &trainer.history)?;
+        }
     }
-    let announce = first_model && trainer.vs.device() == Device::Cpu && config.preset == Preset::Tutorial;
+    if let Some(group) = &context.group {
+        trainer.distribute(group.clone())?;
+    }
+    let announce = writes && first_model && trainer.vs.device() == Device::Cpu && config.preset == Preset::Tutorial;
     let mut first_steps = |ms_per_step: f64| announce.then(|| cpu_estimate(config, data, ms_per_step));
     let meta = run_meta(config, &name, data, environment);
     while trainer.history.len() < config.recipe.epochs {
         let epoch = trainer.run_epoch(data, &config.recipe, progress, &mut first_steps);
         if let Err(err) = epoch {
             // Stopped by a signal inside an epoch: save the place, so that --resume goes on from it.
-            if err.is::<Interrupted>() && trainer.epoch_progress.as_ref().is_some_and(|p| p.steps > 0) {
+            if writes && err.is::<Interrupted>() && trainer.epoch_progress.as_ref().is_some_and(|p| p.steps > 0) {
                 trainer.save_checkpoint(&file, &meta)?;
             }
             return Err(err);
         }
-        trainer.save_checkpoint(&file, &meta)?;
-        report::write_csv(&csv, &trainer.history)?;
+        if writes {
+            trainer.save_checkpoint(&file, &meta)?;
+            report::write_csv(&csv, &trainer.history)?;
+        }
     }
     Ok(())
 }

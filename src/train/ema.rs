@@ -64,4 +64,9 @@ impl Ema {
     pub fn evaluator(&mut self, precision: Precision) -> Evaluator<'_> {
         Evaluator::new(&self.model, precision, None, &mut self.sums, true)
     }
+
+    /// Every averaged variable, sorted by name (what a data-parallel run broadcasts from rank 0).
+    pub fn variables(&self) -> Vec<Tensor> {
+        self.average.pairs.iter().map(|(ema, _)| ema.shallow_clone()).collect()
+    }
 }

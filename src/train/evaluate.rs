@@ -6,6 +6,7 @@ use serde::Serialize;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
+use super::distributed::{self, Group};
 use super::staging::{self, Staging};
 use super::timing::{warmup_seconds, HEAD_STEPS};
 use super::{amp, batch_bounds, model_input, partial_batch, StepGraphs};
@@ -89,6 +90,11 @@ impl EvalSums {
         self.last_loss.copy_(&loss);
     }
 
+    /// Adds every rank's sums into each rank's (the last batch loss stays this rank's).
+    fn sum_over(&self, group: &Group) -> Result<()> {
+        group.sum(&[&self.loss, &self.confusion], "summing the evaluation over the ranks")
+    }
+
     /// Reads the sums back: loss, accuracy, last batch loss and confusion matrix over `n` images.
     fn read(&self, n: usize, ms_per_step: f64) -> Result<Evaluation> {
         let classes = self.classes as usize;
@@ -123,6 +129,8 @@ pub struct Evaluator<'a> {
     _folded: Option<FoldedBatchNorm<'a>>,
     /// Whether the images are kept in host memory, to be staged batch by batch.
     on_host: bool,
+    /// In a data-parallel run: this rank evaluates its share of the images, the sums are added.
+    group: Option<&'a Group>,
 }
 
 impl<'a> Evaluator<'a> {
@@ -134,7 +142,14 @@ impl<'a> Evaluator<'a> {
         fold: bool,
     ) -> Evaluator<'a> {
         let folded = fold.then(|| model.fold_batch_norm());
-        Evaluator { model, precision, graphs, sums, _folded: folded, on_host: false }
+        Evaluator { model, precision, graphs, sums, _folded: folded, on_host: false, group: None }
+    }
+
+    /// In a data-parallel run: this rank's share of the images ([`distributed::eval_shard`]), the
+    /// sums added over the ranks.
+    pub(super) fn sharded(mut self, group: Option<&'a Group>) -> Evaluator<'a> {
+        self.group = group;
+        self
     }
 
     /// For images kept in host memory (`Dataset::images_on_host`): each batch staged on the device.
@@ -164,17 +179,25 @@ impl<'a> Evaluator<'a> {
     pub fn run(mut self, images: &Tensor, labels: &Tensor, recipe: &Recipe) -> Result<(Evaluation, f64)> {
         let device = labels.device();
         let n = labels.size()[0] as usize;
-        let bounds = batch_bounds(n, recipe.batch_size, false);
+        // This process's images: all, or its rank's share.
+        let mine = self.group.map(|g| Tensor::from_slice(&distributed::eval_shard(n, g.rank(), g.world_size())));
+        let count = mine.as_ref().map_or(n, |m| m.size()[0] as usize);
+        let mine_on_device = mine.as_ref().map(|m| m.to_device(device));
+        let bounds = batch_bounds(count, recipe.batch_size, false);
         self.sums.zero();
         let started = Instant::now();
         let mut head_seconds = 0.0;
         for (step, &(start, len)) in bounds.iter().enumerate() {
+            let range = |on: Device, shard: Option<&Tensor>| match shard {
+                Some(shard) => shard.narrow(0, start, len),
+                None => Tensor::arange_start(start, start + len, (Kind::Int64, on)),
+            };
             let [batch_images, batch_labels, index] = staging::step_input(
                 &mut self.sums.staging,
                 self.on_host,
                 (images, labels),
-                Tensor::arange_start(start, start + len, (Kind::Int64, device)),
-                || Tensor::arange_start(start, start + len, (Kind::Int64, Device::Cpu)),
+                range(device, mine_on_device.as_ref()),
+                || range(Device::Cpu, mine.as_ref()),
                 recipe.batch_size as i64,
             );
             self.batch(&batch_images, &batch_labels, &index, recipe)?;
@@ -185,7 +208,10 @@ impl<'a> Evaluator<'a> {
         }
         synchronize(device);
         let seconds = started.elapsed().as_secs_f64();
-        let evaluation = self.sums.read(n, seconds * 1e3 / bounds.len() as f64)?;
+        if let Some(group) = self.group {
+            self.sums.sum_over(group)?;
+        }
+        let evaluation = self.sums.read(n, seconds * 1e3 / bounds.len().max(1) as f64)?;
         Ok((evaluation, warmup_seconds(head_seconds, HEAD_STEPS, seconds, bounds.len())))
     }
 }

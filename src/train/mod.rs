@@ -7,6 +7,7 @@
 pub mod amp;
 pub mod checkpoint;
 pub mod cuda_graph;
+pub mod distributed;
 pub mod ema;
 mod evaluate;
 mod interrupt;
@@ -30,6 +31,7 @@ use timing::{PhaseClock, HEAD_STEPS};
 
 use anyhow::{bail, Result};
 use indicatif::ProgressBar;
+use std::rc::Rc;
 use std::time::Instant;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
@@ -43,6 +45,7 @@ use crate::train::metrics::EpochMetrics;
 use crate::train::optim::{LossScaler, Optimizer};
 use checkpoint::EpochProgress;
 use cuda_graph::{GraphPlan, MemoryPoolSlot, Replayer};
+use distributed::{GradientAverager, Group};
 use ema::Ema;
 use schedule::LrTable;
 use staging::Staging;
@@ -179,7 +182,23 @@ pub struct Trainer {
     /// The number of the batch in training, from the run's start: what `--aug` draws from, written
     /// before every step (a recorded step reads it from the device).
     batch_counter: Tensor,
+    /// In a data-parallel run: the group and this model's gradient averaging.
+    parallel: Option<Parallel>,
 }
+
+/// A trainer's part in a data-parallel run.
+struct Parallel {
+    group: Rc<Group>,
+    averager: GradientAverager,
+    /// Whether some rank asked to stop (a signal), learnt with the last step's gradients.
+    stop: bool,
+    /// The failure of the last step's allreduce, for `train_batch` to return.
+    error: Option<anyhow::Error>,
+}
+
+/// Why data-parallel steps run eagerly.
+const PARALLEL_EAGER: &str = "a data-parallel run's steps run eagerly: its gradient allreduce is not recorded in a \
+                              CUDA graph";
 
 impl Trainer {
     /// A freshly initialised model (seeded by the recipe) with its optimizer, computing as
@@ -232,6 +251,7 @@ impl Trainer {
             batch_counter: crate::data::augment::counter(device),
             train_staging: None,
             epoch_progress: None,
+            parallel: None,
         };
         trainer.set_precision(precision);
         Ok(trainer)
@@ -305,6 +325,49 @@ impl Trainer {
         self.scaler = precision.needs_loss_scaling().then(LossScaler::new);
     }
 
+    /// Makes this trainer one rank of `group`'s data-parallel run, before its first step (after a
+    /// checkpoint is restored: every rank restores the same one): every variable and average
+    /// broadcast from rank 0, gradients averaged from the next step, steps eager. Other ranks than
+    /// rank 0 keep none of a resumed epoch's sums: rank 0's checkpoint holds those of all ranks.
+    pub fn distribute(&mut self, group: Rc<Group>) -> Result<()> {
+        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut variables: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
+        variables.extend(self.ema.iter().flat_map(Ema::variables));
+        tch::no_grad(|| group.broadcast_from_first(&variables, "broadcasting rank 0's weights"))?;
+        if group.rank() != 0 {
+            if let Some(p) = self.epoch_progress.as_mut() {
+                (p.loss_sum, p.correct, p.images) = (0.0, 0.0, 0);
+            }
+        }
+        let averager = GradientAverager::new(self.optimizer.params(), group.world_size());
+        self.graphs = None;
+        self.eager_reason = Some(PARALLEL_EAGER.to_string());
+        self.parallel = Some(Parallel { group, averager, stop: false, error: None });
+        Ok(())
+    }
+
+    /// Gives every rank rank 0's BatchNorm statistics (and averages), so that all evaluate, and rank 0
+    /// saves, rank 0's model, as DDP's `broadcast_buffers` has it at every forward pass.
+    fn share_first_rank_state(&self) -> Result<()> {
+        let Some(parallel) = &self.parallel else { return Ok(()) };
+        let mut named: Vec<(String, Tensor)> =
+            self.vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut buffers: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
+        buffers.extend(self.ema.iter().flat_map(Ema::variables));
+        tch::no_grad(|| parallel.group.broadcast_from_first(&buffers, "broadcasting rank 0's statistics"))
+    }
+
+    /// This rank's share of epoch `epoch`'s shuffle of `n` images: all of it in a single-process run.
+    fn epoch_order(&self, n: usize, seed: u64, epoch: usize) -> Vec<i64> {
+        let order = data::epoch_permutation(n, seed, epoch);
+        match &self.parallel {
+            Some(p) => distributed::shard(&order, p.group.rank(), p.group.world_size()),
+            None => order,
+        }
+    }
+
     /// One optimisation step on the images at `index` (transform, forward, backward, gradient
     /// clipping when the recipe asks for it, the optimizer's update).
     /// Returns the loss, the logits and the labels of the batch. With `phases`, the time of each
@@ -332,6 +395,12 @@ impl Trainer {
             Some(scaler) => self.optimizer.gradients(&(&loss * scaler.scale())),
             None => self.optimizer.gradients(&loss),
         };
+        if let Some(parallel) = self.parallel.as_mut() {
+            match parallel.averager.average(&parallel.group, &grads, stop_requested()) {
+                Ok(stop) => parallel.stop |= stop,
+                Err(err) => parallel.error = Some(err),
+            }
+        }
         clock.lap(|t| &mut t.backward_ms);
         // In fp16, a step whose gradients overflowed is skipped (and the loss scale lowered).
         if self.scaler.as_mut().is_none_or(|scaler| scaler.unscale(&grads)) {
@@ -365,7 +434,10 @@ impl Trainer {
             graphs => {
                 self.graphs = graphs;
                 partial_batch(images.device(), full, || step(self, index));
-                Ok(())
+                match self.parallel.as_mut().and_then(|p| p.error.take()) {
+                    Some(err) => Err(err),
+                    None => Ok(()),
+                }
             }
         }
     }
@@ -382,17 +454,27 @@ impl Trainer {
     ) -> Result<EpochMetrics> {
         let epoch = self.history.len() + 1;
         let started = Instant::now();
-        let bar = progress
-            .bar(batch_bounds(data.train_len(), recipe.batch_size, true).len(), self.epoch_label(epoch, recipe));
+        let steps = batch_bounds(self.epoch_order(data.train_len(), recipe.seed, epoch).len(), recipe.batch_size, true);
+        let bar = progress.bar(steps.len(), self.epoch_label(epoch, recipe));
         let trained = self.train_epoch(data, recipe, epoch, &bar, first_steps)?;
         bar.finish_and_clear();
+        self.share_first_rank_state()?;
         let on_host = data.images_on_host;
-        let (eval, eval_warmup) = self.evaluator().staged(on_host).run(&data.test_images, &data.test_labels, recipe)?;
+        let group = self.parallel.as_ref().map(|p| p.group.clone());
+        let (eval, eval_warmup) = self.evaluator().staged(on_host).sharded(group.as_deref()).run(
+            &data.test_images,
+            &data.test_labels,
+            recipe,
+        )?;
         let precision = self.precision;
         let ema_eval = match self.ema.as_mut() {
-            Some(ema) => {
-                Some(ema.evaluator(precision).staged(on_host).run(&data.test_images, &data.test_labels, recipe)?.0)
-            }
+            Some(ema) => Some(
+                ema.evaluator(precision)
+                    .staged(on_host)
+                    .sharded(group.as_deref())
+                    .run(&data.test_images, &data.test_labels, recipe)?
+                    .0,
+            ),
             None => None,
         };
         let metrics = EpochMetrics {
@@ -456,9 +538,9 @@ impl Trainer {
     ) -> Result<TrainedEpoch> {
         let device = self.vs.device();
         let started = Instant::now();
-        let order = Tensor::from_slice(&data::epoch_permutation(data.train_len(), recipe.seed, epoch));
+        let order = Tensor::from_slice(&self.epoch_order(data.train_len(), recipe.seed, epoch));
         let (order_host, order) = (order.shallow_clone(), order.to_device(device));
-        let bounds = batch_bounds(data.train_len(), recipe.batch_size, true);
+        let bounds = batch_bounds(order.size()[0] as usize, recipe.batch_size, true);
         let base_lr = recipe.optimizer.lr();
         let rates = recipe.schedule.as_ref().map(|s| LrTable::new(s, base_lr, recipe.epochs, bounds.len()));
         self.zero_train_totals();
@@ -478,8 +560,11 @@ impl Trainer {
             None => 0,
         };
         for (step, &(start, len)) in bounds.iter().enumerate().skip(first) {
-            if stop_requested() {
+            // Every rank of a data-parallel run stops at the same step: the one after any asked to.
+            let stop = self.parallel.as_ref().map_or_else(stop_requested, |p| p.stop);
+            if stop {
                 bar.abandon();
+                let images = self.sum_over_ranks(images)?;
                 let (loss_sum, correct) = self.train_totals();
                 let last_loss = self.last_train_loss();
                 self.epoch_progress = Some(EpochProgress { epoch, steps: step, images, loss_sum, correct, last_loss });
@@ -489,7 +574,9 @@ impl Trainer {
                 timed_from = Instant::now();
             }
             if !recipe.augment.is_none() {
-                let _ = self.batch_counter.fill_(((epoch - 1) * bounds.len() + step) as i64);
+                // Each rank's batch draws its own numbers.
+                let (rank, world) = self.parallel.as_ref().map_or((0, 1), |p| (p.group.rank(), p.group.world_size()));
+                let _ = self.batch_counter.fill_((((epoch - 1) * bounds.len() + step) * world + rank) as i64);
             }
             if let Some(lr) = rates.as_ref().map(|r| r.lr(epoch, step)) {
                 if lr != self.optimizer.config().lr() {
@@ -526,6 +613,7 @@ impl Trainer {
             })?;
         }
         let seconds = started.elapsed().as_secs_f64();
+        let images = self.sum_over_ranks(images)?;
         Ok(TrainedEpoch {
             loss: self.train_sums.loss.double_value(&[]) / images as f64,
             accuracy: self.train_sums.correct.double_value(&[]) / images as f64,
@@ -537,6 +625,16 @@ impl Trainer {
             warmup_seconds: warmup_seconds(head_seconds, HEAD_STEPS, seconds, bounds.len()),
             lr: rates.map(|r| r.lr(epoch, 0)),
         })
+    }
+
+    /// In a data-parallel run, the training sums and `images` (this rank's count) added over the
+    /// ranks, so that the epoch's loss and accuracy are those of all its images; else `images`.
+    fn sum_over_ranks(&mut self, images: i64) -> Result<i64> {
+        let Some(parallel) = &self.parallel else { return Ok(images) };
+        let count = Tensor::from_slice(&[images as f64]).to_device(self.vs.device());
+        let sums = [&self.train_sums.loss, &self.train_sums.correct, &count];
+        parallel.group.sum(&sums, "summing the epoch's training metrics over the ranks")?;
+        Ok(count.double_value(&[0]) as i64)
     }
 
     /// Evaluates on all of `images` as [`evaluate`] does, replaying a recorded step for full batches

@@ -71,6 +71,11 @@ impl Optimizer {
         Optimizer::new(named, config)
     }
 
+    /// The parameters it updates, in the order of [`Optimizer::gradients`].
+    pub fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+
     pub fn config(&self) -> OptimizerConfig {
         self.config
     }

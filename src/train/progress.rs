@@ -11,15 +11,22 @@ use super::TrainSums;
 #[derive(Clone, Copy, Debug)]
 pub struct Progress {
     pub terminal: bool,
+    /// Shows nothing: a data-parallel rank other than rank 0, which reports for all.
+    pub quiet: bool,
 }
 
 impl Progress {
     pub fn detect() -> Progress {
-        Progress { terminal: std::io::stderr().is_terminal() }
+        Progress { terminal: std::io::stderr().is_terminal(), quiet: false }
+    }
+
+    /// Progress shown only when `shown` (rank 0 of a data-parallel run, or a single process).
+    pub fn shown_if(shown: bool) -> Progress {
+        Progress { quiet: !shown, ..Progress::detect() }
     }
 
     pub(super) fn bar(&self, steps: usize, prefix: String) -> ProgressBar {
-        if !self.terminal {
+        if !self.terminal || self.quiet {
             return ProgressBar::hidden();
         }
         let bar = ProgressBar::new(steps as u64);
@@ -33,6 +40,9 @@ impl Progress {
     }
 
     pub fn line(&self, bar: &ProgressBar, text: String) {
+        if self.quiet {
+            return;
+        }
         if self.terminal {
             bar.println(text);
         } else {

@@ -156,6 +156,7 @@ pub fn run_meta(model: &str, dir: &Path, recipe: Recipe, execution: Execution) -
         device: "cpu".into(),
         out: dir.to_path_buf(),
         seeds: Vec::new(),
+        world_size: 1,
     };
     Meta {
         format: checkpoint::FORMAT,
@@ -194,8 +195,25 @@ pub struct Running {
 
 impl Running {
     pub fn spawn(args: &[&str]) -> Running {
+        Running::spawn_with(args, std::iter::empty::<(&str, String)>())
+    }
+
+    /// [`Running::spawn`] with these environment variables set.
+    pub fn spawn_with<K: AsRef<std::ffi::OsStr>, V: AsRef<std::ffi::OsStr>>(
+        args: &[&str],
+        envs: impl IntoIterator<Item = (K, V)>,
+    ) -> Running {
+        Running::start(command(args).envs(envs))
+    }
+
+    /// Another program (torchrun) with `args`, on one CPU thread like csp-tch.
+    pub fn spawn_program(program: &Path, args: &[&str]) -> Running {
+        Running::start(Command::new(program).args(args).env("OMP_NUM_THREADS", "1"))
+    }
+
+    fn start(command: &mut Command) -> Running {
         use std::io::BufRead;
-        let mut child = command(args)
+        let mut child = command
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()

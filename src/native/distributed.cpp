@@ -1,0 +1,199 @@
+// PyTorch's c10d process groups (what torch.distributed and DistributedDataParallel run on), which
+// tch 0.26 does not bind: a TCPStore rendezvous, then Gloo (CPU tensors) or NCCL (CUDA tensors,
+// when build.rs found nccl.h and defines CSP_TCH_NCCL). Called from src/train/distributed.rs.
+//
+// Only c10d's own API is touched, never gloo's inline classes: the gloo headers ProcessGroupGloo.hpp
+// includes are vendored (src/native/third_party/gloo, BSD licence) and may be a little newer or older
+// than the gloo compiled into libtorch_cpu.so; c10d's classes hold gloo objects only by pointer.
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef CSP_TCH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "shim.h"
+
+namespace {
+// How often each rank's heartbeat counter in the store goes up.
+constexpr auto kHeartbeat = std::chrono::milliseconds(500);
+
+std::string heartbeat_key(int rank) { return "heartbeat/" + std::to_string(rank); }
+
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout;
+  // A thread that counts up this rank's heartbeat in the store, so that after a failed collective
+  // the others can tell which rank is gone (its count stopped) from one that is slow.
+  std::thread heartbeat;
+  std::mutex mutex;
+  std::condition_variable wake;
+  bool stopping = false;
+
+  void start_heartbeat(int rank) {
+    heartbeat = std::thread([this, rank] {
+      std::unique_lock<std::mutex> lock(mutex);
+      while (!stopping) {
+        lock.unlock();
+        try {
+          store->add(heartbeat_key(rank), 1);
+        } catch (...) {
+          return;  // the store is gone (its host exited): nothing left to tell
+        }
+        lock.lock();
+        wake.wait_for(lock, kHeartbeat, [this] { return stopping; });
+      }
+    });
+  }
+
+  ~Group() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      stopping = true;
+    }
+    wake.notify_all();
+    if (heartbeat.joinable()) heartbeat.join();
+  }
+};
+
+// Waits for `work`, rethrowing its failure (a peer that died, or the timeout) as an exception.
+void finish(const c10::intrusive_ptr<c10d::Work>& work, const Group& group) {
+  if (!work->wait(group.timeout)) throw std::runtime_error("timed out");
+}
+}  // namespace
+
+extern "C" {
+int csp_tch_nccl_built() {
+#ifdef CSP_TCH_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Joins the process group `rank` of `world` through the TCPStore at host:port, under the key prefix
+// `prefix`. host_store: rank 0 hosts the store (false when torchrun's agent already hosts it).
+// backend: 0 Gloo, 1 NCCL (on CUDA device `device`). gloo_host: the address Gloo binds to, or empty
+// for its default (this machine's hostname), gloo_interface a network interface (GLOO_SOCKET_IFNAME)
+// or empty. Returns the group, or null with the message in csp_tch_last_error().
+void* csp_tch_process_group_new(int backend, const char* host, int port, int rank, int world, int host_store,
+                                const char* prefix, int64_t timeout_ms, int device, const char* gloo_host,
+                                const char* gloo_interface) {
+  return csp_tch::guarded<void*>(nullptr, [&]() -> void* {
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    c10d::TCPStoreOptions options;
+    options.port = static_cast<std::uint16_t>(port);
+    options.isServer = host_store != 0 && rank == 0;
+    options.numWorkers = world;
+    options.waitWorkers = false;
+    options.timeout = timeout;
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), options);
+    c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
+    auto group = std::make_unique<Group>();
+    group->store = store;
+    group->timeout = timeout;
+    if (backend == 0) {
+      auto gloo = c10d::ProcessGroupGloo::Options::create(timeout);
+      if (std::strlen(gloo_interface) > 0) {
+        gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(gloo_interface));
+      } else if (std::strlen(gloo_host) > 0) {
+        gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(gloo_host));
+      } else {
+        gloo->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      }
+      group->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, gloo);
+    } else {
+#ifdef CSP_TCH_NCCL
+      auto nccl = c10d::ProcessGroupNCCL::Options::create();
+      nccl->timeout = timeout;
+      auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, nccl);
+      // Bind the communicator to this rank's device now, as init_process_group(device_id=...) does.
+      auto cuda = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
+      pg->setBoundDeviceId(cuda);
+      pg->eagerConnectSingleDevice(cuda);
+      group->backend = pg;
+#else
+      (void)device;
+      throw std::runtime_error("this csp-tch was built without NCCL (no nccl.h beside libtorch); use --dist-backend gloo");
+#endif
+    }
+    group->start_heartbeat(rank);
+    return group.release();
+  });
+}
+
+// After a failed collective: the ranks of `world` whose heartbeat did not move within `wait_ms`
+// (written to `silent`, at most `world`); returns their number, or -1 when the store cannot be read
+// (the rank hosting it is gone) with the message in csp_tch_last_error().
+int csp_tch_process_group_silent_ranks(void* handle, int world, int64_t wait_ms, int* silent) {
+  return csp_tch::guarded(-1, [&] {
+    auto& group = *static_cast<Group*>(handle);
+    std::vector<int64_t> before(world);
+    for (int r = 0; r < world; ++r) before[r] = group.store->add(heartbeat_key(r), 0);
+    std::this_thread::sleep_for(std::chrono::milliseconds(wait_ms));
+    int count = 0;
+    for (int r = 0; r < world; ++r) {
+      if (group.store->add(heartbeat_key(r), 0) == before[r]) silent[count++] = r;
+    }
+    return count;
+  });
+}
+
+void csp_tch_process_group_free(void* group) { delete static_cast<Group*>(group); }
+
+// Sends `tensor` from rank `root` to every rank, in place.
+int csp_tch_process_group_broadcast(void* handle, const at::Tensor* tensor, int root) {
+  return csp_tch::guarded(-1, [&] {
+    auto& group = *static_cast<Group*>(handle);
+    std::vector<at::Tensor> tensors{*tensor};
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    finish(group.backend->broadcast(tensors, options), group);
+    return 0;
+  });
+}
+
+// Replaces `tensor` by its sum over the ranks, in place.
+int csp_tch_process_group_allreduce(void* handle, const at::Tensor* tensor) {
+  return csp_tch::guarded(-1, [&] {
+    auto& group = *static_cast<Group*>(handle);
+    std::vector<at::Tensor> tensors{*tensor};
+    finish(group.backend->allreduce(tensors), group);
+    return 0;
+  });
+}
+
+// Sets `key` to the `len` bytes at `value` in the group's store.
+int csp_tch_store_set(void* handle, const char* key, const uint8_t* value, size_t len) {
+  return csp_tch::guarded(-1, [&] {
+    static_cast<Group*>(handle)->store->set(key, std::vector<uint8_t>(value, value + len));
+    return 0;
+  });
+}
+
+// The value of `key` in the group's store, waiting for it up to the group's timeout: a buffer of
+// *len bytes for csp_tch_store_free, or null with the message in csp_tch_last_error().
+uint8_t* csp_tch_store_get(void* handle, const char* key, size_t* len) {
+  return csp_tch::guarded<uint8_t*>(nullptr, [&] {
+    auto value = static_cast<Group*>(handle)->store->get(key);
+    auto* out = static_cast<uint8_t*>(std::malloc(value.empty() ? 1 : value.size()));
+    if (out == nullptr) throw std::bad_alloc();
+    std::memcpy(out, value.data(), value.size());
+    *len = value.size();
+    return out;
+  });
+}
+
+void csp_tch_store_free(uint8_t* buffer) { std::free(buffer); }
+}

@@ -1,0 +1,152 @@
+//! A c10d process group (src/native/distributed.cpp): joined through a TCPStore, then collectives
+//! on tensors in place and the store's keys. Every call waits for its result, up to the timeout.
+
+use anyhow::{bail, Result};
+use std::ffi::CString;
+use std::os::raw::{c_int, c_void};
+use std::ptr::NonNull;
+use std::time::Duration;
+use tch::Tensor;
+
+use super::{
+    csp_tch_nccl_built, csp_tch_process_group_allreduce, csp_tch_process_group_broadcast, csp_tch_process_group_free,
+    csp_tch_process_group_new, csp_tch_process_group_silent_ranks, csp_tch_store_free, csp_tch_store_get,
+    csp_tch_store_set, last_error,
+};
+
+/// Whether this build has c10d's NCCL process group (nccl.h was found beside libtorch).
+pub fn nccl_built() -> bool {
+    // SAFETY: no arguments.
+    unsafe { csp_tch_nccl_built() != 0 }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupBackend {
+    Gloo,
+    /// On the CUDA device of this index.
+    Nccl(usize),
+}
+
+/// Where and how a process joins its group.
+#[derive(Clone, Debug)]
+pub struct Rendezvous<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub rank: usize,
+    pub world_size: usize,
+    /// Whether rank 0 hosts the store (not when torchrun's agent does).
+    pub host_store: bool,
+    /// The prefix of every key of this group in the store.
+    pub prefix: &'a str,
+    pub timeout: Duration,
+    pub backend: GroupBackend,
+    /// The address Gloo binds to (empty: this machine's hostname, as c10d's default).
+    pub gloo_host: &'a str,
+    /// The network interface Gloo binds to (`GLOO_SOCKET_IFNAME`; empty: none).
+    pub gloo_interface: &'a str,
+}
+
+/// A joined process group; freed (its connections closed) when dropped.
+pub struct ProcessGroup {
+    handle: NonNull<c_void>,
+}
+
+impl ProcessGroup {
+    /// Joins the group: waits for every rank (up to the timeout) and connects to each.
+    pub fn join(r: &Rendezvous) -> Result<ProcessGroup> {
+        let text = |s: &str| CString::new(s).map_err(|_| anyhow::anyhow!("{s:?} holds a NUL byte"));
+        let (host, prefix, gloo_host, gloo_interface) =
+            (text(r.host)?, text(r.prefix)?, text(r.gloo_host)?, text(r.gloo_interface)?);
+        let (backend, device) = match r.backend {
+            GroupBackend::Gloo => (0, 0),
+            GroupBackend::Nccl(device) => (1, device as c_int),
+        };
+        // SAFETY: NUL-terminated strings that outlive the call; the shim catches every exception.
+        let handle = unsafe {
+            csp_tch_process_group_new(
+                backend,
+                host.as_ptr(),
+                r.port as c_int,
+                r.rank as c_int,
+                r.world_size as c_int,
+                r.host_store as c_int,
+                prefix.as_ptr(),
+                r.timeout.as_millis() as i64,
+                device,
+                gloo_host.as_ptr(),
+                gloo_interface.as_ptr(),
+            )
+        };
+        match NonNull::new(handle) {
+            Some(handle) => Ok(ProcessGroup { handle }),
+            None => bail!("{}", last_error()),
+        }
+    }
+
+    fn status(status: c_int) -> Result<()> {
+        match status {
+            0 => Ok(()),
+            _ => bail!("{}", last_error()),
+        }
+    }
+
+    /// Overwrites `tensor` on every rank with rank `root`'s.
+    pub fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<()> {
+        // SAFETY: a live group and tensor; the shim catches every exception.
+        Self::status(unsafe { csp_tch_process_group_broadcast(self.handle.as_ptr(), tensor.as_ptr(), root as c_int) })
+    }
+
+    /// Replaces `tensor` on every rank by its sum over the ranks.
+    pub fn all_reduce_sum(&self, tensor: &Tensor) -> Result<()> {
+        // SAFETY: as in `broadcast`.
+        Self::status(unsafe { csp_tch_process_group_allreduce(self.handle.as_ptr(), tensor.as_ptr()) })
+    }
+
+    /// After a failed collective: the ranks of `world_size` whose heartbeat (counted up twice a
+    /// second by each rank) did not move within `wait`, or an error when the store is unreachable.
+    pub fn silent_ranks(&self, world_size: usize, wait: Duration) -> Result<Vec<usize>> {
+        let mut silent = vec![0 as c_int; world_size];
+        // SAFETY: a live group and room for `world_size` ranks.
+        let count = unsafe {
+            csp_tch_process_group_silent_ranks(
+                self.handle.as_ptr(),
+                world_size as c_int,
+                wait.as_millis() as i64,
+                silent.as_mut_ptr(),
+            )
+        };
+        if count < 0 {
+            bail!("{}", last_error());
+        }
+        Ok(silent[..count as usize].iter().map(|&r| r as usize).collect())
+    }
+
+    /// Sets `key` (under the group's prefix) in the store.
+    pub fn store_set(&self, key: &str, value: &[u8]) -> Result<()> {
+        let key = CString::new(key)?;
+        // SAFETY: a live group, a NUL-terminated key and `value.len()` readable bytes.
+        Self::status(unsafe { csp_tch_store_set(self.handle.as_ptr(), key.as_ptr(), value.as_ptr(), value.len()) })
+    }
+
+    /// The value of `key` in the store, waiting for a rank to set it (up to the timeout).
+    pub fn store_get(&self, key: &str) -> Result<Vec<u8>> {
+        let key = CString::new(key)?;
+        let mut len = 0usize;
+        // SAFETY: a live group, a NUL-terminated key and a valid out-pointer.
+        let buffer = unsafe { csp_tch_store_get(self.handle.as_ptr(), key.as_ptr(), &mut len) };
+        if buffer.is_null() {
+            bail!("{}", last_error());
+        }
+        // SAFETY: the shim returned `len` bytes at `buffer`, freed here once copied.
+        let value = unsafe { std::slice::from_raw_parts(buffer, len) }.to_vec();
+        unsafe { csp_tch_store_free(buffer) };
+        Ok(value)
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from csp_tch_process_group_new and is freed once.
+        unsafe { csp_tch_process_group_free(self.handle.as_ptr()) }
+    }
+}

@@ -1,0 +1,310 @@
+//! Data-parallel training with `DistributedDataParallel`'s semantics, on c10d's own process groups
+//! (Gloo across CPU processes, NCCL across GPUs; [`crate::native::ProcessGroup`]):
+//! - every parameter and buffer broadcast from rank 0 before the first step, so all ranks start alike;
+//! - each step's gradients averaged over the ranks by a bucketed allreduce, as DDP's reducer does it
+//!   (each gradient times 1/world while copied into its bucket, then summed), before fp16 unscaling,
+//!   clipping and the optimizer, which then run alike on every rank;
+//! - BatchNorm statistics local to each rank (DDP's default), rank 0's broadcast before an evaluation
+//!   and a checkpoint, as DDP's `broadcast_buffers` gives rank 0's at the start of every forward;
+//! - `DistributedSampler`'s shards of each epoch's shuffle, and evaluation sharded so that each test
+//!   image counts once, its sums added over the ranks.
+
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{DataParallel, DistBackend};
+use crate::environment::{ParallelEnvironment, RunEnvironment};
+use crate::native::{GroupBackend, ProcessGroup, Rendezvous};
+
+/// DDP's `bucket_cap_mb` (25 MB) and the first bucket's smaller size (`_DEFAULT_FIRST_BUCKET_BYTES`).
+const BUCKET_BYTES: i64 = 25 << 20;
+const FIRST_BUCKET_BYTES: i64 = 1 << 20;
+
+/// How long a rank watches the others' heartbeats (counted up twice a second) after a collective
+/// failed, to tell which are gone.
+const HEARTBEAT_WAIT: std::time::Duration = std::time::Duration::from_millis(2500);
+
+/// A joined data-parallel group and this process's place in it.
+pub struct Group {
+    group: ProcessGroup,
+    pub place: DataParallel,
+    /// The device this rank computes on.
+    pub device: Device,
+}
+
+impl Group {
+    /// Joins the group `place` describes (every rank must, within the timeout), computing on `device`.
+    pub fn join(place: &DataParallel, device: Device) -> Result<Group> {
+        let backend = match (place.backend, device) {
+            (DistBackend::Nccl, Device::Cuda(index)) => GroupBackend::Nccl(index),
+            (DistBackend::Nccl, _) => bail!("--dist-backend nccl needs a CUDA device, this rank runs on the CPU"),
+            _ => GroupBackend::Gloo,
+        };
+        let interface = std::env::var("GLOO_SOCKET_IFNAME").unwrap_or_default();
+        // A run on one machine (the master on a loopback address) talks over loopback only.
+        let loopback = matches!(place.master_addr.as_str(), "localhost" | "127.0.0.1" | "::1");
+        let prefix = format!("/csp-tch/attempt_{}/", place.attempt);
+        let rendezvous = Rendezvous {
+            host: &place.master_addr,
+            port: place.master_port,
+            rank: place.rank,
+            world_size: place.world_size,
+            host_store: !place.agent_store,
+            prefix: &prefix,
+            timeout: place.timeout,
+            backend,
+            gloo_host: if loopback { "127.0.0.1" } else { "" },
+            gloo_interface: &interface,
+        };
+        let group = ProcessGroup::join(&rendezvous).with_context(|| {
+            format!(
+                "rank {} of {} could not join the data-parallel group at {}:{} within --dist-timeout {} s",
+                place.rank,
+                place.world_size,
+                place.master_addr,
+                place.master_port,
+                place.timeout.as_secs_f64()
+            )
+        })?;
+        Ok(Group { group, place: place.clone(), device })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.place.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.place.world_size
+    }
+
+    /// What a failed collective or store read says: which rank saw it, and which ranks are gone
+    /// (their heartbeats stopped) or that all are alive and one is slow.
+    fn failed(&self, what: &str) -> String {
+        let who = match self.group.silent_ranks(self.world_size(), HEARTBEAT_WAIT) {
+            Ok(silent) if silent.is_empty() => format!(
+                "every rank is still alive, so one did not answer within --dist-timeout {} s",
+                self.place.timeout.as_secs_f64()
+            ),
+            Ok(silent) => {
+                let ranks: Vec<String> = silent.iter().map(|r| format!("rank {r}")).collect();
+                format!("{} stopped (exited, killed or hung)", ranks.join(", "))
+            }
+            Err(_) if self.place.agent_store => "torchrun's store cannot be reached".to_string(),
+            Err(_) => "rank 0, which hosts the group's store, is gone".to_string(),
+        };
+        format!("rank {} of {}: {what} failed: {who}", self.rank(), self.world_size())
+    }
+
+    /// Overwrites each of `tensors` with rank 0's.
+    pub fn broadcast_from_first(&self, tensors: &[Tensor], what: &str) -> Result<()> {
+        for tensor in tensors {
+            self.group.broadcast(tensor, 0).with_context(|| self.failed(what))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces each of `tensors` by its sum over the ranks.
+    pub fn sum(&self, tensors: &[&Tensor], what: &str) -> Result<()> {
+        for tensor in tensors {
+            self.group.all_reduce_sum(tensor).with_context(|| self.failed(what))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every rank has come here.
+    pub fn barrier(&self, what: &str) -> Result<()> {
+        self.sum(&[&Tensor::zeros([1], (Kind::Float, self.device))], what)
+    }
+
+    /// Every rank's `value` for `what`, by rank (through the store).
+    fn gather(&self, what: &str, value: &str) -> Result<Vec<String>> {
+        let key = |rank: usize| format!("gather/{what}/{rank}");
+        self.group.store_set(&key(self.rank()), value.as_bytes()).with_context(|| self.failed(what))?;
+        (0..self.world_size())
+            .map(|rank| {
+                let bytes = self.group.store_get(&key(rank)).with_context(|| self.failed(what))?;
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            })
+            .collect()
+    }
+
+    /// The run's backend, world size and every rank's device (`this` is this rank's environment).
+    pub fn environment(&self, this: &RunEnvironment) -> Result<ParallelEnvironment> {
+        let device = match this.device.as_str() {
+            "cpu" => this.device.clone(),
+            label => format!("{label} ({})", this.device_name),
+        };
+        Ok(ParallelEnvironment {
+            backend: self.place.backend.label().to_string(),
+            world_size: self.world_size(),
+            devices: self.gather("device", &device)?,
+        })
+    }
+
+    /// Refuses to go on unless every rank has the same `value` for `what` (its run settings, its data):
+    /// each rank publishes its own and compares it with rank 0's, naming the fields that differ.
+    pub fn check_same(&self, what: &str, value: &serde_json::Value) -> Result<()> {
+        let key = |rank: usize| format!("same/{what}/{rank}");
+        self.group.store_set(&key(self.rank()), value.to_string().as_bytes()).with_context(|| self.failed(what))?;
+        let first: serde_json::Value = serde_json::from_slice(
+            &self.group.store_get(&key(0)).with_context(|| self.failed(&format!("reading rank 0's {what}")))?,
+        )?;
+        let differences = differing_fields(&first, value);
+        if !differences.is_empty() {
+            bail!(
+                "rank {} of {} was started with other {what} than rank 0 ({}); start every rank with the same \
+                 flags and data",
+                self.rank(),
+                self.world_size(),
+                differences.join("; ")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The fields (`a.b.c`) where `first` and `ours` differ, with both values.
+fn differing_fields(first: &serde_json::Value, ours: &serde_json::Value) -> Vec<String> {
+    fn walk(path: String, a: Option<&serde_json::Value>, b: Option<&serde_json::Value>, out: &mut Vec<String>) {
+        match (a, b) {
+            (Some(serde_json::Value::Object(x)), Some(serde_json::Value::Object(y))) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for key in keys {
+                    let child = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                    walk(child, x.get(key), y.get(key), out);
+                }
+            }
+            (a, b) if a != b => {
+                let show = |v: Option<&serde_json::Value>| v.map_or("(none)".to_string(), |v| v.to_string());
+                out.push(format!("{path}: rank 0 {}, this rank {}", show(a), show(b)));
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(String::new(), Some(first), Some(ours), &mut out);
+    out
+}
+
+/// Rank `rank`'s share of an epoch's `order`, as `DistributedSampler` (shuffle done, `drop_last`
+/// off) takes it: the order padded with its own head to a multiple of `world`, then every
+/// `world`-th index from `rank`. Every rank gets the same number of images, so the same steps.
+pub fn shard(order: &[i64], rank: usize, world: usize) -> Vec<i64> {
+    let total = order.len().div_ceil(world) * world;
+    let padded = order.iter().cycle().take(total);
+    padded.skip(rank).step_by(world).copied().collect()
+}
+
+/// Rank `rank`'s share of `0..n` for evaluation: every `world`-th image from `rank`, unpadded, so
+/// that the ranks' sums count each image exactly once.
+pub fn eval_shard(n: usize, rank: usize, world: usize) -> Vec<i64> {
+    (rank..n).step_by(world).map(|i| i as i64).collect()
+}
+
+/// One flat buffer of gradients that are summed over the ranks together.
+struct Bucket {
+    flat: Tensor,
+    /// `(parameter index, offset, elements)` of each member.
+    members: Vec<(usize, i64, i64)>,
+}
+
+/// The gradient averaging of one model, DDP's reducer without its overlap with the backward pass:
+/// buckets of at most 25 MB (the first 1 MB) over the parameters in reverse order, one dtype each,
+/// their flat buffers kept from step to step. A stop request rides in the last bucket as one more
+/// element, so that every rank learns of it at the same step.
+pub struct GradientAverager {
+    buckets: Vec<Bucket>,
+    world: f64,
+}
+
+impl GradientAverager {
+    /// Buckets for `params` (in the optimizer's order).
+    pub fn new(params: &[Tensor], world: usize) -> GradientAverager {
+        let mut buckets: Vec<Bucket> = Vec::new();
+        // The bucket being filled for each dtype.
+        let mut filling: BTreeMap<String, Bucket> = BTreeMap::new();
+        for (index, param) in params.iter().enumerate().rev() {
+            let key = format!("{:?}", param.kind());
+            let bucket = filling.entry(key.clone()).or_insert_with(|| Bucket {
+                flat: Tensor::empty([0], (param.kind(), param.device())),
+                members: Vec::new(),
+            });
+            let offset = bucket.members.last().map_or(0, |&(_, offset, numel)| offset + numel);
+            bucket.members.push((index, offset, param.numel() as i64));
+            let bytes = (offset + param.numel() as i64) * param.kind().elt_size_in_bytes() as i64;
+            if bytes >= if buckets.is_empty() { FIRST_BUCKET_BYTES } else { BUCKET_BYTES } {
+                buckets.push(filling.remove(&key).expect("filling"));
+            }
+        }
+        buckets.extend(filling.into_values());
+        let count = buckets.len();
+        for (b, bucket) in buckets.iter_mut().enumerate() {
+            let elements = bucket.members.last().map_or(0, |&(_, offset, numel)| offset + numel);
+            // The stop vote: one more element of the last bucket.
+            let vote = i64::from(b + 1 == count);
+            bucket.flat = Tensor::zeros([elements + vote], (bucket.flat.kind(), bucket.flat.device()));
+        }
+        GradientAverager { buckets, world: world as f64 }
+    }
+
+    /// Replaces each of `grads` (one per parameter; an undefined one counts as zeros, as DDP's
+    /// unused parameters do not, which csp-tch's models never have) by its mean over the ranks.
+    /// `stop`: this rank wants to stop; returns whether any rank does.
+    pub fn average(&mut self, group: &Group, grads: &[Tensor], stop: bool) -> Result<bool> {
+        let _guard = tch::no_grad_guard();
+        let scale = 1.0 / self.world;
+        let count = self.buckets.len();
+        let mut any_stop = false;
+        for (b, bucket) in self.buckets.iter_mut().enumerate() {
+            for &(index, offset, numel) in &bucket.members {
+                let grad = &grads[index];
+                let mut view = bucket.flat.narrow(0, offset, numel);
+                if grad.defined() {
+                    view.copy_(&(grad.reshape([-1]) * scale));
+                } else {
+                    let _ = view.zero_();
+                }
+            }
+            let last = b + 1 == count;
+            if last {
+                let _ = bucket.flat.narrow(0, bucket.flat.numel() as i64 - 1, 1).fill_(if stop { 1.0 } else { 0.0 });
+            }
+            group.sum(&[&bucket.flat], "the gradient allreduce")?;
+            for &(index, offset, numel) in &bucket.members {
+                let grad = &grads[index];
+                if grad.defined() {
+                    let mut target = grad.shallow_clone();
+                    target.copy_(&bucket.flat.narrow(0, offset, numel).view_as(grad));
+                }
+            }
+            if last {
+                any_stop = bucket.flat.narrow(0, bucket.flat.numel() as i64 - 1, 1).double_value(&[0]) > 0.0;
+            }
+        }
+        Ok(any_stop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{eval_shard, shard};
+
+    #[test]
+    fn shards_pad_with_the_head_of_the_order_and_take_every_world_th_index() {
+        // DistributedSampler: 10 indices over 4 ranks are padded to 12 with the first two.
+        let order: Vec<i64> = vec![9, 3, 7, 1, 0, 8, 2, 6, 4, 5];
+        assert_eq!(shard(&order, 0, 4), vec![9, 0, 4]);
+        assert_eq!(shard(&order, 1, 4), vec![3, 8, 5]);
+        assert_eq!(shard(&order, 2, 4), vec![7, 2, 9]);
+        assert_eq!(shard(&order, 3, 4), vec![1, 6, 3]);
+        assert_eq!(shard(&order, 0, 1), order);
+        // Fewer indices than ranks: the order repeats.
+        assert_eq!(shard(&[5, 6], 2, 3), vec![5]);
+        let all: Vec<i64> = (0..3).flat_map(|r| eval_shard(10, r, 3)).collect();
+        let mut sorted = all.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<i64>>(), "each test image exactly once");
+        assert_eq!(eval_shard(10, 1, 3), vec![1, 4, 7]);
+    }
+}
