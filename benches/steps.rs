@@ -20,7 +20,7 @@ fn main() {
                 device,
                 breakdown: false,
             };
-            let r = bench::run(&config).expect("benchmark");
+            let r = bench::run(&config, None).expect("benchmark");
             println!(
                 "{model:<18} {mode:<5?} {:>9.1} ms/step {:>8.1} images/s {:>7.1} GFLOP/s ({})",
                 r.ms_per_step, r.images_per_s, r.gflops, r.device

@@ -13,13 +13,17 @@
 # instead times the loaders on the image folder DIR (its train/ split): `csp-tch data bench` (decode and
 # resize on every core, then an epoch's gathers once held) against torchvision's ImageFolder + DataLoader
 # with one worker per core (scripts/bench_imagefolder.py), images/s and per-epoch time side by side.
+#   scripts/bench.sh --ddp N [--models a] [--image-size 32] [--batch-size 64] [--steps 10] [--rounds 3]
+# instead times data-parallel train steps on N CPU processes over Gloo: `csp-tch bench --nproc-per-node N`
+# against PyTorch's DistributedDataParallel (scripts/ddp_peer.py bench), the step time and the ms of it in
+# the gradient allreduce, side by side (the first model only, darknet53 unless --models names one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models="" modes=train,eval image_size=32 batch_size=64
-steps=10 warmup=3 rounds=3 device=cpu out="" options=() peer_options=() data_folder="" limit=""
+steps=10 warmup=3 rounds=3 device=cpu out="" options=() peer_options=() data_folder="" limit="" ddp=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --models|--modes|--image-size|--batch-size|--steps|--warmup|--rounds|--device|--out|--peer-compile|--data-folder|--limit)
+    --models|--modes|--image-size|--batch-size|--steps|--warmup|--rounds|--device|--out|--peer-compile|--data-folder|--limit|--ddp)
       [ $# -ge 2 ] || { echo "bench.sh: $1 needs a value (see the header of $0)" >&2; exit 2; } ;;
   esac
   case "$1" in
@@ -28,7 +32,7 @@ while [ $# -gt 0 ]; do
     --peer-compile) peer_options+=(--compile "$2") ;;
     --models) models=$2 ;; --modes) modes=$2 ;; --image-size) image_size=$2 ;; --batch-size) batch_size=$2 ;;
     --steps) steps=$2 ;; --warmup) warmup=$2 ;; --rounds) rounds=$2 ;; --device) device=$2 ;; --out) out=$2 ;;
-    --data-folder) data_folder=$2 ;; --limit) limit=$2 ;;
+    --data-folder) data_folder=$2 ;; --limit) limit=$2 ;; --ddp) ddp=$2 ;;
     *) echo "bench.sh: unknown flag $1 (see the header of $0)" >&2; exit 2 ;;
   esac
   shift 2
@@ -52,6 +56,22 @@ if [ -n "$data_folder" ]; then
       if [ "$who" = ours ]; then "${ours[@]}" 2>/dev/null; else "${theirs[@]}"; fi >> "$lines"
     done
     echo "bench: data round $round/$rounds done" >&2
+  done
+  [ -z "$out" ] || cp "$lines" "$out"
+  "$py" scripts/bench_table.py "$lines"
+  exit 0
+fi
+if [ -n "$ddp" ]; then
+  model=${models%%,*}; model=${model:-darknet53}
+  sizes=(--image-size "$image_size" --batch-size "$batch_size" --steps "$steps" --warmup "$warmup")
+  for round in $(seq "$rounds"); do
+    ours=(target/release/csp-tch bench --model "$model" "${sizes[@]}" --device cpu --nproc-per-node "$ddp" --json)
+    theirs=("$py" scripts/ddp_peer.py bench --model "$model" "${sizes[@]}" --world "$ddp")
+    if [ $((round % 2)) -eq 1 ]; then order=(ours theirs); else order=(theirs ours); fi
+    for who in "${order[@]}"; do
+      if [ "$who" = ours ]; then OMP_NUM_THREADS=1 "${ours[@]}" 2>/dev/null; else "${theirs[@]}"; fi >> "$lines"
+    done
+    echo "bench: data-parallel round $round/$rounds done" >&2
   done
   [ -z "$out" ] || cp "$lines" "$out"
   "$py" scripts/bench_table.py "$lines"

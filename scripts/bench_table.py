@@ -4,6 +4,8 @@ median ms/step over its lines (rounds), images/s, warm-up, and PyTorch eager's t
 (above 1: faster than PyTorch eager). Models and modes appear in the order the lines first name them.
 Lines of `csp-tch data bench --json` and `scripts/bench_imagefolder.py` (kind "data") make the loader
 table instead: images/s to decode and resize, and an epoch's time once read, medians over rounds.
+Data-parallel lines (`csp-tch bench --nproc-per-node N`, `scripts/ddp_peer.py bench`: `world_size` set) make
+the data-parallel table: step time and the ms of it in the gradient allreduce.
 
     python3 scripts/bench_table.py BENCH.jsonl
 """
@@ -36,12 +38,33 @@ def data_table(runs):
         print(f"| {name} | {rs[0]['threads']} | {rate[w]:.0f} | {epoch:.1f} | {ratio} |")
 
 
+def ddp_table(runs):
+    first = runs[0]
+    print(f"data-parallel train steps: {first['model']}, {first['image_size']} px, batch {first['batch_size']} per "
+          f"process, {first['world_size']} CPU processes over Gloo, medians over rounds")
+    print()
+    print("| who | ms/step | allreduce ms/step | PyTorch DDP ms / this ms |")
+    print("|---|---:|---:|---:|")
+    by_who = {}
+    for r in runs:
+        by_who.setdefault(r["implementation"], []).append(r)
+    step = {w: statistics.median(r["ms_per_step"] for r in rs) for w, rs in by_who.items()}
+    reduce = {w: statistics.median(r["allreduce_ms_per_step"] for r in rs) for w, rs in by_who.items()}
+    names = {"csp-tch": "csp-tch (allreduce after the backward pass)",
+             "pytorch-ddp": "PyTorch DistributedDataParallel (allreduce overlapped; timed with a waiting hook)"}
+    for w in by_who:
+        ratio = f"{step['pytorch-ddp'] / step[w]:.2f}" if "pytorch-ddp" in step else "-"
+        print(f"| {names.get(w, w)} | {step[w]:.1f} | {reduce[w]:.1f} | {ratio} |")
+
+
 def main(path):
     runs = [json.loads(line) for line in open(path) if line.strip()]
     if not runs:
         sys.exit(f"{path}: no bench lines")
     if all(r.get("kind") == "data" for r in runs):
         return data_table(runs)
+    if all(r.get("world_size") for r in runs):
+        return ddp_table(runs)
     first = runs[0]
     kept = {name: all(r.get("keeps_freed_memory", False) for r in runs if (r["implementation"] == "csp-tch") == (name == "csp-tch"))
             for name in ("csp-tch", "PyTorch")}

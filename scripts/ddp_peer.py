@@ -9,11 +9,14 @@ same images), fused Adam or SGD as csp-tch's, `--world` processes started with t
                     [--momentum 0.9] [--normalize tutorial|unit] [--threads 1] [--sync-bn]
       DATA holds `train_images` (N,3,H,W float 0..255), `train_labels`, `order` (the epoch's shuffle),
       `test_images`, `test_labels`. One epoch; then rank 0 evaluates its model on every test image.
+      --sync-bn: each ConvBN's BatchNorm becomes CpuSyncBatchNorm (torch.nn.SyncBatchNorm's autograd
+      function in CPU ops: PyTorch's own refuses CPU tensors).
       OUT: rank 0's tensors under csp-tch's names (`model/...`), and `train_loss_sum`, `train_images`
       (over all ranks), `eval_loss_sum`, `eval_correct`.
   ddp_peer.py bench --model NAME [--world 2] [--batch-size 8] [--image-size 32] [--steps 10] [--warmup 3]
-      Median ms/step of DDP training on random data, and the ms of it spent in the gradient allreduce
-      (timed in a DDP communication hook that waits for each bucket's allreduce). One JSON line.
+      Median ms/step of DDP training (fused Adam) on random data as DDP runs it (allreduce overlapped
+      with the backward pass), then with a communication hook that waits for each bucket's allreduce and
+      times it: the ms of a step spent in the allreduce. One JSON line, rank 0's.
 """
 import argparse
 import json
@@ -56,6 +59,70 @@ def inputs(images, index, size, normalize):
     return (pixels - 0.5) / 0.5 if normalize == "tutorial" else (pixels / 255.0 - 0.5) / 0.5
 
 
+class SyncBatchNormFunction(torch.autograd.Function):
+    """torch.nn.SyncBatchNorm's training step (torch/nn/modules/_functions.py) in CPU ops, since
+    torch.nn.SyncBatchNorm refuses CPU tensors and torch.batch_norm_stats has no CPU kernel: the
+    ranks' counts, means and squared deviations gathered and combined (batch_norm_gather_stats_with_counts),
+    running statistics updated with the variance unbiased over all images, and in the backward pass
+    sum(dy) and sum(dy * (x - mean)) summed over the ranks (batch_norm_backward_reduce / _elemt)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        dims, n = (0, 2, 3), x.numel() // x.shape[1]
+        local_mean = x.mean(dims)
+        gathered = torch.zeros(world, 3, x.shape[1])
+        gathered[rank, 0], gathered[rank, 1] = n, local_mean
+        gathered[rank, 2] = (x - local_mean.view(1, -1, 1, 1)).square().sum(dims)
+        dist.all_reduce(gathered)
+        counts, means = gathered[:, 0], gathered[:, 1]
+        count = counts.sum(0)
+        mean = (counts * means).sum(0) / count
+        var = (gathered[:, 2] + counts * (means - mean).square()).sum(0) / count
+        invstd = (var + eps).rsqrt()
+        total = count[0].item()
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var * total / (total - 1), alpha=momentum)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.total = total
+        shape = (1, -1, 1, 1)
+        return (x - mean.view(shape)) * (invstd * weight).view(shape) + bias.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, invstd = ctx.saved_tensors
+        shape, dims = (1, -1, 1, 1), (0, 2, 3)
+        xmu = x - mean.view(shape)
+        sum_dy, sum_dy_xmu = dy.sum(dims), (dy * xmu).sum(dims)
+        grad_weight, grad_bias = sum_dy_xmu * invstd, sum_dy.clone()
+        sums = torch.stack([sum_dy, sum_dy_xmu])
+        dist.all_reduce(sums)
+        mean_dy, mean_dy_xmu = (sums[0] / ctx.total).view(shape), (sums[1] / ctx.total).view(shape)
+        scale = invstd.view(shape)
+        grad_input = (dy - mean_dy - xmu * scale.square() * mean_dy_xmu) * scale * weight.view(shape)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+class CpuSyncBatchNorm(torch.nn.BatchNorm2d):
+    """A BatchNorm2d whose training statistics are those of every rank's images."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        return SyncBatchNormFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                           self.momentum, self.eps)
+
+
+def synchronise_batch_norms(model):
+    """Replaces every ConvBN's BatchNorm by a CpuSyncBatchNorm holding the same tensors."""
+    for layer in model.csp_tch_names.values():
+        bn = layer.bn
+        sync = CpuSyncBatchNorm(bn.num_features, eps=bn.eps, momentum=bn.momentum)
+        sync.load_state_dict(bn.state_dict())
+        layer.bn = sync
+
+
 def setup(rank, world, port, threads=1):
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -67,7 +134,7 @@ def train(rank, args, port):
     model = make_model(args.model)
     model.load_csp_tch(read_safetensors(args.checkpoint))
     if args.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        synchronise_batch_norms(model)
     ddp = DDP(model)
     if args.opt == "sgd":
         opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=args.momentum, fused=True)
@@ -101,7 +168,6 @@ def train(rank, args, port):
             eval_loss = F.cross_entropy(logits, data["test_labels"], reduction="sum").double()
             correct = (logits.argmax(1) == data["test_labels"]).sum().double()
         from safetensors.torch import save_file
-        # csp_tch_names holds the ConvBN layers, whose `bn` a SyncBatchNorm conversion replaces in place.
         out = {name: t.detach().contiguous().clone() for name, t in csp_tch_tensors(model).items()}
         out.update(train_loss_sum=loss_sum, train_images=images, eval_loss_sum=eval_loss.reshape(1),
                    eval_correct=correct.reshape(1))
@@ -110,40 +176,49 @@ def train(rank, args, port):
 
 
 def bench(rank, args, port, results):
+    """DDP's own step time (its allreduce overlapped with the backward pass), then the same steps with a
+    communication hook that waits for each bucket's allreduce and times it."""
     setup(rank, args.world, port)
     torch.manual_seed(0)
     model = make_model(args.model)
     ddp = DDP(model)
+    opt = torch.optim.Adam(ddp.parameters(), lr=1e-3, fused=True)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    y = torch.randint(0, 10, (args.batch_size,))
     allreduce_s = []
+
+    def steps():
+        step_ms, reduce_ms = [], []
+        for i in range(args.warmup + args.steps):
+            allreduce_s.clear()
+            started = time.perf_counter()
+            loss = F.cross_entropy(ddp(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i >= args.warmup:
+                step_ms.append((time.perf_counter() - started) * 1e3)
+                reduce_ms.append(sum(allreduce_s) * 1e3)
+        return statistics.median(step_ms), statistics.median(reduce_ms)
+
+    ms_per_step, _ = steps()
 
     def timed_allreduce(state, bucket):
         started = time.perf_counter()
         tensor = bucket.buffer().div_(args.world)
-        dist.all_reduce(tensor).wait()
+        dist.all_reduce(tensor)
         allreduce_s.append(time.perf_counter() - started)
         fut = torch.futures.Future()
         fut.set_result(tensor)
         return fut
 
     ddp.register_comm_hook(None, timed_allreduce)
-    opt = torch.optim.Adam(ddp.parameters(), lr=1e-3, fused=True)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    y = torch.randint(0, 10, (args.batch_size,))
-    steps, reduce_ms = [], []
-    for i in range(args.warmup + args.steps):
-        allreduce_s.clear()
-        started = time.perf_counter()
-        loss = F.cross_entropy(ddp(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i >= args.warmup:
-            steps.append((time.perf_counter() - started) * 1e3)
-            reduce_ms.append(sum(allreduce_s) * 1e3)
+    hooked_ms, allreduce_ms = steps()
     if rank == 0:
-        results.put({"peer": "pytorch-ddp", "model": args.model, "world": args.world, "batch_size": args.batch_size,
-                     "image_size": args.image_size, "ms_per_step": statistics.median(steps),
-                     "allreduce_ms_per_step": statistics.median(reduce_ms), "torch": torch.__version__})
+        results.put({"implementation": "pytorch-ddp", "model": args.model, "world_size": args.world,
+                     "batch_size": args.batch_size, "image_size": args.image_size, "threads": torch.get_num_threads(),
+                     "ms_per_step": ms_per_step, "ms_per_step_allreduce_waited": hooked_ms,
+                     "allreduce_ms_per_step": allreduce_ms, "torch": torch.__version__})
     dist.destroy_process_group()
 
 

@@ -2,14 +2,16 @@
 //! an eval step (transform, forward) on a synthetic uint8 dataset held on the device, exactly as
 //! `run-all` runs them.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde::Serialize;
+use std::rc::Rc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{CudaGraphs, Execution, Recipe};
 use crate::environment::{device_label, synchronize};
 use crate::train::cuda_graph::WARMUP_STEPS;
+use crate::train::distributed::Group;
 use crate::train::{PhaseTimes, Trainer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -65,6 +67,14 @@ pub struct BenchResult {
     pub step_ms: Vec<f64>,
     /// Mean ms per train step in each phase, with `--breakdown`.
     pub phases_ms: Option<PhaseTimes>,
+    /// A data-parallel bench (`--nproc-per-node`): its processes, backend and the median ms per step
+    /// spent in the gradient allreduce (on rank 0, waiting for the others included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allreduce_ms_per_step: Option<f64>,
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -114,7 +124,9 @@ impl SyntheticBatches {
     }
 }
 
-pub fn run(config: &BenchConfig) -> Result<BenchResult> {
+/// Runs the bench; as one rank of `group`'s data-parallel run when given (train steps only, their
+/// gradients averaged over the ranks as in a run).
+pub fn run(config: &BenchConfig, group: Option<Rc<Group>>) -> Result<BenchResult> {
     let mut execution = config.execution;
     if config.breakdown {
         execution.cuda_graphs = CudaGraphs::Off;
@@ -122,6 +134,13 @@ pub fn run(config: &BenchConfig) -> Result<BenchResult> {
     let recipe = &config.recipe;
     let bs = recipe.batch_size as i64;
     let mut trainer = Trainer::new(&config.model, crate::data::CLASSES, recipe, &execution, config.device)?;
+    let parallel = group.as_ref().map(|g| (g.world_size(), g.place.backend.label()));
+    if let Some(group) = group {
+        if config.mode != Mode::Train || config.breakdown {
+            bail!("a data-parallel bench times train steps: drop --mode eval and --breakdown");
+        }
+        trainer.distribute(group, false)?;
+    }
     eprintln!(
         "{}",
         crate::train::cuda_graph::decision_line(execution.cuda_graphs, config.device, trainer.precision())?
@@ -149,13 +168,21 @@ pub fn run(config: &BenchConfig) -> Result<BenchResult> {
         Ok(step_ms)
     };
     let mut phases = PhaseTimes::default();
+    let mut allreduce_ms = Vec::new();
     let step_ms = match config.mode {
         Mode::Train if config.breakdown => timed(&mut |index, measured| {
             let phases = measured.then_some(&mut phases);
             drop(trainer.train_step(images, labels, index, recipe, phases));
             Ok(())
         })?,
-        Mode::Train => timed(&mut |index, _| trainer.train_batch(images, labels, index, recipe))?,
+        Mode::Train => timed(&mut |index, measured| {
+            trainer.train_batch(images, labels, index, recipe)?;
+            match trainer.take_allreduce_ms() {
+                Some(ms) if measured => allreduce_ms.push(ms),
+                _ => {}
+            }
+            Ok(())
+        })?,
         Mode::Eval => {
             // As `run-all` evaluates: BatchNorm folded, or the recorded step replayed.
             let mut evaluator = trainer.evaluator();
@@ -196,5 +223,8 @@ pub fn run(config: &BenchConfig) -> Result<BenchResult> {
                 optimizer_ms: phases.optimizer_ms / n,
             }
         }),
+        world_size: parallel.map(|(world, _)| world),
+        backend: parallel.map(|(_, backend)| backend),
+        allreduce_ms_per_step: (!allreduce_ms.is_empty()).then(|| median(&allreduce_ms)),
     })
 }

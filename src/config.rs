@@ -103,6 +103,9 @@ pub struct RunConfig {
     /// Processes of a data-parallel run, each with `recipe.batch_size` images a step (absent when 1).
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub world_size: usize,
+    /// `--sync-bn`: BatchNorm statistics over every process's images (absent when off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sync_bn: bool,
 }
 
 fn one() -> usize {

@@ -123,23 +123,44 @@ fn relative_distance(
 
 #[test]
 fn two_gloo_processes_train_as_pytorch_ddp_does() {
+    against_pytorch_ddp(false);
+}
+
+#[test]
+fn with_sync_bn_two_gloo_processes_train_as_pytorch_ddp_with_sync_batch_norm_does() {
+    against_pytorch_ddp(true);
+}
+
+/// csp-tch's 2-process run and the PyTorch peer's from the same weights on the same shards.
+fn against_pytorch_ddp(sync_bn: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     // 128 images, 64 a rank in 2 steps of 32: BatchNorm over 8 images of 1x1 maps at 32 px makes a
     // trajectory chaotic (PyTorch against itself on 1 and 2 threads parts after two steps), over 32
     // two steps stay within rounding. SGD with momentum: its update is linear in the gradient.
     let sgd = "--opt sgd --lr 1e-3 --momentum 0.9 --weight-decay 0 --normalize unit";
-    let run = csp_tch_ok(&refs(&run_args_sized(&out, 1, 128, 32, &format!("{sgd} --nproc-per-node 2"))));
-    assert!(err(&run).contains("data-parallel: 2 processes over gloo (cpu, cpu); 32 images a step each, 64 in all"));
+    let sync = if sync_bn { "--sync-bn" } else { "" };
+    let run = csp_tch_ok(&refs(&run_args_sized(&out, 1, 128, 32, &format!("{sgd} {sync} --nproc-per-node 2"))));
+    let statistics = if sync_bn { "over all of them (--sync-bn)" } else { "each its own" };
+    let line = format!(
+        "data-parallel: 2 processes over gloo (cpu, cpu); 32 images a step each, 64 in all, BatchNorm statistics \
+         {statistics}"
+    );
+    assert!(err(&run).contains(&line), "{}", err(&run));
     // One writer: the files of a single run, written once.
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("comparison.json")).unwrap()).unwrap();
     assert_eq!(report["config"]["world_size"], 2);
+    assert_eq!(report["config"].get("sync_bn").is_some(), sync_bn);
     assert_eq!(report["environment"]["data_parallel"]["backend"], "gloo");
     assert_eq!(report["environment"]["data_parallel"]["devices"], serde_json::json!(["cpu", "cpu"]));
     let markdown = std::fs::read_to_string(out.join("comparison.md")).unwrap();
     assert!(markdown.contains("batch 32 per process (64 a step)"), "{markdown}");
-    assert!(markdown.contains("; 2 data-parallel processes over gloo (cpu, cpu), fp32,"), "{markdown}");
+    let processes = format!(
+        "; 2 data-parallel processes over gloo (cpu, cpu){}, fp32,",
+        if sync_bn { ", SyncBatchNorm" } else { "" }
+    );
+    assert!(markdown.contains(&processes), "{markdown}");
 
     // The peer's inputs: the run's initial weights (seed 0), its training images and their shuffle.
     let recipe = Recipe { epochs: 1, batch_size: 32, ..Preset::Quick.recipe() };
@@ -171,6 +192,7 @@ fn two_gloo_processes_train_as_pytorch_ddp_does() {
         .args(["scripts/ddp_peer.py", "train", "--model", MODEL, "--checkpoint", s(&init), "--data", s(&inputs)])
         .args(["--out", s(&peer_out), "--world", "2", "--batch-size", "32", "--opt", "sgd", "--lr", "1e-3"])
         .args(["--momentum", "0.9", "--normalize", "unit"])
+        .args(sync_bn.then_some("--sync-bn"))
         .output()
         .unwrap();
     assert!(peer.status.success(), "the PyTorch DDP peer failed:\n{}", err(&peer));
@@ -198,6 +220,43 @@ fn two_gloo_processes_train_as_pytorch_ddp_does() {
     let peer_eval = peer_value("eval_loss_sum") / 32.0;
     assert!((eval_loss - peer_eval).abs() < 5e-3 * peer_eval, "eval loss {eval_loss} vs PyTorch {peer_eval}");
     assert!((eval_acc - peer_value("eval_correct") / 32.0).abs() <= 1.0 / 32.0 + 1e-9, "eval acc {eval_acc}");
+}
+
+#[test]
+fn with_sync_bn_two_processes_of_a_batch_end_where_one_process_of_twice_the_batch_does() {
+    // One step of 64 images: 1 process of 64 against 2 of 32 (rank r takes every other image of the
+    // shuffle, so the step sees the same 64). The first SGD step is the gradient itself.
+    let tmp = tempfile::tempdir().unwrap();
+    let sgd = "--opt sgd --lr 1e-3 --momentum 0.9 --weight-decay 0 --normalize unit";
+    let one = tmp.path().join("one");
+    csp_tch_ok(&refs(&run_args_sized(&one, 1, 64, 64, sgd)));
+    let (one_weights, start) = (tensors(&checkpoint(&one)), initial());
+    let two = |more: &str| {
+        let out = tmp.path().join(format!("two{}", more.replace(' ', "")));
+        csp_tch_ok(&refs(&run_args_sized(&out, 1, 64, 32, &format!("{sgd} --nproc-per-node 2 {more}"))));
+        let apart = relative_distance(&tensors(&checkpoint(&out)), &one_weights, &start, |n| !n.contains("running"));
+        (metrics(&out)[0][1].parse::<f64>().unwrap(), apart)
+    };
+    let (synced_loss, synced) = two("--sync-bn");
+    let (_, local) = two("");
+    eprintln!("2 x 32 against 1 x 64, apart / moved: with --sync-bn {synced:.2e}, without {local:.2e}");
+    let one_loss = metrics(&one)[0][1].parse::<f64>().unwrap();
+    assert!((synced_loss - one_loss).abs() < 1e-5 * one_loss, "train loss {synced_loss} against {one_loss}");
+    // The same statistics computed another way (the ranks' means and squared deviations combined,
+    // against libtorch's one-pass kernel) move this gradient by about 2e-2: channels whose variance is
+    // far below BatchNorm's epsilon at the 1x1 maps of 32 px make it that sensitive (the PyTorch peer's
+    // SyncBatchNorm on one process against its own BatchNorm2d measured 2.2e-2). Without --sync-bn the
+    // two runs part by the whole gradient.
+    assert!(synced < 0.1, "with --sync-bn: {synced:e} of the update apart");
+    assert!(local > 10.0 * synced, "without --sync-bn the runs should part: {local:e} against {synced:e}");
+}
+
+/// The initial weights of MODEL with seed 0 (every run of these tests starts from them).
+fn initial() -> HashMap<String, Tensor> {
+    let _rng = common::rng_turn();
+    let recipe = Recipe { epochs: 1, ..Preset::Quick.recipe() };
+    let trainer = Trainer::new(MODEL, 10, &recipe, &Execution::default(), Device::Cpu).unwrap();
+    trainer.vs.variables().into_iter().map(|(name, t)| (format!("model/{name}"), t)).collect()
 }
 
 #[test]

@@ -123,6 +123,7 @@ fn each_csp_model_is_compared_with_its_own_plain_network() {
         out: "out".into(),
         seeds: Vec::new(),
         world_size: 1,
+        sync_bn: false,
     };
     let epoch = |eval_acc: f64, train_ms_per_step: f64| EpochMetrics {
         epoch: 1,

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 use tch::Device;
 
-use super::{BenchArgs, CheckGraphsArgs, EvalArgs, SummaryArgs};
+use super::{BenchArgs, CheckGraphsArgs, EvalArgs, Role, SummaryArgs};
 use crate::bench::Mode;
 use crate::config::{CudaGraphs, DataOn, DatasetSpec};
 use crate::data::{self, Access};
@@ -72,8 +72,11 @@ pub(super) fn env() -> Result<()> {
         false => println!("CUDA graphs: not in this build ({})", crate::train::cuda_graph::MISSING_REASON),
     }
     println!("{}", crate::train::cuda_graph::decision_line(CudaGraphs::Auto, device, crate::config::Precision::Fp32)?);
-    let nccl =
-        if crate::native::nccl_built() { "NCCL (CUDA) and Gloo (CPU)" } else { "Gloo only (built without NCCL)" };
+    let nccl = if crate::train::distributed::nccl_built() {
+        "NCCL (CUDA) and Gloo (CPU)"
+    } else {
+        "Gloo only (built without NCCL)"
+    };
     println!("data-parallel: c10d process groups, {nccl}; under torchrun or --nproc-per-node");
     Ok(())
 }
@@ -200,7 +203,24 @@ fn print_eval(r: &EvalReport) {
 
 pub(super) fn bench(args: BenchArgs) -> Result<()> {
     let config = args.step.config(args.acceleration.execution(), args.steps, args.warmup, args.mode, args.breakdown)?;
-    let result = crate::bench::run(&config)?;
+    let place = match args.parallel.role(|| Ok(()))? {
+        Role::Launched => return Ok(()),
+        Role::Worker(place) => place,
+    };
+    let (config, group) = match place {
+        None => (config, None),
+        Some(place) => {
+            let spec = if config.device.is_cuda() { "cuda" } else { "cpu" };
+            let (device, place) = crate::train::distributed::rank_device(spec, place)?;
+            let group = crate::train::distributed::Group::join(&place, device)?;
+            (crate::bench::BenchConfig { device, ..config }, Some(std::rc::Rc::new(group)))
+        }
+    };
+    let rank = group.as_ref().map_or(0, |g| g.rank());
+    let result = crate::bench::run(&config, group)?;
+    if rank != 0 {
+        return Ok(());
+    }
     if args.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
@@ -225,6 +245,12 @@ fn print_bench(r: &crate::bench::BenchResult) {
         r.steps,
         r.warmup
     );
+    if let (Some(world), Some(ms)) = (r.world_size, r.allreduce_ms_per_step) {
+        let backend = r.backend.unwrap_or("?");
+        println!(
+            "  data-parallel: {world} processes over {backend}, {ms:.1} ms/step in the gradient allreduce (rank 0)"
+        );
+    }
     if let Some(p) = &r.phases_ms {
         let total = p.transform_ms + p.forward_ms + p.backward_ms + p.optimizer_ms;
         for (phase, ms) in [

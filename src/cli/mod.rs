@@ -374,27 +374,56 @@ struct ParallelArgs {
     /// stops with an error: a rank that died or hangs stops the run within this time [PyTorch's 30 min].
     #[arg(long, value_name = "SECONDS", default_value_t = 1800.0)]
     dist_timeout: f64,
+    /// BatchNorm statistics over the images of every process in training, as torch.nn.SyncBatchNorm
+    /// (mean and variance of the global batch, forward and backward); without it each process
+    /// normalises by its own batch, as DistributedDataParallel's default.
+    #[arg(long)]
+    sync_bn: bool,
+}
+
+/// What this process is in a data-parallel command.
+enum Role {
+    /// It started `--nproc-per-node` workers, which have all finished.
+    Launched,
+    /// It does the work: alone (`None`) or as a rank of a data-parallel run (torchrun's variables set).
+    Worker(Option<DataParallel>),
 }
 
 impl ParallelArgs {
-    /// Runs `config` as this process's part: one process, a data-parallel rank (torchrun's variables
-    /// set), or the launcher of `--nproc-per-node` workers.
-    fn run(&self, config: RunConfig, resume: bool, access: &Access) -> Result<()> {
+    /// This process's role: with `--nproc-per-node`, the launcher of the workers, once `check` has
+    /// accepted the settings (so a bad flag fails once, before any worker starts).
+    fn role(&self, check: impl FnOnce() -> Result<()>) -> Result<Role> {
         let place = DataParallel::from_env(|name| std::env::var(name).ok(), self.dist_backend, self.dist_timeout)?;
-        if let Some(workers) = self.nproc_per_node {
-            if place.is_some() {
-                bail!(
-                    "--nproc-per-node: this process is already a data-parallel worker (RANK and WORLD_SIZE are set, \
-                     as torchrun sets them); drop --nproc-per-node under torchrun"
-                );
-            }
-            // Refuse bad settings once, before any worker starts.
-            run::Settings::check(config, resume, None)?;
-            let args: Vec<String> = std::env::args().skip(1).collect();
-            let timeout = std::time::Duration::from_secs_f64(self.dist_timeout);
-            return run::launch::launch(workers as usize, &run::launch::worker_args(&args), timeout);
+        let Some(workers) = self.nproc_per_node else { return Ok(Role::Worker(place)) };
+        if place.is_some() {
+            bail!(
+                "--nproc-per-node: this process is already a data-parallel worker (RANK and WORLD_SIZE are set, as \
+                 torchrun sets them); drop --nproc-per-node under torchrun"
+            );
         }
-        run::run(&run::Settings::check(config, resume, place)?, access)
+        check()?;
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let timeout = std::time::Duration::from_secs_f64(self.dist_timeout);
+        run::launch::launch(workers as usize, &run::launch::worker_args(&args), timeout)?;
+        Ok(Role::Launched)
+    }
+
+    /// Runs `config` as this process's part: one process, a data-parallel rank, or the launcher of
+    /// `--nproc-per-node` workers.
+    fn run(&self, mut config: RunConfig, resume: bool, access: &Access) -> Result<()> {
+        config.sync_bn = self.sync_bn;
+        let check = || {
+            run::Settings::check(config.clone(), resume, None)?;
+            Ok(())
+        };
+        match self.role(check)? {
+            Role::Launched => Ok(()),
+            Role::Worker(None) if self.sync_bn => bail!(
+                "--sync-bn synchronises the processes of a data-parallel run; this is a single process (add \
+                 --nproc-per-node N, or start it under torchrun)"
+            ),
+            Role::Worker(place) => run::run(&run::Settings::check(config, resume, place)?, access),
+        }
     }
 }
 
@@ -459,6 +488,7 @@ impl RecipeArgs {
             out: self.out.clone(),
             seeds,
             world_size: 1,
+            sync_bn: false,
         })
     }
 }
@@ -752,6 +782,8 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    parallel: ParallelArgs,
 }
 
 #[derive(Args, Debug)]

@@ -24,6 +24,7 @@ pub mod geometry;
 mod modules;
 pub mod onednn;
 mod registry;
+pub mod sync_bn;
 pub mod timm;
 pub mod tutorial;
 

@@ -1,12 +1,14 @@
 //! The modules an [`Architecture`] builds: ConvBNLayer, the residual blocks, the stages and the
 //! backbone, as tch `ModuleT`s.
 
+use std::sync::Arc;
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
 use super::architecture::*;
 use super::fastpath::{self, FoldSlot, FoldedBatchNorm};
-use super::registry::{ModelInfo, BN_EPS};
+use super::registry::{ModelInfo, BN_EPS, BN_MOMENTUM};
+use super::sync_bn::{SyncBatchNorm, SyncSlot};
 use super::{Act, ConvSpec};
 
 /// A ConvBNLayer's modules: convolution (no bias), BatchNorm, activation.
@@ -18,6 +20,8 @@ pub struct ConvBnLayer {
     bn: nn::BatchNorm,
     /// While a [`FoldedBatchNorm`] guard lives: the layer with its BatchNorm folded in.
     folded: FoldSlot,
+    /// `--sync-bn`: its training-mode statistics over every rank's images.
+    sync: SyncSlot,
 }
 
 /// The variable path of a dotted name under `root`.
@@ -39,9 +43,10 @@ fn conv_bn(root: &nn::Path, spec: &LayerSpec) -> ConvBnLayer {
         ws_init,
         ..Default::default()
     };
-    // eps 1e-5, momentum 0.1 in PyTorch's sense (Paddle's 0.9); weight 1 (or 0), bias 0.
+    // weight 1 (or 0), bias 0.
     let bn_config = nn::BatchNormConfig {
         eps: BN_EPS,
+        momentum: BN_MOMENTUM,
         ws_init: nn::Init::Const(if spec.zero_bn { 0. } else { 1. }),
         bs_init: nn::Init::Const(0.),
         ..Default::default()
@@ -52,6 +57,7 @@ fn conv_bn(root: &nn::Path, spec: &LayerSpec) -> ConvBnLayer {
         conv: nn::conv2d(path(root, &spec.conv_var), s.cin, s.cout, s.k, conv_config),
         bn: nn::batch_norm2d(path(root, &spec.bn_var), s.cout, bn_config),
         folded: FoldSlot::default(),
+        sync: SyncSlot::default(),
     }
 }
 
@@ -62,7 +68,9 @@ impl ModuleT for ConvBnLayer {
                 return out;
             }
         }
-        self.act.apply(fastpath::conv(xs, &self.conv.ws, self.spec).apply_t(&self.bn, train))
+        let conv = fastpath::conv(xs, &self.conv.ws, self.spec);
+        let synced = if train { self.sync.forward(&conv, &self.bn, BN_MOMENTUM, BN_EPS) } else { None };
+        self.act.apply(synced.unwrap_or_else(|| conv.apply_t(&self.bn, train)))
     }
 }
 
@@ -178,6 +186,12 @@ impl Backbone {
     /// current weights and statistics: drop the guard before training again.
     pub fn fold_batch_norm(&self) -> FoldedBatchNorm<'_> {
         FoldedBatchNorm::new(self.layers().into_iter().map(|l| (&l.folded, &l.conv.ws, &l.bn)), BN_EPS)
+    }
+
+    /// `--sync-bn`: every BatchNorm's training statistics over the ranks of `sync`'s group (`None`:
+    /// each process's own again).
+    pub fn set_sync_batch_norm(&self, sync: Option<Arc<SyncBatchNorm>>) {
+        self.layers().into_iter().for_each(|l| l.sync.set(sync.clone()));
     }
 
     /// Output shape, parameters and MACs of every layer for a square `image_size` input.

@@ -7,6 +7,8 @@ use super::{timm, tutorial};
 
 /// BatchNorm's epsilon (PaddleClas, PyTorch and timm).
 pub const BN_EPS: f64 = 1e-5;
+/// BatchNorm's running-statistics momentum, in PyTorch's sense (Paddle's 0.9).
+pub const BN_MOMENTUM: f64 = 0.1;
 
 /// The most classes a head may have: far beyond any dataset (ImageNet-21k has 21,843), and small
 /// enough that no parameter or MAC count can overflow.

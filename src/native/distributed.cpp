@@ -7,6 +7,7 @@
 // than the gloo compiled into libtorch_cpu.so; c10d's classes hold gloo objects only by pointer.
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef CSP_TCH_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
@@ -196,4 +197,100 @@ uint8_t* csp_tch_store_get(void* handle, const char* key, size_t* len) {
 }
 
 void csp_tch_store_free(uint8_t* buffer) { std::free(buffer); }
+}
+
+namespace {
+// Sums `tensor` over the group's ranks in place.
+void sum_over_ranks(Group& group, const at::Tensor& tensor) {
+  std::vector<at::Tensor> tensors{tensor};
+  finish(group.backend->allreduce(tensors), group);
+}
+
+// torch.nn.SyncBatchNorm's training step (torch/nn/modules/_functions.py) over NCHW maps: batch
+// statistics of every rank's images together, the running statistics updated from them (the
+// variance unbiased over all images), and in the backward pass the sums of dy and dy * (x - mean)
+// added over the ranks before each rank's input gradient. Weight and bias gradients stay this rank's
+// (data-parallel averaging adds them). Statistics in float32 whatever the input's precision; the
+// ranks' means and squared deviations combined as batch_norm_gather_stats_with_counts does (Chan's
+// pairwise formula), so no variance is taken as a difference of large squares.
+struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                            const at::Tensor& bias, at::Tensor running_mean, at::Tensor running_var, double momentum,
+                            double eps, int64_t group_address, int64_t rank, int64_t world) {
+    auto& group = *reinterpret_cast<Group*>(group_address);
+    auto x = input.to(at::kFloat);
+    const int64_t channels = x.size(1);
+    const double local_count = static_cast<double>(x.numel() / channels);
+    std::vector<int64_t> dims{0, 2, 3};
+    auto local_mean = x.mean(dims);
+    auto local_m2 = (x - local_mean.view({1, -1, 1, 1})).square().sum(dims);
+    // Row r holds rank r's count, mean and squared deviations: summing gathers them.
+    auto gathered = at::zeros({world, 3, channels}, x.options());
+    gathered[rank][0].fill_(local_count);
+    gathered[rank][1].copy_(local_mean);
+    gathered[rank][2].copy_(local_m2);
+    sum_over_ranks(group, gathered);
+    auto counts = gathered.select(1, 0);  // [world, channels]
+    auto count = counts.sum(0);
+    auto mean = (counts * gathered.select(1, 1)).sum(0) / count;
+    auto m2 = (gathered.select(1, 2) + counts * (gathered.select(1, 1) - mean).square()).sum(0);
+    auto var = m2 / count;
+    auto invstd = (var + eps).rsqrt();
+    const double total = count[0].item<double>();
+    {
+      at::NoGradGuard no_grad;
+      running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
+      running_var.mul_(1.0 - momentum).add_((var * (total / std::max(total - 1.0, 1.0))).to(running_var.scalar_type()),
+                                            momentum);
+    }
+    auto shape = std::vector<int64_t>{1, channels, 1, 1};
+    auto out = (x - mean.view(shape)) * (invstd * weight.to(at::kFloat)).view(shape) + bias.to(at::kFloat).view(shape);
+    ctx->save_for_backward({x, weight, mean, invstd});
+    ctx->saved_data["group"] = group_address;
+    ctx->saved_data["total"] = total;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(input.scalar_type());
+    return out.to(input.scalar_type());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
+    auto& group = *reinterpret_cast<Group*>(ctx->saved_data["group"].toInt());
+    const double total = ctx->saved_data["total"].toDouble();
+    auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    auto shape = std::vector<int64_t>{1, x.size(1), 1, 1};
+    std::vector<int64_t> dims{0, 2, 3};
+    auto dy = grads[0].to(at::kFloat);
+    auto xmu = x - mean.view(shape);
+    auto sum_dy = dy.sum(dims);
+    auto sum_dy_xmu = (dy * xmu).sum(dims);
+    auto grad_weight = sum_dy_xmu * invstd;
+    auto grad_bias = sum_dy.clone();
+    auto sums = at::stack({sum_dy, sum_dy_xmu});
+    sum_over_ranks(group, sums);
+    auto mean_dy = (sums[0] / total).view(shape);
+    auto mean_dy_xmu = (sums[1] / total).view(shape);
+    auto scale = invstd.view(shape);
+    auto grad_input = (dy - mean_dy - xmu * scale.square() * mean_dy_xmu) * scale * weight.to(at::kFloat).view(shape);
+    return {grad_input.to(dtype), grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type()),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+}  // namespace
+
+extern "C" {
+// A training-mode BatchNorm of `input` (NCHW) with statistics over the images of every rank of
+// `group` (this `rank` of `world`), updating the running statistics in place; differentiable.
+// Returns the output, or null with the message in csp_tch_last_error().
+at::Tensor* csp_tch_sync_batch_norm(void* group, const at::Tensor* input, const at::Tensor* weight,
+                                    const at::Tensor* bias, const at::Tensor* running_mean,
+                                    const at::Tensor* running_var, double momentum, double eps, int rank, int world) {
+  return csp_tch::guarded<at::Tensor*>(nullptr, [&] {
+    auto out = SyncBatchNorm::apply(*input, *weight, *bias, *running_mean, *running_var, momentum, eps,
+                                    reinterpret_cast<int64_t>(group), static_cast<int64_t>(rank),
+                                    static_cast<int64_t>(world));
+    return new at::Tensor(std::move(out));
+  });
+}
 }

@@ -11,7 +11,7 @@ use tch::Tensor;
 use super::{
     csp_tch_nccl_built, csp_tch_process_group_allreduce, csp_tch_process_group_broadcast, csp_tch_process_group_free,
     csp_tch_process_group_new, csp_tch_process_group_silent_ranks, csp_tch_store_free, csp_tch_store_get,
-    csp_tch_store_set, last_error,
+    csp_tch_store_set, csp_tch_sync_batch_norm, last_error,
 };
 
 /// Whether this build has c10d's NCCL process group (nccl.h was found beside libtorch).
@@ -121,6 +121,43 @@ impl ProcessGroup {
         Ok(silent[..count as usize].iter().map(|&r| r as usize).collect())
     }
 
+    /// A training-mode BatchNorm of NCHW `input` with statistics over every rank's images (this
+    /// `rank` of `world_size`), as `torch.nn.SyncBatchNorm`; updates the running statistics in place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sync_batch_norm(
+        &self,
+        input: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        momentum: f64,
+        eps: f64,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Tensor> {
+        // SAFETY: live tensors and group; the shim catches every exception and returns a new tensor.
+        let out = unsafe {
+            csp_tch_sync_batch_norm(
+                self.handle.as_ptr(),
+                input.as_ptr(),
+                weight.as_ptr(),
+                bias.as_ptr(),
+                running_mean.as_ptr(),
+                running_var.as_ptr(),
+                momentum,
+                eps,
+                rank as c_int,
+                world_size as c_int,
+            )
+        };
+        if out.is_null() {
+            bail!("{}", last_error());
+        }
+        // SAFETY: a tensor the shim allocated for us to own.
+        Ok(unsafe { Tensor::from_ptr(out) })
+    }
+
     /// Sets `key` (under the group's prefix) in the store.
     pub fn store_set(&self, key: &str, value: &[u8]) -> Result<()> {
         let key = CString::new(key)?;
@@ -143,6 +180,12 @@ impl ProcessGroup {
         Ok(value)
     }
 }
+
+// SAFETY: c10d's process groups and stores are used from several threads by design (their work runs
+// on threads of their own, TCPStore serialises its requests); csp-tch calls them from the training
+// thread and, for --sync-bn's backward pass, from libtorch's autograd threads, never concurrently.
+unsafe impl Send for ProcessGroup {}
+unsafe impl Sync for ProcessGroup {}
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {

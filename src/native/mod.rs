@@ -82,6 +82,18 @@ extern "C" {
     fn csp_tch_store_set(group: *mut c_void, key: *const c_char, value: *const u8, len: usize) -> c_int;
     fn csp_tch_store_get(group: *mut c_void, key: *const c_char, len: *mut usize) -> *mut u8;
     fn csp_tch_store_free(buffer: *mut u8);
+    fn csp_tch_sync_batch_norm(
+        group: *mut c_void,
+        input: *const C_tensor,
+        weight: *const C_tensor,
+        bias: *const C_tensor,
+        running_mean: *const C_tensor,
+        running_var: *const C_tensor,
+        momentum: f64,
+        eps: f64,
+        rank: c_int,
+        world: c_int,
+    ) -> *mut C_tensor;
 }
 
 mod distributed;

@@ -457,7 +457,13 @@ pub fn run_line(config: &RunConfig, env: &RunEnvironment) -> String {
         world => format!("{} per process ({} a step)", config.recipe.batch_size, config.recipe.batch_size * world),
     };
     let device = match &env.data_parallel {
-        Some(p) => format!("{} data-parallel processes over {} ({})", p.world_size, p.backend, p.devices.join(", ")),
+        Some(p) => format!(
+            "{} data-parallel processes over {} ({}){}",
+            p.world_size,
+            p.backend,
+            p.devices.join(", "),
+            if config.sync_bn { ", SyncBatchNorm" } else { "" }
+        ),
         None => format!("device {} ({})", env.device, env.device_name),
     };
     format!(

@@ -14,7 +14,7 @@ use crate::models;
 use crate::report::plot::{self, ModelCurves};
 use crate::report::seeds::{self, SeedsReport};
 use crate::report::{self, Comparison, ModelReport, RanAs};
-use crate::train::distributed::Group;
+use crate::train::distributed::{self, Group};
 use crate::train::{self, checkpoint, cuda_graph, Interrupted, Progress, Trainer};
 
 pub mod launch;
@@ -40,26 +40,13 @@ impl Settings {
     /// A data-parallel rank (`parallel`) computes on CUDA device `LOCAL_RANK` under `--device auto`
     /// (where CUDA is available) or `cuda`, on the CPU under `cpu`.
     pub fn check(mut config: RunConfig, resume: bool, parallel: Option<DataParallel>) -> Result<Settings> {
-        let device = match &parallel {
-            None => parse_device(&config.device)?,
-            Some(place) => match config.device.as_str() {
-                "auto" | "cuda" if tch::Cuda::is_available() || config.device == "cuda" => {
-                    parse_device(&format!("cuda:{}", place.local_rank))?
-                }
-                "auto" | "cpu" => Device::Cpu,
-                other => bail!(
-                    "--device {other} in a data-parallel run: each rank computes on cuda:LOCAL_RANK; use --device \
-                     auto, cuda or cpu"
-                ),
-            },
-        };
-        let parallel = match parallel {
+        let (device, parallel) = match parallel {
+            None => (parse_device(&config.device)?, None),
             Some(place) => {
-                let backend = place.backend.resolve(device.is_cuda(), crate::native::nccl_built())?;
+                let (device, place) = distributed::rank_device(&config.device, place)?;
                 config.world_size = place.world_size;
-                Some(DataParallel { backend, ..place })
+                (device, Some(place))
             }
-            None => None,
         };
         for name in &config.models {
             models::model_info(name)?.check_image_size(config.recipe.image_size)?;
@@ -162,8 +149,10 @@ pub fn run(settings: &Settings, access: &Access) -> Result<()> {
     match &group {
         Some(group) => {
             let parallel = group.environment(&environment)?;
+            let statistics = if config.sync_bn { "over all of them (--sync-bn)" } else { "each its own" };
             say(format!(
-                "data-parallel: {} processes over {} ({}); {} images a step each, {} in all; steps run eagerly",
+                "data-parallel: {} processes over {} ({}); {} images a step each, {} in all, BatchNorm statistics \
+                 {statistics}; steps run eagerly",
                 parallel.world_size,
                 parallel.backend,
                 parallel.devices.join(", "),
@@ -395,7 +384,7 @@ fn train_model(
         }
     }
     if let Some(group) = &context.group {
-        trainer.distribute(group.clone())?;
+        trainer.distribute(group.clone(), config.sync_bn)?;
     }
     let announce = writes && first_model && trainer.vs.device() == Device::Cpu && config.preset == Preset::Tutorial;
     let mut first_steps = |ms_per_step: f64| announce.then(|| cpu_estimate(config, data, ms_per_step));

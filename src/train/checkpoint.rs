@@ -131,6 +131,9 @@ impl Meta {
             "eval_crop_pct": r.eval_crop_pct,
             // A schedule's course depends on the run's length: extending it changes every rate.
             "epochs": r.schedule.as_ref().map(|_| r.epochs),
+            // A data-parallel run: its global batch and BatchNorm statistics change what is computed.
+            "world_size": self.config.world_size,
+            "sync_bn": self.config.sync_bn,
             "train_images": self.train_size,
             "test_images": self.test_size,
         })

@@ -11,11 +11,16 @@
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{DataParallel, DistBackend};
 use crate::environment::{ParallelEnvironment, RunEnvironment};
+use crate::models::sync_bn::SyncBatchNorm;
 use crate::native::{GroupBackend, ProcessGroup, Rendezvous};
+
+/// Whether this build has c10d's NCCL process group (`--dist-backend nccl`).
+pub use crate::native::nccl_built;
 
 /// DDP's `bucket_cap_mb` (25 MB) and the first bucket's smaller size (`_DEFAULT_FIRST_BUCKET_BYTES`).
 const BUCKET_BYTES: i64 = 25 << 20;
@@ -25,9 +30,26 @@ const FIRST_BUCKET_BYTES: i64 = 1 << 20;
 /// failed, to tell which are gone.
 const HEARTBEAT_WAIT: std::time::Duration = std::time::Duration::from_millis(2500);
 
+/// The device of rank `place` under `--device spec` (CUDA device `LOCAL_RANK` under `auto`, where CUDA
+/// is available, or `cuda`; the CPU under `cpu`), and `place` with its backend resolved for it.
+pub fn rank_device(spec: &str, place: DataParallel) -> Result<(Device, DataParallel)> {
+    let device = match spec {
+        "auto" | "cuda" if tch::Cuda::is_available() || spec == "cuda" => {
+            crate::environment::parse_device(&format!("cuda:{}", place.local_rank))?
+        }
+        "auto" | "cpu" => Device::Cpu,
+        other => bail!(
+            "--device {other} in a data-parallel run: each rank computes on cuda:LOCAL_RANK; use --device auto, \
+             cuda or cpu"
+        ),
+    };
+    let backend = place.backend.resolve(device.is_cuda(), nccl_built())?;
+    Ok((device, DataParallel { backend, ..place }))
+}
+
 /// A joined data-parallel group and this process's place in it.
 pub struct Group {
-    group: ProcessGroup,
+    group: Arc<ProcessGroup>,
     pub place: DataParallel,
     /// The device this rank computes on.
     pub device: Device,
@@ -67,7 +89,7 @@ impl Group {
                 place.timeout.as_secs_f64()
             )
         })?;
-        Ok(Group { group, place: place.clone(), device })
+        Ok(Group { group: Arc::new(group), place: place.clone(), device })
     }
 
     pub fn rank(&self) -> usize {
@@ -76,6 +98,16 @@ impl Group {
 
     pub fn world_size(&self) -> usize {
         self.place.world_size
+    }
+
+    /// `--sync-bn`'s BatchNorm statistics over this group.
+    pub fn sync_batch_norm(&self) -> SyncBatchNorm {
+        SyncBatchNorm::new(self.group.clone(), self.rank(), self.world_size())
+    }
+
+    /// [`Group::failed`] followed by c10d's own message `cause`.
+    pub fn failed_message(&self, what: &str, cause: &str) -> String {
+        format!("{}: {cause}", self.failed(what))
     }
 
     /// What a failed collective or store read says: which rank saw it, and which ranks are gone
@@ -216,6 +248,8 @@ struct Bucket {
 pub struct GradientAverager {
     buckets: Vec<Bucket>,
     world: f64,
+    /// Seconds spent in the buckets' allreduce since [`GradientAverager::take_allreduce_seconds`].
+    allreduce_seconds: f64,
 }
 
 impl GradientAverager {
@@ -245,7 +279,7 @@ impl GradientAverager {
             let vote = i64::from(b + 1 == count);
             bucket.flat = Tensor::zeros([elements + vote], (bucket.flat.kind(), bucket.flat.device()));
         }
-        GradientAverager { buckets, world: world as f64 }
+        GradientAverager { buckets, world: world as f64, allreduce_seconds: 0.0 }
     }
 
     /// Replaces each of `grads` (one per parameter; an undefined one counts as zeros, as DDP's
@@ -270,7 +304,9 @@ impl GradientAverager {
             if last {
                 let _ = bucket.flat.narrow(0, bucket.flat.numel() as i64 - 1, 1).fill_(if stop { 1.0 } else { 0.0 });
             }
+            let started = std::time::Instant::now();
             group.sum(&[&bucket.flat], "the gradient allreduce")?;
+            self.allreduce_seconds += started.elapsed().as_secs_f64();
             for &(index, offset, numel) in &bucket.members {
                 let grad = &grads[index];
                 if grad.defined() {
@@ -283,6 +319,13 @@ impl GradientAverager {
             }
         }
         Ok(any_stop)
+    }
+}
+
+impl GradientAverager {
+    /// The time the allreduce took (waiting for the slowest rank included) since the last call.
+    pub fn take_allreduce_seconds(&mut self) -> f64 {
+        std::mem::take(&mut self.allreduce_seconds)
     }
 }
 

@@ -40,6 +40,7 @@ use crate::config::{CudaGraphs, DatasetName, Execution, Precision, Recipe};
 use crate::data::transform;
 use crate::data::{self, Dataset};
 use crate::environment::synchronize;
+use crate::models::sync_bn::SyncBatchNorm;
 use crate::models::Backbone;
 use crate::train::metrics::EpochMetrics;
 use crate::train::optim::{LossScaler, Optimizer};
@@ -194,6 +195,8 @@ struct Parallel {
     stop: bool,
     /// The failure of the last step's allreduce, for `train_batch` to return.
     error: Option<anyhow::Error>,
+    /// `--sync-bn`: the model's BatchNorms' group statistics.
+    sync_bn: Option<std::sync::Arc<SyncBatchNorm>>,
 }
 
 /// Why data-parallel steps run eagerly.
@@ -329,7 +332,9 @@ impl Trainer {
     /// checkpoint is restored: every rank restores the same one): every variable and average
     /// broadcast from rank 0, gradients averaged from the next step, steps eager. Other ranks than
     /// rank 0 keep none of a resumed epoch's sums: rank 0's checkpoint holds those of all ranks.
-    pub fn distribute(&mut self, group: Rc<Group>) -> Result<()> {
+    ///
+    /// `sync_bn`: BatchNorm statistics over every rank's images in training (`--sync-bn`).
+    pub fn distribute(&mut self, group: Rc<Group>, sync_bn: bool) -> Result<()> {
         let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let mut variables: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
@@ -343,8 +348,15 @@ impl Trainer {
         let averager = GradientAverager::new(self.optimizer.params(), group.world_size());
         self.graphs = None;
         self.eager_reason = Some(PARALLEL_EAGER.to_string());
-        self.parallel = Some(Parallel { group, averager, stop: false, error: None });
+        let sync_bn = sync_bn.then(|| std::sync::Arc::new(group.sync_batch_norm()));
+        self.model.set_sync_batch_norm(sync_bn.clone());
+        self.parallel = Some(Parallel { group, averager, stop: false, error: None, sync_bn });
         Ok(())
+    }
+
+    /// In a data-parallel run, the milliseconds the gradient allreduce took since the last call.
+    pub fn take_allreduce_ms(&mut self) -> Option<f64> {
+        self.parallel.as_mut().map(|p| p.averager.take_allreduce_seconds() * 1e3)
     }
 
     /// Gives every rank rank 0's BatchNorm statistics (and averages), so that all evaluate, and rank 0
@@ -395,10 +407,28 @@ impl Trainer {
             Some(scaler) => self.optimizer.gradients(&(&loss * scaler.scale())),
             None => self.optimizer.gradients(&loss),
         };
+        let grads = match (grads, self.parallel.as_mut()) {
+            (Ok(grads), _) => grads,
+            // Only a backward pass that talks to other ranks (--sync-bn) can fail: train_batch reports it.
+            (Err(err), Some(parallel)) => {
+                parallel.error.get_or_insert(anyhow::anyhow!(
+                    "{}",
+                    parallel.group.failed_message("the --sync-bn backward pass", &err.to_string())
+                ));
+                return (loss.detach(), logits.detach().to_kind(Kind::Float), ys);
+            }
+            (Err(err), None) => panic!("the backward pass failed: {err}"),
+        };
         if let Some(parallel) = self.parallel.as_mut() {
+            if let Some(err) = parallel.sync_bn.as_ref().and_then(|s| s.take_error()) {
+                let message = parallel.group.failed_message("the --sync-bn forward pass", &err);
+                parallel.error.get_or_insert(anyhow::anyhow!("{message}"));
+            }
             match parallel.averager.average(&parallel.group, &grads, stop_requested()) {
                 Ok(stop) => parallel.stop |= stop,
-                Err(err) => parallel.error = Some(err),
+                Err(err) => {
+                    parallel.error.get_or_insert(err);
+                }
             }
         }
         clock.lap(|t| &mut t.backward_ms);

@@ -98,8 +98,9 @@ impl Optimizer {
 
     /// Gradients of `loss` for every parameter, as fresh tensors: nothing accumulates in `.grad()`,
     /// so no zeroing pass is needed (PyTorch's `zero_grad(set_to_none=True)`).
-    pub fn gradients(&self, loss: &Tensor) -> Vec<Tensor> {
-        Tensor::run_backward(&[loss], &self.params, false, false)
+    /// Fails only where the backward pass talks to other processes (`--sync-bn`) and one is gone.
+    pub fn gradients(&self, loss: &Tensor) -> Result<Vec<Tensor>, tch::TchError> {
+        Tensor::f_run_backward(&[loss], &self.params, false, false)
     }
 
     /// Number of steps taken so far (reads the count from the device).

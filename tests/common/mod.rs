@@ -157,6 +157,7 @@ pub fn run_meta(model: &str, dir: &Path, recipe: Recipe, execution: Execution) -
         out: dir.to_path_buf(),
         seeds: Vec::new(),
         world_size: 1,
+        sync_bn: false,
     };
     Meta {
         format: checkpoint::FORMAT,
