@@ -141,10 +141,13 @@ pub fn run(config: &BenchConfig, group: Option<Rc<Group>>) -> Result<BenchResult
         }
         trainer.distribute(group, false)?;
     }
-    eprintln!(
-        "{}",
-        crate::train::cuda_graph::decision_line(execution.cuda_graphs, config.device, trainer.precision())?
-    );
+    match &parallel {
+        Some(_) => eprintln!("CUDA graphs: off: {}", trainer.graph_status().off_reason.unwrap_or_default()),
+        None => eprintln!(
+            "{}",
+            crate::train::cuda_graph::decision_line(execution.cuda_graphs, config.device, trainer.precision())?
+        ),
+    }
     // With CUDA graphs, the untimed steps include the eager ones and the capture.
     let warmup = if trainer.graph_status().replayed { config.warmup.max(WARMUP_STEPS + 1) } else { config.warmup };
     let batches = SyntheticBatches::new(recipe.batch_size, 0, config.device);

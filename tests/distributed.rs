@@ -328,6 +328,29 @@ fn worker_pid(agent: u32, rank: &str) -> Option<u32> {
 }
 
 #[test]
+fn a_hung_rank_stops_the_other_within_the_timeout_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let args: Vec<String> =
+        run_args(&out, 2, "").into_iter().map(|a| if a == "60" { "10".into() } else { a }).collect();
+    assert!(refs(&args).windows(2).any(|w| w == ["--dist-timeout", "10"]), "{args:?}");
+    let port = free_port();
+    let mut first = worker(&args, 0, port);
+    let second = worker(&args, 1, port);
+    first.wait_for_line(&format!("{MODEL} epoch 1/2"));
+    // Stopped, not gone: its sockets stay open, so only the timeout can tell.
+    second.signal(libc::SIGSTOP);
+    let started = std::time::Instant::now();
+    let (status, log) = first.finish();
+    let waited = started.elapsed();
+    second.signal(libc::SIGKILL);
+    let _ = second.finish();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("rank 0 of 2:") && log.contains("rank 1 stopped"), "{log}");
+    assert!(waited.as_secs() < 45, "rank 0 waited {waited:?} with --dist-timeout 10");
+}
+
+#[test]
 fn ranks_with_different_settings_refuse_to_train_naming_the_difference() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
