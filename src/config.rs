@@ -770,7 +770,44 @@ impl DataParallel {
 
 #[cfg(test)]
 mod tests {
-    use super::DataOn;
+    use super::{DataOn, DataParallel, DistBackend};
+
+    fn place(vars: &[(&str, &str)]) -> anyhow::Result<Option<DataParallel>> {
+        let env = |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
+        DataParallel::from_env(env, DistBackend::Auto, 30.0)
+    }
+
+    #[test]
+    fn torchrun_s_variables_make_a_rank_and_bad_ones_are_named() {
+        assert_eq!(place(&[]).unwrap(), None, "no RANK, no WORLD_SIZE: one process");
+        let full = [("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "29500")];
+        let p = place(&full).unwrap().unwrap();
+        assert_eq!((p.rank, p.world_size, p.local_rank, p.master_port, p.attempt), (1, 2, 1, 29500, 0));
+        assert!(!p.agent_store);
+        let torchrun = [&full[..], &[("LOCAL_RANK", "0"), ("TORCHELASTIC_USE_AGENT_STORE", "True")]].concat();
+        let torchrun = [&torchrun[..], &[("TORCHELASTIC_RESTART_COUNT", "3")]].concat();
+        let p = place(&torchrun).unwrap().unwrap();
+        assert_eq!((p.local_rank, p.agent_store, p.attempt), (0, true, 3));
+        let err = |vars: &[(&str, &str)]| format!("{:#}", place(vars).unwrap_err());
+        assert!(err(&full[..3]).contains("MASTER_PORT is not set"));
+        assert!(err(&[("RANK", "0")]).contains("WORLD_SIZE is not set"));
+        let beyond = [("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")];
+        assert!(err(&beyond).contains("must be below the world size"));
+        let word = [("RANK", "one"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")];
+        assert!(err(&word).contains("RANK=\"one\""));
+        let env = |name: &str| full.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
+        assert!(DataParallel::from_env(env, DistBackend::Auto, 0.0).is_err(), "a zero timeout");
+    }
+
+    #[test]
+    fn the_backend_follows_the_device_and_the_build() {
+        assert_eq!(DistBackend::Auto.resolve(true, true).unwrap(), DistBackend::Nccl);
+        assert_eq!(DistBackend::Auto.resolve(true, false).unwrap(), DistBackend::Gloo, "no NCCL in the build");
+        assert_eq!(DistBackend::Auto.resolve(false, true).unwrap(), DistBackend::Gloo);
+        assert_eq!(DistBackend::Gloo.resolve(true, true).unwrap(), DistBackend::Gloo, "asked for");
+        assert!(DistBackend::Nccl.resolve(false, true).is_err(), "NCCL on the CPU");
+        assert!(DistBackend::Nccl.resolve(true, false).is_err(), "NCCL not built");
+    }
 
     #[test]
     fn auto_keeps_a_set_on_the_host_only_when_it_would_take_over_half_the_free_memory() {
