@@ -362,6 +362,14 @@ fn ranks_with_different_settings_refuse_to_train_naming_the_difference() {
     assert!(!status.success());
     assert!(log.contains("rank 1 of 2 was started with other settings than rank 0") && log.contains("seed"), "{log}");
     assert!(!out.join(format!("{MODEL}.csv")).exists(), "nothing trained");
+    // Recorded steps asked for, which a data-parallel run does not make: refused before any worker starts.
+    let graphs = command(&refs(&run_args(&out, 1, "--nproc-per-node 2 --cuda-graphs on"))).output().unwrap();
+    assert!(
+        !graphs.status.success() && err(&graphs).contains("--cuda-graphs on: a data-parallel run"),
+        "{}",
+        err(&graphs)
+    );
+    assert!(!err(&graphs).contains("launching"), "{}", err(&graphs));
     // A half-set environment is refused before anything starts.
     let out = command(&refs(&run_args(&out, 1, ""))).env("RANK", "0").output().unwrap();
     assert!(!out.status.success() && err(&out).contains("WORLD_SIZE is not set"), "{}", err(&out));

@@ -203,10 +203,13 @@ fn print_eval(r: &EvalReport) {
 
 pub(super) fn bench(args: BenchArgs) -> Result<()> {
     let config = args.step.config(args.acceleration.execution(), args.steps, args.warmup, args.mode, args.breakdown)?;
-    let place = match args.parallel.role(|| Ok(()))? {
+    let place = match args.parallel.role(|| crate::run::check_parallel(&config.execution))? {
         Role::Launched => return Ok(()),
         Role::Worker(place) => place,
     };
+    if place.is_some() {
+        crate::run::check_parallel(&config.execution)?;
+    }
     let (config, group) = match place {
         None => (config, None),
         Some(place) => {

@@ -200,7 +200,8 @@ struct Parallel {
 }
 
 /// Why data-parallel steps run eagerly.
-const PARALLEL_EAGER: &str = "a data-parallel run's steps run eagerly: its gradient allreduce is not recorded in a \
+pub const PARALLEL_EAGER: &str =
+    "a data-parallel run's steps run eagerly: its gradient allreduce is not recorded in a \
                               CUDA graph";
 
 impl Trainer {
