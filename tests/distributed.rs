@@ -6,7 +6,8 @@
 //! - started by torchrun (`--no-python`, its agent hosting the store) and by `--nproc-per-node 2`:
 //!   the same numbers to the bit;
 //! - a rank killed in the second epoch: the other stops with an error naming it, and `--resume`
-//!   finishes with the numbers of the uninterrupted run;
+//!   finishes with the numbers of the uninterrupted run; so does torchrun's restart, and the command
+//!   printed after a Ctrl-C to `--nproc-per-node`'s launcher; a hung rank is named after the timeout;
 //! - ranks started with different settings refuse to train, naming what differs.
 
 mod common;
@@ -295,6 +296,21 @@ fn torchrun_and_nproc_per_node_give_the_same_run_and_a_killed_rank_is_named_and_
     csp_tch_ok(&refs(&run_args(&killed, 2, "--nproc-per-node 2 --resume")));
     assert_eq!(metrics(&ours), metrics(&killed), "resumed after a killed rank");
     assert_same_tensors(&checkpoint(&ours), &checkpoint(&killed));
+
+    // Ctrl-C to the launcher: forwarded to the workers, every rank stops at the same step, rank 0
+    // saves its place, and the command it prints (with --nproc-per-node) resumes to the same numbers.
+    let stopped = tmp.path().join("stopped");
+    let mut launcher = common::Running::spawn(&refs(&run_args(&stopped, 2, "--nproc-per-node 2")));
+    launcher.wait_for_line(&format!("{MODEL} epoch 1/2"));
+    launcher.signal(libc::SIGINT);
+    let (status, log) = launcher.finish();
+    assert_eq!(status.code(), Some(130), "{log}");
+    let resume = log.lines().skip_while(|l| !l.contains("resume with:")).nth(1).expect("a resume command");
+    let resume: Vec<&str> = resume.split_whitespace().skip(1).collect();
+    assert!(resume.windows(2).any(|w| w == ["--nproc-per-node", "2"]) && resume.contains(&"--resume"), "{log}");
+    csp_tch_ok(&resume);
+    assert_eq!(metrics(&ours), metrics(&stopped), "stopped by Ctrl-C and resumed");
+    assert_same_tensors(&checkpoint(&ours), &checkpoint(&stopped));
 
     // Under torchrun --max-restarts with --resume, the restarted workers (a new attempt, apart in the
     // store) go on from the last epoch by themselves.

@@ -8,6 +8,10 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+/// Set in each worker's environment to the number of workers, so that a stopped run's resume
+/// command can be given as the user started it (with `--nproc-per-node`).
+pub const WORKERS_ENV: &str = "CSP_TCH_NPROC_PER_NODE";
+
 /// Signals the launcher has received (each forwarded to the workers once).
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 
@@ -64,6 +68,7 @@ pub fn launch(workers: usize, args: &[String], timeout: Duration) -> Result<()> 
             .env("LOCAL_WORLD_SIZE", workers.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
+            .env(WORKERS_ENV, workers.to_string())
             .env_remove("TORCHELASTIC_USE_AGENT_STORE");
         if std::env::var_os("OMP_NUM_THREADS").is_none() {
             command.env("OMP_NUM_THREADS", threads_per_worker(workers));

@@ -260,7 +260,7 @@ fn run_one(config: &RunConfig, data: Dataset, context: &RunContext) -> Result<()
         if let Err(err) = &result {
             if err.is::<Interrupted>() {
                 if writes {
-                    eprintln!("{}", stop_message(config, &trainer, !reports.is_empty()));
+                    eprintln!("{}", stop_message(config, &trainer, !reports.is_empty(), context.group.is_some()));
                 }
                 return result;
             }
@@ -418,12 +418,22 @@ fn train_model(
 
 /// What to tell a user who pressed Ctrl-C while `name` trained with `epochs_done` epochs
 /// checkpointed; `earlier_done`: models before it in this run finished.
-fn stop_message(config: &RunConfig, trainer: &Trainer, earlier_done: bool) -> String {
+/// `parallel`: one rank of a data-parallel run, started by `--nproc-per-node` (whose flag the command
+/// gets back) or by torchrun (whose own command the user repeats).
+fn stop_message(config: &RunConfig, trainer: &Trainer, earlier_done: bool, parallel: bool) -> String {
     let (name, epochs_done) = (&trainer.name, trainer.history.len());
     let mut args: Vec<String> = std::env::args().collect();
     if !args.iter().any(|a| a == "--resume") {
         args.push("--resume".into());
     }
+    let launcher = std::env::var(launch::WORKERS_ENV).ok();
+    if let Some(workers) = &launcher {
+        args.extend(["--nproc-per-node".to_string(), workers.clone()]);
+    }
+    let how = match (parallel, &launcher) {
+        (true, None) => "resume by starting every rank as before (the same torchrun command) with:",
+        _ => "resume with:",
+    };
     let quoted: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
     let checkpoint = config.out_dir().checkpoint(name);
     let kept = match &trainer.epoch_progress {
@@ -441,7 +451,7 @@ fn stop_message(config: &RunConfig, trainer: &Trainer, earlier_done: bool) -> St
             format!("{name} had not taken a step, so nothing of it was saved{earlier}")
         }
     };
-    format!("stopped: {kept}; resume with:\n  {}", quoted.join(" "))
+    format!("stopped: {kept}; {how}\n  {}", quoted.join(" "))
 }
 
 /// `arg` as a POSIX shell reads it back: as it is when it holds only safe characters, else in
