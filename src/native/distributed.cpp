@@ -72,6 +72,12 @@ struct Group {
 void finish(const c10::intrusive_ptr<c10d::Work>& work, const Group& group) {
   if (!work->wait(group.timeout)) throw std::runtime_error("timed out");
 }
+
+// Sums `tensor` over the group's ranks in place.
+void sum_over_ranks(Group& group, const at::Tensor& tensor) {
+  std::vector<at::Tensor> tensors{tensor};
+  finish(group.backend->allreduce(tensors), group);
+}
 }  // namespace
 
 extern "C" {
@@ -168,9 +174,7 @@ int csp_tch_process_group_broadcast(void* handle, const at::Tensor* tensor, int 
 // Replaces `tensor` by its sum over the ranks, in place.
 int csp_tch_process_group_allreduce(void* handle, const at::Tensor* tensor) {
   return csp_tch::guarded(-1, [&] {
-    auto& group = *static_cast<Group*>(handle);
-    std::vector<at::Tensor> tensors{*tensor};
-    finish(group.backend->allreduce(tensors), group);
+    sum_over_ranks(*static_cast<Group*>(handle), *tensor);
     return 0;
   });
 }
@@ -200,12 +204,6 @@ void csp_tch_store_free(uint8_t* buffer) { std::free(buffer); }
 }
 
 namespace {
-// Sums `tensor` over the group's ranks in place.
-void sum_over_ranks(Group& group, const at::Tensor& tensor) {
-  std::vector<at::Tensor> tensors{tensor};
-  finish(group.backend->allreduce(tensors), group);
-}
-
 // torch.nn.SyncBatchNorm's training step (torch/nn/modules/_functions.py) over NCHW maps: batch
 // statistics of every rank's images together, the running statistics updated from them (the
 // variance unbiased over all images), and in the backward pass the sums of dy and dy * (x - mean)

@@ -155,7 +155,8 @@ impl Group {
         self.group.store_set(&key(self.rank()), value.as_bytes()).with_context(|| self.failed(what))?;
         (0..self.world_size())
             .map(|rank| {
-                let bytes = self.group.store_get(&key(rank)).with_context(|| self.failed(what))?;
+                let reading = || self.failed(&format!("reading rank {rank}'s {what}"));
+                let bytes = self.group.store_get(&key(rank)).with_context(reading)?;
                 Ok(String::from_utf8_lossy(&bytes).into_owned())
             })
             .collect()
@@ -177,11 +178,8 @@ impl Group {
     /// Refuses to go on unless every rank has the same `value` for `what` (its run settings, its data):
     /// each rank publishes its own and compares it with rank 0's, naming the fields that differ.
     pub fn check_same(&self, what: &str, value: &serde_json::Value) -> Result<()> {
-        let key = |rank: usize| format!("same/{what}/{rank}");
-        self.group.store_set(&key(self.rank()), value.to_string().as_bytes()).with_context(|| self.failed(what))?;
-        let first: serde_json::Value = serde_json::from_slice(
-            &self.group.store_get(&key(0)).with_context(|| self.failed(&format!("reading rank 0's {what}")))?,
-        )?;
+        let values = self.gather(what, &value.to_string())?;
+        let first: serde_json::Value = serde_json::from_str(&values[0])?;
         let differences = differing_fields(&first, value);
         if !differences.is_empty() {
             bail!(
@@ -282,6 +280,11 @@ impl GradientAverager {
         GradientAverager { buckets, world: world as f64, allreduce_seconds: 0.0 }
     }
 
+    /// The time the allreduce took (waiting for the slowest rank included) since the last call.
+    pub fn take_allreduce_seconds(&mut self) -> f64 {
+        std::mem::take(&mut self.allreduce_seconds)
+    }
+
     /// Replaces each of `grads` (one per parameter; an undefined one counts as zeros, as DDP's
     /// unused parameters do not, which csp-tch's models never have) by its mean over the ranks.
     /// `stop`: this rank wants to stop; returns whether any rank does.
@@ -319,13 +322,6 @@ impl GradientAverager {
             }
         }
         Ok(any_stop)
-    }
-}
-
-impl GradientAverager {
-    /// The time the allreduce took (waiting for the slowest rank included) since the last call.
-    pub fn take_allreduce_seconds(&mut self) -> f64 {
-        std::mem::take(&mut self.allreduce_seconds)
     }
 }
 

@@ -336,11 +336,8 @@ impl Trainer {
     ///
     /// `sync_bn`: BatchNorm statistics over every rank's images in training (`--sync-bn`).
     pub fn distribute(&mut self, group: Rc<Group>, sync_bn: bool) -> Result<()> {
-        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut variables: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
-        variables.extend(self.ema.iter().flat_map(Ema::variables));
-        tch::no_grad(|| group.broadcast_from_first(&variables, "broadcasting rank 0's weights"))?;
+        let state = self.rank_state(true);
+        tch::no_grad(|| group.broadcast_from_first(&state, "broadcasting rank 0's weights"))?;
         if group.rank() != 0 {
             if let Some(p) = self.epoch_progress.as_mut() {
                 (p.loss_sum, p.correct, p.images) = (0.0, 0.0, 0);
@@ -364,12 +361,19 @@ impl Trainer {
     /// saves, rank 0's model, as DDP's `broadcast_buffers` has it at every forward pass.
     fn share_first_rank_state(&self) -> Result<()> {
         let Some(parallel) = &self.parallel else { return Ok(()) };
+        let statistics = self.rank_state(false);
+        tch::no_grad(|| parallel.group.broadcast_from_first(&statistics, "broadcasting rank 0's statistics"))
+    }
+
+    /// What rank 0 hands the other ranks, in an order every rank shares (by name): the model's
+    /// variables (`with_parameters`) or only its buffers, then `--ema`'s average.
+    fn rank_state(&self, with_parameters: bool) -> Vec<Tensor> {
         let mut named: Vec<(String, Tensor)> =
-            self.vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
+            self.vs.variables().into_iter().filter(|(_, t)| with_parameters || !t.requires_grad()).collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut buffers: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
-        buffers.extend(self.ema.iter().flat_map(Ema::variables));
-        tch::no_grad(|| parallel.group.broadcast_from_first(&buffers, "broadcasting rank 0's statistics"))
+        let mut state: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
+        state.extend(self.ema.iter().flat_map(Ema::variables));
+        state
     }
 
     /// This rank's share of epoch `epoch`'s shuffle of `n` images: all of it in a single-process run.
