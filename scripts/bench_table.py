@@ -20,6 +20,14 @@ def who(r):
     return f"PyTorch torch.compile {r['compile']}" if r.get("compile") else "PyTorch eager"
 
 
+def by_implementation(runs):
+    """{implementation: its lines}, in the order the lines first name them."""
+    by_who = {}
+    for r in runs:
+        by_who.setdefault(r["implementation"], []).append(r)
+    return by_who
+
+
 def data_table(runs):
     first = runs[0]
     print(f"{first['images']} images of {first['folder']} at {first['image_size']} px, batch {first['batch_size']}, "
@@ -27,9 +35,7 @@ def data_table(runs):
     print()
     print("| loader | workers/threads | decode + resize images/s | epoch once read, ms | csp-tch's images/s over this |")
     print("|---|---:|---:|---:|---:|")
-    by_who = {}
-    for r in runs:
-        by_who.setdefault(r["implementation"], []).append(r)
+    by_who = by_implementation(runs)
     rate = {w: statistics.median(r["decode_images_per_s"] for r in rs) for w, rs in by_who.items()}
     for w, rs in by_who.items():
         name = "csp-tch (decoded once, gathered from memory)" if w == "csp-tch" else "torchvision ImageFolder + DataLoader (decodes every epoch)"
@@ -45,9 +51,7 @@ def ddp_table(runs):
     print()
     print("| who | ms/step | allreduce ms/step | PyTorch DDP ms / this ms |")
     print("|---|---:|---:|---:|")
-    by_who = {}
-    for r in runs:
-        by_who.setdefault(r["implementation"], []).append(r)
+    by_who = by_implementation(runs)
     step = {w: statistics.median(r["ms_per_step"] for r in rs) for w, rs in by_who.items()}
     reduce = {w: statistics.median(r["allreduce_ms_per_step"] for r in rs) for w, rs in by_who.items()}
     names = {"csp-tch": "csp-tch (allreduce after the backward pass)",

@@ -279,18 +279,10 @@ fn torchrun_and_nproc_per_node_give_the_same_run_and_a_killed_rank_is_named_and_
 
     // Rank 1 killed once epoch 1 is done: rank 0 stops, naming it, well within its timeout.
     let killed = tmp.path().join("killed");
-    let args = run_args(&killed, 2, "");
-    let port = free_port();
-    let mut first = worker(&args, 0, port);
-    let second = worker(&args, 1, port);
-    first.wait_for_line(&format!("{MODEL} epoch 1/2"));
-    second.signal(libc::SIGKILL);
-    let started = std::time::Instant::now();
-    let (status, log) = first.finish();
-    let _ = second.finish();
+    let (status, log, waited) = rank_0_after_signalling_rank_1(&run_args(&killed, 2, ""), libc::SIGKILL);
     assert!(!status.success(), "rank 0 went on without rank 1:\n{log}");
     assert!(log.contains("rank 0 of 2:") && log.contains("rank 1 stopped"), "{log}");
-    assert!(started.elapsed().as_secs() < 60, "rank 0 took {:?} to stop", started.elapsed());
+    assert!(waited.as_secs() < 60, "rank 0 took {waited:?} to stop");
     assert!(!log.contains("panicked"), "{log}");
     // Resumed from rank 0's checkpoint after epoch 1: the uninterrupted run's numbers.
     csp_tch_ok(&refs(&run_args(&killed, 2, "--nproc-per-node 2 --resume")));
@@ -329,6 +321,25 @@ fn torchrun_and_nproc_per_node_give_the_same_run_and_a_killed_rank_is_named_and_
     assert_same_tensors(&checkpoint(&ours), &checkpoint(&restarted));
 }
 
+/// Ranks 0 and 1 of `args`, rank 1 sent `signal` once rank 0 has logged epoch 1: how rank 0 ended
+/// (its status and stderr) and how long after the signal. Rank 1 is killed afterwards.
+fn rank_0_after_signalling_rank_1(
+    args: &[String],
+    signal: i32,
+) -> (std::process::ExitStatus, String, std::time::Duration) {
+    let port = free_port();
+    let mut first = worker(args, 0, port);
+    let second = worker(args, 1, port);
+    first.wait_for_line(&format!("{MODEL} epoch 1/2"));
+    second.signal(signal);
+    let started = std::time::Instant::now();
+    let (status, log) = first.finish();
+    let waited = started.elapsed();
+    second.signal(libc::SIGKILL);
+    let _ = second.finish();
+    (status, log, waited)
+}
+
 /// The pid of the worker of torchrun `agent` with RANK `rank`, from /proc.
 fn worker_pid(agent: u32, rank: &str) -> Option<u32> {
     let parent = |pid: &str| {
@@ -350,17 +361,8 @@ fn a_hung_rank_stops_the_other_within_the_timeout_naming_it() {
     let args: Vec<String> =
         run_args(&out, 2, "").into_iter().map(|a| if a == "60" { "10".into() } else { a }).collect();
     assert!(refs(&args).windows(2).any(|w| w == ["--dist-timeout", "10"]), "{args:?}");
-    let port = free_port();
-    let mut first = worker(&args, 0, port);
-    let second = worker(&args, 1, port);
-    first.wait_for_line(&format!("{MODEL} epoch 1/2"));
     // Stopped, not gone: its sockets stay open, so only the timeout can tell.
-    second.signal(libc::SIGSTOP);
-    let started = std::time::Instant::now();
-    let (status, log) = first.finish();
-    let waited = started.elapsed();
-    second.signal(libc::SIGKILL);
-    let _ = second.finish();
+    let (status, log, waited) = rank_0_after_signalling_rank_1(&args, libc::SIGSTOP);
     assert!(!status.success(), "{log}");
     assert!(log.contains("rank 0 of 2:") && log.contains("rank 1 stopped"), "{log}");
     assert!(waited.as_secs() < 45, "rank 0 waited {waited:?} with --dist-timeout 10");
