@@ -13,6 +13,7 @@ use crate::environment::{device_label, device_name, parse_device, Environment};
 use crate::models;
 use crate::report::{si, thousands};
 use crate::train::checkpoint::Weights;
+use crate::train::distributed;
 use crate::train::ClassAccuracy;
 
 pub(super) fn summary(args: SummaryArgs) -> Result<()> {
@@ -72,11 +73,7 @@ pub(super) fn env() -> Result<()> {
         false => println!("CUDA graphs: not in this build ({})", crate::train::cuda_graph::MISSING_REASON),
     }
     println!("{}", crate::train::cuda_graph::decision_line(CudaGraphs::Auto, device, crate::config::Precision::Fp32)?);
-    let nccl = if crate::train::distributed::nccl_built() {
-        "NCCL (CUDA) and Gloo (CPU)"
-    } else {
-        "Gloo only (built without NCCL)"
-    };
+    let nccl = if distributed::nccl_built() { "NCCL (CUDA) and Gloo (CPU)" } else { "Gloo only (built without NCCL)" };
     println!("data-parallel: c10d process groups, {nccl}; under torchrun or --nproc-per-node");
     Ok(())
 }
@@ -203,19 +200,16 @@ fn print_eval(r: &EvalReport) {
 
 pub(super) fn bench(args: BenchArgs) -> Result<()> {
     let config = args.step.config(args.acceleration.execution(), args.steps, args.warmup, args.mode, args.breakdown)?;
-    let place = match args.parallel.role(|| crate::run::check_parallel(&config.execution))? {
+    let place = match args.parallel.role(|| distributed::check_execution(&config.execution))? {
         Role::Launched => return Ok(()),
         Role::Worker(place) => place,
     };
-    if place.is_some() {
-        crate::run::check_parallel(&config.execution)?;
-    }
     let (config, group) = match place {
         None => (config, None),
         Some(place) => {
             let spec = if config.device.is_cuda() { "cuda" } else { "cpu" };
-            let (device, place) = crate::train::distributed::rank_device(spec, place)?;
-            let group = crate::train::distributed::Group::join(&place, device)?;
+            let (device, place) = distributed::rank_device(spec, &config.execution, place)?;
+            let group = distributed::Group::join(&place, device)?;
             (crate::bench::BenchConfig { device, ..config }, Some(std::rc::Rc::new(group)))
         }
     };

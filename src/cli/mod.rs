@@ -413,7 +413,7 @@ impl ParallelArgs {
     fn run(&self, mut config: RunConfig, resume: bool, access: &Access) -> Result<()> {
         config.sync_bn = self.sync_bn;
         let check = || {
-            run::check_parallel(&config.execution)?;
+            crate::train::distributed::check_execution(&config.execution)?;
             run::Settings::check(config.clone(), resume, None)?;
             Ok(())
         };

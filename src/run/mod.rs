@@ -43,8 +43,7 @@ impl Settings {
         let (device, parallel) = match parallel {
             None => (parse_device(&config.device)?, None),
             Some(place) => {
-                check_parallel(&config.execution)?;
-                let (device, place) = distributed::rank_device(&config.device, place)?;
+                let (device, place) = distributed::rank_device(&config.device, &config.execution, place)?;
                 config.world_size = place.world_size;
                 (device, Some(place))
             }
@@ -63,15 +62,6 @@ impl Settings {
             seeds => seeds.iter().map(|&seed| self.config.for_seed(seed)).collect(),
         }
     }
-}
-
-/// Refuses what data-parallel steps computed as `execution` says cannot do: `--cuda-graphs on` (they
-/// run eagerly).
-pub fn check_parallel(execution: &crate::config::Execution) -> Result<()> {
-    if execution.cuda_graphs == crate::config::CudaGraphs::On {
-        bail!("--cuda-graphs on: {}; use --cuda-graphs auto or off", train::PARALLEL_EAGER);
-    }
-    Ok(())
 }
 
 /// Runs `settings`: every model once, or once per seed of `--seeds` (each seed's run in

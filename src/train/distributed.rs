@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{DataParallel, DistBackend};
+use crate::config::{CudaGraphs, DataParallel, DistBackend, Execution};
 use crate::environment::{ParallelEnvironment, RunEnvironment};
 use crate::models::sync_bn::SyncBatchNorm;
 use crate::native::{GroupBackend, ProcessGroup, Rendezvous};
@@ -30,9 +30,20 @@ const FIRST_BUCKET_BYTES: i64 = 1 << 20;
 /// failed, to tell which are gone.
 const HEARTBEAT_WAIT: std::time::Duration = std::time::Duration::from_millis(2500);
 
+/// Refuses what data-parallel steps computed as `execution` says cannot do: `--cuda-graphs on` (they
+/// run eagerly).
+pub fn check_execution(execution: &Execution) -> Result<()> {
+    if execution.cuda_graphs == CudaGraphs::On {
+        bail!("--cuda-graphs on: {}; use --cuda-graphs auto or off", super::PARALLEL_EAGER);
+    }
+    Ok(())
+}
+
 /// The device of rank `place` under `--device spec` (CUDA device `LOCAL_RANK` under `auto`, where CUDA
-/// is available, or `cuda`; the CPU under `cpu`), and `place` with its backend resolved for it.
-pub fn rank_device(spec: &str, place: DataParallel) -> Result<(Device, DataParallel)> {
+/// is available, or `cuda`; the CPU under `cpu`), and `place` with its backend resolved for it, once
+/// `execution` is one a data-parallel step can run ([`check_execution`]).
+pub fn rank_device(spec: &str, execution: &Execution, place: DataParallel) -> Result<(Device, DataParallel)> {
+    check_execution(execution)?;
     let device = match spec {
         "auto" | "cuda" if tch::Cuda::is_available() || spec == "cuda" => {
             crate::environment::parse_device(&format!("cuda:{}", place.local_rank))?

@@ -200,8 +200,7 @@ struct Parallel {
 }
 
 /// Why data-parallel steps run eagerly.
-pub const PARALLEL_EAGER: &str =
-    "a data-parallel run's steps run eagerly: its gradient allreduce is not recorded in a \
+const PARALLEL_EAGER: &str = "a data-parallel run's steps run eagerly: its gradient allreduce is not recorded in a \
                               CUDA graph";
 
 impl Trainer {
