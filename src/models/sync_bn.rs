@@ -51,27 +51,14 @@ impl SyncSlot {
         let slot = self.0.borrow();
         let sync = slot.as_ref()?;
         let (weight, bias) = (bn.ws.as_ref()?, bn.bs.as_ref()?);
-        let stats = (&bn.running_mean, &bn.running_var);
-        match self::run(sync, xs, weight, bias, stats, momentum, eps) {
+        let (mean, var) = (&bn.running_mean, &bn.running_var);
+        let (rank, world) = (sync.rank, sync.world_size);
+        match sync.group.sync_batch_norm(xs, weight, bias, mean, var, momentum, eps, rank, world) {
             Ok(out) => Some(out),
             Err(err) => {
-                sync.error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(err);
+                sync.error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(format!("{err:#}"));
                 None
             }
         }
     }
-}
-
-fn run(
-    sync: &SyncBatchNorm,
-    xs: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    (mean, var): (&Tensor, &Tensor),
-    momentum: f64,
-    eps: f64,
-) -> Result<Tensor, String> {
-    sync.group
-        .sync_batch_norm(xs, weight, bias, mean, var, momentum, eps, sync.rank, sync.world_size)
-        .map_err(|e| format!("{e:#}"))
 }
