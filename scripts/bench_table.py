@@ -38,7 +38,11 @@ def data_table(runs):
     by_who = by_implementation(runs)
     rate = {w: statistics.median(r["decode_images_per_s"] for r in rs) for w, rs in by_who.items()}
     for w, rs in by_who.items():
-        name = "csp-tch (decoded once, gathered from memory)" if w == "csp-tch" else "torchvision ImageFolder + DataLoader (decodes every epoch)"
+        if w == "csp-tch":
+            simd = "SIMD" if rs[0].get("jpeg_simd") else "plain C"
+            name = f"csp-tch (libjpeg-turbo {simd}; decoded once, gathered from memory)"
+        else:
+            name = "torchvision ImageFolder + DataLoader (decodes every epoch)"
         epoch = statistics.median(r["epoch_gather_ms"] for r in rs)
         ratio = f"{rate['csp-tch'] / rate[w]:.2f}x" if "csp-tch" in rate else "-"
         print(f"| {name} | {rs[0]['threads']} | {rate[w]:.0f} | {epoch:.1f} | {ratio} |")

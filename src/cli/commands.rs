@@ -75,6 +75,10 @@ pub(super) fn env() -> Result<()> {
     println!("{}", crate::train::cuda_graph::decision_line(CudaGraphs::Auto, device, crate::config::Precision::Fp32)?);
     let nccl = if distributed::nccl_built() { "NCCL (CUDA) and Gloo (CPU)" } else { "Gloo only (built without NCCL)" };
     println!("data-parallel: c10d process groups, {nccl}; under torchrun or --nproc-per-node");
+    match data::decode::jpeg_simd() {
+        true => println!("JPEG decoder: libjpeg-turbo with its SIMD kernels"),
+        false => println!("JPEG decoder: libjpeg-turbo's plain C (built without nasm, or no SIMD on this CPU; the same pixels, slower)"),
+    }
     Ok(())
 }
 

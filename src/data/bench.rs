@@ -19,6 +19,8 @@ pub struct DataBench {
     pub images: usize,
     pub image_size: usize,
     pub threads: usize,
+    /// JPEGs decoded through libjpeg-turbo's SIMD kernels ([`super::decode::jpeg_simd`]).
+    pub jpeg_simd: bool,
     /// Decoding and resizing every image, from reading the file to the stored uint8 block.
     pub decode_seconds: f64,
     pub decode_images_per_s: f64,
@@ -78,6 +80,7 @@ pub fn run(
         images: n,
         image_size: size,
         threads: rayon::current_num_threads(),
+        jpeg_simd: super::decode::jpeg_simd(),
         decode_seconds,
         decode_images_per_s: n as f64 / decode_seconds,
         stored_size: [decoded.width, decoded.height],

@@ -20,6 +20,19 @@ pub struct Rgb {
 /// The extensions torchvision's `ImageFolder` accepts (compared lower-cased).
 pub const EXTENSIONS: [&str; 9] = ["jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp"];
 
+extern "C" {
+    // libjpeg-turbo's own test of its SIMD kernels (in the library mozjpeg-sys builds either way:
+    // from `jsimd.c` when it was built with nasm, from `jsimd_none.c`, always 0, without).
+    fn jsimd_can_idct_islow() -> std::os::raw::c_int;
+}
+
+/// Whether JPEGs decode through libjpeg-turbo's SIMD kernels: built with them (nasm found at build
+/// time, see scripts/setup.sh) and this CPU has them. Either way the pixels are the same.
+pub fn jpeg_simd() -> bool {
+    // SAFETY: takes no arguments; reads the CPU's features once.
+    unsafe { jsimd_can_idct_islow() != 0 }
+}
+
 /// Decodes an image file's bytes.
 pub fn decode(bytes: &[u8]) -> Result<Rgb> {
     if bytes.starts_with(&[0xFF, 0xD8]) {
