@@ -3,12 +3,15 @@
 # Rust): build the binary here with scripts/prepare-device.sh (it lands in .device/), then on the
 # device, from the checkout root (the device tool allows 600 s a command, so give it timeout_s 600):
 #   OUT=$OUT bash scripts/gpu-check.sh
-# Parts, in order of what matters most (PARTS, default "graphs recipe ddp bench run compile"):
+# Parts, in order of what matters most (PARTS, default "graphs recipe staged ddp bench run compile"):
 #   graphs   `csp-tch check-graphs` for each model at 224 px, fp32 and --amp: replayed steps within the noise
 #            floor of two eager runs, over a schedule with partial batches, evaluations and a new learning rate;
 #   recipe   2 epochs of cspdarknet53-pad0 on a CIFAR-10 subset with every recipe piece past the tutorial's
 #            (AdamW, per-step cosine with warm-up, rrc-flip, EMA, smoothing, clipping) replayed from CUDA
 #            graphs and eagerly: `csp-tch compare` of the two (recipe/graphed, recipe/eager);
+#   staged   1 epoch of cspdarknet53-pad0 on the recipe part's subset with --data-on host (each batch staged
+#            through pinned memory, the next one's copy on a side stream) and --data-on device: `csp-tch
+#            compare` of the two (they must be identical) and each one's ms/step (staged/host, staged/device);
 #   ddp      a data-parallel run of world size 1 through NCCL (the machine has one GPU): `--nproc-per-node 1`,
 #            1 epoch of cspdarknet53-pad0 on the recipe part's subset, then `bench --nproc-per-node 1` beside
 #            a plain eager bench (what the allreduce path costs);
@@ -23,7 +26,7 @@
 # the results come back within the device's limit; what was skipped is said in the log.
 # Results in $OUT: log.txt, graphs.jsonl, bench.jsonl (one JSON object per line, as `bench --json`
 # writes them; the table at the end of the log reads it), recipe/{on,off}/ and run/ (the runs' CSVs and
-# reports, no checkpoints), ddp/ and ddp-bench.jsonl.
+# reports, no checkpoints), staged/{host,device}/, ddp/ and ddp-bench.jsonl.
 # Try it here first with tiny settings:
 #   OUT=/tmp/g DEVICE=cpu BIN=target/release/csp-tch SIZE=32 BENCH_STEPS=2 RUN_ARGS="--preset quick --epochs 1 \
 #     --train-limit 256 --test-limit 128" DATA=data/cifar-10-batches-bin PY=$CSP_TCH_PYTHON bash scripts/gpu-check.sh
@@ -32,7 +35,7 @@ OUT=${OUT:?set OUT to a folder for the results}
 BIN=${BIN:-.device/csp-tch}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
-PARTS=${PARTS:-graphs recipe ddp bench run compile}
+PARTS=${PARTS:-graphs recipe staged ddp bench run compile}
 SIZE=${SIZE:-224}
 BENCH_STEPS=${BENCH_STEPS:-20}
 COMPILE_MODES=${COMPILE_MODES-default}
@@ -93,6 +96,17 @@ if wants recipe && time_for 120 "recipe, graphed and eager" && need_data; then
     rm -rf "$OUT/recipe/$graphs/checkpoints"
   done
   "$BIN" compare "$OUT/recipe/on" "$OUT/recipe/off" || say "graphed and eager recipe runs differ (see above)"
+fi
+
+if wants staged && time_for 90 "host-staged and device-held runs" && need_data; then
+  for on in host device; do
+    say "staged: train --data-on $on"
+    timeout 150 "$BIN" train --model cspdarknet53-pad0 --epochs 1 --train-limit 4096 --test-limit 1024 --image-size "$SIZE" \
+      --data-on "$on" --device "$DEVICE" --data-dir "$DATA" --out "$OUT/staged/$on" || say "run with --data-on $on failed"
+    rm -rf "$OUT/staged/$on/checkpoints"
+    grep -o '"mean_train_ms_per_step": *[0-9.]*' "$OUT/staged/$on/comparison.json" 2>/dev/null | sed "s/^/--data-on $on: /"
+  done
+  "$BIN" compare "$OUT/staged/host" "$OUT/staged/device" || say "host-staged and device-held runs differ (see above)"
 fi
 
 common=(--image-size "$SIZE" --mode train --steps "$BENCH_STEPS" --warmup 5 --device "$DEVICE" --json)

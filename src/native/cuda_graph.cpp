@@ -1,4 +1,6 @@
 // CUDA graphs (`at::cuda::CUDAGraph`), which tch 0.26 does not bind. Called from src/train/cuda_graph.rs.
+// Also the CUDA streams and events that tch does not bind either: copies of host batches on a side
+// stream (src/train/staging.rs), the device's free memory, synchronisation.
 // build.rs defines CSP_TCH_CUDA when libtorch has CUDA and CUDA runtime headers of libtorch's own
 // CUDA version are at hand (CSP_TCH_TORCH_CUDA_VERSION); otherwise every function reports why this
 // build cannot capture.
@@ -11,6 +13,7 @@
 #include "shim.h"
 
 #include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
 
 extern "C" {
 // Sets whether cuDNN may only use deterministic algorithms; returns the previous setting.
@@ -85,6 +88,35 @@ c10::Stream capture_stream(c10::DeviceIndex device) {
 void synchronize(c10::DeviceIndex device) {
   c10::DeviceGuard guard(c10::Device(c10::DeviceType::CUDA, device));
   c10::cuda::device_synchronize();
+}
+
+// An event and the device it belongs to.
+struct Event {
+  cudaEvent_t event = nullptr;
+  c10::DeviceIndex device = 0;
+};
+
+// Throws the CUDA runtime's error `status` of `call`, if it is one.
+void check(cudaError_t status, const char* call) {
+  TORCH_CHECK(status == cudaSuccess, call, " failed with CUDA error ", static_cast<int>(status));
+}
+
+cudaError_t stream_wait(cudaStream_t stream, const Event& e) {
+  auto wait = cudart<cudaError_t(cudaStream_t, cudaEvent_t, unsigned int)>("cudaStreamWaitEvent");
+  TORCH_CHECK(wait != nullptr, "cudaStreamWaitEvent is not loaded");
+  return wait(stream, e.event, 0);
+}
+
+// The side stream that staged batches are copied on, one per device for the whole process.
+c10::cuda::CUDAStream copy_stream(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::map<c10::DeviceIndex, c10::cuda::CUDAStream> streams;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = streams.find(device);
+  if (found == streams.end()) {
+    found = streams.emplace(device, c10::cuda::getStreamFromPool(false, device)).first;
+  }
+  return found->second;
 }
 
 // Runs `f`, ignoring what it throws: used while undoing a failed capture, which must go on.
@@ -273,6 +305,79 @@ int csp_tch_cuda_synchronize(int device) {
     return 0;
   });
 }
+
+// A CUDA event of `device` (no timing), or null with the message. Waiting on one never recorded
+// returns at once, on the host and on a stream alike.
+void* csp_tch_cuda_event_new(int device) {
+  return csp_tch::guarded<void*>(nullptr, [&]() -> void* {
+    auto index = static_cast<c10::DeviceIndex>(device);
+    c10::DeviceGuard guard(c10::Device(c10::DeviceType::CUDA, index));
+    auto create = cudart<cudaError_t(cudaEvent_t*, unsigned int)>("cudaEventCreateWithFlags");
+    TORCH_CHECK(create != nullptr, "cudaEventCreateWithFlags is not loaded");
+    auto event = std::make_unique<Event>();
+    event->device = index;
+    check(create(&event->event, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    return event.release();
+  });
+}
+
+void csp_tch_cuda_event_free(void* event) {
+  auto owned = std::unique_ptr<Event>(static_cast<Event*>(event));
+  auto destroy = cudart<cudaError_t(cudaEvent_t)>("cudaEventDestroy");
+  if (owned && destroy) destroy(owned->event);
+}
+
+// Records `event` on its device's current stream (after the work queued there so far): 0 or -1.
+int csp_tch_cuda_event_record(void* event) {
+  auto& e = *static_cast<Event*>(event);
+  return csp_tch::guarded(-1, [&] {
+    auto record = cudart<cudaError_t(cudaEvent_t, cudaStream_t)>("cudaEventRecord");
+    TORCH_CHECK(record != nullptr, "cudaEventRecord is not loaded");
+    check(record(e.event, c10::cuda::getCurrentCUDAStream(e.device).stream()), "cudaEventRecord");
+    return 0;
+  });
+}
+
+// Waits on the host until the work before `event`'s last recording is done: 0 or -1.
+int csp_tch_cuda_event_synchronize(void* event) {
+  auto& e = *static_cast<Event*>(event);
+  return csp_tch::guarded(-1, [&] {
+    auto wait = cudart<cudaError_t(cudaEvent_t)>("cudaEventSynchronize");
+    TORCH_CHECK(wait != nullptr, "cudaEventSynchronize is not loaded");
+    check(wait(e.event), "cudaEventSynchronize");
+    return 0;
+  });
+}
+
+// Makes the current stream of `event`'s device wait (on the device, not the host) for the work
+// before its last recording: 0 or -1.
+int csp_tch_cuda_stream_wait_event(void* event) {
+  auto& e = *static_cast<Event*>(event);
+  return csp_tch::guarded(-1, [&] {
+    check(stream_wait(c10::cuda::getCurrentCUDAStream(e.device).stream(), e), "cudaStreamWaitEvent");
+    return 0;
+  });
+}
+
+// Copies `src` (pinned host memory) into `dst` (on `done`'s device) on that device's copy stream,
+// without waiting on the host: the copy starts once the work before `after`'s last recording is
+// done, and `done` is recorded after it. Both tensors must outlive the copy (the caller waits on
+// `done` before reusing either). Returns 0 or -1.
+int csp_tch_copy_on_side_stream(const at::Tensor* dst, const at::Tensor* src, void* after, void* done) {
+  auto& d = *static_cast<Event*>(done);
+  return csp_tch::guarded(-1, [&] {
+    auto stream = copy_stream(d.device);
+    check(stream_wait(stream.stream(), *static_cast<Event*>(after)), "cudaStreamWaitEvent");
+    {
+      c10::StreamGuard guard(stream.unwrap());
+      const_cast<at::Tensor*>(dst)->copy_(*src, /*non_blocking=*/true);
+    }
+    auto record = cudart<cudaError_t(cudaEvent_t, cudaStream_t)>("cudaEventRecord");
+    TORCH_CHECK(record != nullptr, "cudaEventRecord is not loaded");
+    check(record(d.event, stream.stream()), "cudaEventRecord");
+    return 0;
+  });
+}
 }
 
 #else
@@ -297,6 +402,12 @@ int csp_tch_graph_capture_end(void*) { return unavailable(); }
 int csp_tch_graph_replay(void*) { return unavailable(); }
 int csp_tch_cuda_synchronize(int) { return unavailable(); }
 int csp_tch_cuda_mem_info(int, size_t*, size_t*) { return unavailable(); }
+void* csp_tch_cuda_event_new(int) { return unavailable(), nullptr; }
+void csp_tch_cuda_event_free(void*) {}
+int csp_tch_cuda_event_record(void*) { return unavailable(); }
+int csp_tch_cuda_event_synchronize(void*) { return unavailable(); }
+int csp_tch_cuda_stream_wait_event(void*) { return unavailable(); }
+int csp_tch_copy_on_side_stream(const at::Tensor*, const at::Tensor*, void*, void*) { return unavailable(); }
 }
 
 #endif

@@ -5,6 +5,7 @@
 
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
+use tch::Tensor;
 use torch_sys::C_tensor;
 
 extern "C" {
@@ -59,6 +60,17 @@ extern "C" {
     pub(crate) fn csp_tch_cuda_synchronize(device: c_int) -> c_int;
     pub(crate) fn csp_tch_cuda_mem_info(device: c_int, free: *mut usize, total: *mut usize) -> c_int;
     pub(crate) fn csp_tch_set_cudnn_deterministic(on: c_int) -> c_int;
+    fn csp_tch_cuda_event_new(device: c_int) -> *mut c_void;
+    fn csp_tch_cuda_event_free(event: *mut c_void);
+    fn csp_tch_cuda_event_record(event: *mut c_void) -> c_int;
+    fn csp_tch_cuda_event_synchronize(event: *mut c_void) -> c_int;
+    fn csp_tch_cuda_stream_wait_event(event: *mut c_void) -> c_int;
+    fn csp_tch_copy_on_side_stream(
+        dst: *const C_tensor,
+        src: *const C_tensor,
+        after: *mut c_void,
+        done: *mut c_void,
+    ) -> c_int;
 
     // distributed.cpp: backend 0 Gloo, 1 NCCL.
     fn csp_tch_nccl_built() -> c_int;
@@ -103,6 +115,62 @@ pub use distributed::{nccl_built, GroupBackend, ProcessGroup, Rendezvous};
 pub(crate) fn last_error() -> String {
     // SAFETY: the shim returns a NUL-terminated string that lives until the next error on this thread.
     unsafe { CStr::from_ptr(csp_tch_last_error()) }.to_string_lossy().into_owned()
+}
+
+/// 0 from a shim call, or its error with `what` failed.
+fn status(code: c_int, what: &str) -> anyhow::Result<()> {
+    if code != 0 {
+        anyhow::bail!("{what}: {}", last_error());
+    }
+    Ok(())
+}
+
+/// A CUDA event: recorded after the work queued on a stream so far, then waited for by the host or
+/// by another stream. Waiting for one never recorded returns at once.
+pub(crate) struct CudaEvent(std::ptr::NonNull<c_void>);
+
+impl CudaEvent {
+    pub fn new(device: usize) -> anyhow::Result<CudaEvent> {
+        // SAFETY: the shim catches every exception; null means failure.
+        let event = unsafe { csp_tch_cuda_event_new(device as c_int) };
+        std::ptr::NonNull::new(event)
+            .map(CudaEvent)
+            .ok_or_else(|| anyhow::anyhow!("cannot create a CUDA event: {}", last_error()))
+    }
+
+    /// Records the event on its device's current stream.
+    pub fn record(&self) -> anyhow::Result<()> {
+        // SAFETY: a live event; the shim catches every exception.
+        status(unsafe { csp_tch_cuda_event_record(self.0.as_ptr()) }, "recording a CUDA event")
+    }
+
+    /// Waits on the host for the work before the last recording.
+    pub fn synchronize(&self) -> anyhow::Result<()> {
+        // SAFETY: as in `record`.
+        status(unsafe { csp_tch_cuda_event_synchronize(self.0.as_ptr()) }, "waiting for a CUDA event")
+    }
+
+    /// Makes the device's current stream wait (on the device) for the work before the last recording.
+    pub fn wait_on_current_stream(&self) -> anyhow::Result<()> {
+        // SAFETY: as in `record`.
+        status(unsafe { csp_tch_cuda_stream_wait_event(self.0.as_ptr()) }, "waiting for a CUDA event")
+    }
+}
+
+impl Drop for CudaEvent {
+    fn drop(&mut self) {
+        // SAFETY: made by csp_tch_cuda_event_new, freed once.
+        unsafe { csp_tch_cuda_event_free(self.0.as_ptr()) }
+    }
+}
+
+/// Copies `src` (pinned host memory) into `dst` (on `done`'s device) on that device's copy stream,
+/// the host not waiting: the copy starts after the work before `after`'s last recording, and
+/// `done` is recorded after it. Neither tensor may be reused or freed before `done` is reached.
+pub(crate) fn copy_on_side_stream(dst: &Tensor, src: &Tensor, after: &CudaEvent, done: &CudaEvent) -> anyhow::Result<()> {
+    // SAFETY: live tensors and events; the shim catches every exception.
+    let code = unsafe { csp_tch_copy_on_side_stream(dst.as_ptr(), src.as_ptr(), after.0.as_ptr(), done.0.as_ptr()) };
+    status(code, "copying a batch to the device")
 }
 
 /// The free and total memory of CUDA device `index` in bytes (`None` when this build or device cannot say).

@@ -187,20 +187,24 @@ impl<'a> Evaluator<'a> {
         self.sums.zero();
         let started = Instant::now();
         let mut head_seconds = 0.0;
+        // The indices of the batch at (start, len): into this rank's share, or into the whole split.
+        let range = |on: Device, shard: Option<&Tensor>, (start, len): (i64, i64)| match shard {
+            Some(shard) => shard.narrow(0, start, len),
+            None => Tensor::arange_start(start, start + len, (Kind::Int64, on)),
+        };
         for (step, &(start, len)) in bounds.iter().enumerate() {
-            let range = |on: Device, shard: Option<&Tensor>| match shard {
-                Some(shard) => shard.narrow(0, start, len),
-                None => Tensor::arange_start(start, start + len, (Kind::Int64, on)),
-            };
             let [batch_images, batch_labels, index] = staging::step_input(
                 &mut self.sums.staging,
                 self.on_host,
                 (images, labels),
-                range(device, mine_on_device.as_ref()),
-                || range(Device::Cpu, mine.as_ref()),
+                range(device, mine_on_device.as_ref(), (start, len)),
+                || range(Device::Cpu, mine.as_ref(), (start, len)),
                 recipe.batch_size as i64,
-            );
+            )?;
             self.batch(&batch_images, &batch_labels, &index, recipe)?;
+            if let Some(&next) = bounds.get(step + 1) {
+                staging::prefetch(&mut self.sums.staging, images, || range(Device::Cpu, mine.as_ref(), next))?;
+            }
             if step + 1 == HEAD_STEPS {
                 synchronize(device);
                 head_seconds = started.elapsed().as_secs_f64();

@@ -624,8 +624,11 @@ impl Trainer {
                 order.narrow(0, start, len),
                 || order_host.narrow(0, start, len),
                 recipe.batch_size as i64,
-            );
+            )?;
             self.train_batch(&batch_images, &batch_labels, &index, recipe)?;
+            if let Some(&(start, len)) = bounds.get(step + 1) {
+                staging::prefetch(&mut self.train_staging, &data.train_images, || order_host.narrow(0, start, len))?;
+            }
             images += len;
             if step + 1 == HEAD_STEPS {
                 synchronize(device);
