@@ -167,7 +167,12 @@ impl Drop for CudaEvent {
 /// Copies `src` (pinned host memory) into `dst` (on `done`'s device) on that device's copy stream,
 /// the host not waiting: the copy starts after the work before `after`'s last recording, and
 /// `done` is recorded after it. Neither tensor may be reused or freed before `done` is reached.
-pub(crate) fn copy_on_side_stream(dst: &Tensor, src: &Tensor, after: &CudaEvent, done: &CudaEvent) -> anyhow::Result<()> {
+pub(crate) fn copy_on_side_stream(
+    dst: &Tensor,
+    src: &Tensor,
+    after: &CudaEvent,
+    done: &CudaEvent,
+) -> anyhow::Result<()> {
     // SAFETY: live tensors and events; the shim catches every exception.
     let code = unsafe { csp_tch_copy_on_side_stream(dst.as_ptr(), src.as_ptr(), after.0.as_ptr(), done.0.as_ptr()) };
     status(code, "copying a batch to the device")

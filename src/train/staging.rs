@@ -95,8 +95,15 @@ impl Staging {
 
     /// The batch of host images at `host_index` (on the CPU) with the labels at `index` (on the
     /// device), staged: (images, labels, index) to train or evaluate on, as if the set were on the device.
-    fn batch(&mut self, host_images: &Tensor, labels: &Tensor, host_index: &Tensor, index: &Tensor) -> Result<[Tensor; 3]> {
-        let held = |slot: &Slot| slot.holds.as_ref().is_some_and(|h| h.size() == host_index.size() && h.equal(host_index));
+    fn batch(
+        &mut self,
+        host_images: &Tensor,
+        labels: &Tensor,
+        host_index: &Tensor,
+        index: &Tensor,
+    ) -> Result<[Tensor; 3]> {
+        let held =
+            |slot: &Slot| slot.holds.as_ref().is_some_and(|h| h.size() == host_index.size() && h.equal(host_index));
         let s = match self.slots.iter().position(held) {
             Some(s) => s,
             None => {
@@ -203,9 +210,13 @@ mod tests {
         let labels = Tensor::arange(10, (Kind::Int64, Device::Cpu)) * 100;
         let mut slot = None;
         let first = Tensor::from_slice(&[3i64, 1, 4]);
-        let [x, y, index] = step_input(&mut slot, true, (&images, &labels), first.shallow_clone(), || first.shallow_clone(), 4)
-            .expect("staged");
-        assert_eq!((ids(&x.index_select(0, &index)), Vec::<i64>::try_from(&y).unwrap()), (vec![3, 1, 4], vec![300, 100, 400]));
+        let [x, y, index] =
+            step_input(&mut slot, true, (&images, &labels), first.shallow_clone(), || first.shallow_clone(), 4)
+                .expect("staged");
+        assert_eq!(
+            (ids(&x.index_select(0, &index)), Vec::<i64>::try_from(&y).unwrap()),
+            (vec![3, 1, 4], vec![300, 100, 400])
+        );
 
         // Staged ahead, then the set changes: the step still reads what was staged, a copy made
         // before the change (as a device copy queued ahead would be).
@@ -213,14 +224,16 @@ mod tests {
         prefetch(&mut slot, &images, || next.shallow_clone()).expect("prefetched");
         let _ = images.shallow_clone().get(5).fill_(-5);
         let [x, y, _] =
-            step_input(&mut slot, true, (&images, &labels), next.shallow_clone(), || next.shallow_clone(), 4).expect("staged");
+            step_input(&mut slot, true, (&images, &labels), next.shallow_clone(), || next.shallow_clone(), 4)
+                .expect("staged");
         assert_eq!((ids(&x), Vec::<i64>::try_from(&y).unwrap()), (vec![5, 9], vec![500, 900]));
 
         // A batch other than the one staged ahead is staged when asked for, from the set as it is now.
         prefetch(&mut slot, &images, || Tensor::from_slice(&[0i64])).expect("prefetched");
         let asked = Tensor::from_slice(&[5i64, 2, 7, 8]);
         let [x, _, _] =
-            step_input(&mut slot, true, (&images, &labels), asked.shallow_clone(), || asked.shallow_clone(), 4).expect("staged");
+            step_input(&mut slot, true, (&images, &labels), asked.shallow_clone(), || asked.shallow_clone(), 4)
+                .expect("staged");
         assert_eq!(ids(&x), vec![-5, 2, 7, 8]);
     }
 }
