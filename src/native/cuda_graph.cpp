@@ -71,17 +71,29 @@ F* cudart(const char* name) {
   return reinterpret_cast<F*>(dlsym(RTLD_DEFAULT, name));
 }
 
-// The side stream that warm-up and capture run on, one per device for the whole process: the
-// caching allocator reuses a freed block only on the stream it was allocated on.
-c10::Stream capture_stream(c10::DeviceIndex device) {
+// A stream from the pool, one per device and per purpose (`streams`), kept for the whole process.
+using StreamPerDevice = std::map<c10::DeviceIndex, c10::cuda::CUDAStream>;
+c10::cuda::CUDAStream kept_stream(StreamPerDevice& streams, c10::DeviceIndex device) {
   static std::mutex mutex;
-  static std::map<c10::DeviceIndex, c10::cuda::CUDAStream> streams;
   std::lock_guard<std::mutex> lock(mutex);
   auto found = streams.find(device);
   if (found == streams.end()) {
     found = streams.emplace(device, c10::cuda::getStreamFromPool(false, device)).first;
   }
-  return found->second.unwrap();
+  return found->second;
+}
+
+// The side stream that warm-up and capture run on: the caching allocator reuses a freed block
+// only on the stream it was allocated on.
+c10::Stream capture_stream(c10::DeviceIndex device) {
+  static StreamPerDevice streams;
+  return kept_stream(streams, device).unwrap();
+}
+
+// The side stream that staged batches are copied on.
+c10::cuda::CUDAStream copy_stream(c10::DeviceIndex device) {
+  static StreamPerDevice streams;
+  return kept_stream(streams, device);
 }
 
 // Waits for everything queued on `device`; an asynchronous CUDA error surfaces here as an exception.
@@ -105,18 +117,6 @@ cudaError_t stream_wait(cudaStream_t stream, const Event& e) {
   auto wait = cudart<cudaError_t(cudaStream_t, cudaEvent_t, unsigned int)>("cudaStreamWaitEvent");
   TORCH_CHECK(wait != nullptr, "cudaStreamWaitEvent is not loaded");
   return wait(stream, e.event, 0);
-}
-
-// The side stream that staged batches are copied on, one per device for the whole process.
-c10::cuda::CUDAStream copy_stream(c10::DeviceIndex device) {
-  static std::mutex mutex;
-  static std::map<c10::DeviceIndex, c10::cuda::CUDAStream> streams;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto found = streams.find(device);
-  if (found == streams.end()) {
-    found = streams.emplace(device, c10::cuda::getStreamFromPool(false, device)).first;
-  }
-  return found->second;
 }
 
 // Runs `f`, ignoring what it throws: used while undoing a failed capture, which must go on.

@@ -25,7 +25,8 @@ struct Slot {
     device: Tensor,
     /// The host index of the batch whose copy into `device` is queued and not yet taken.
     holds: Option<Tensor>,
-    /// CUDA only: recorded after the last copy into `device`, and after `device` was last read.
+    /// On CUDA, when the shim has it: recorded after the last copy into `device`, and after
+    /// `device` was last read.
     events: Option<SlotEvents>,
 }
 
@@ -47,28 +48,37 @@ pub(crate) struct Staging {
 
 impl Staging {
     /// Buffers for batches of up to `batch` images like those of `host_images`, on `device`.
-    fn new(host_images: &Tensor, batch: i64, device: Device) -> Result<Staging> {
+    fn new(host_images: &Tensor, batch: i64, device: Device) -> Staging {
         let mut shape = host_images.size();
         shape[0] = batch;
         let kind = host_images.kind();
-        let slot = || -> Result<Slot> {
-            let host = Tensor::empty(&shape, (kind, Device::Cpu));
-            let (host, events) = match device {
-                Device::Cuda(index) => (
-                    host.pin_memory(device),
-                    Some(SlotEvents { copied: CudaEvent::new(index)?, read: CudaEvent::new(index)? }),
-                ),
-                _ => (host, None),
+        let pair = |index| -> Result<[SlotEvents; 2]> {
+            let events = || -> Result<SlotEvents> {
+                Ok(SlotEvents { copied: CudaEvent::new(index)?, read: CudaEvent::new(index)? })
             };
-            Ok(Slot { host, device: Tensor::empty(&shape, (kind, device)), holds: None, events })
+            Ok([events()?, events()?])
         };
-        Ok(Staging {
-            slots: [slot()?, slot()?],
+        let events = match device {
+            // Without events (a build without the CUDA shim) each copy waits for the device, as a
+            // plain copy from pinned memory does: slower, never wrong.
+            Device::Cuda(index) => pair(index).map(|p| p.map(Some)).unwrap_or_else(|err| {
+                eprintln!("warning: {err:#}; each batch's copy to the device waits for it");
+                [None, None]
+            }),
+            _ => [None, None],
+        };
+        let slots = events.map(|events| {
+            let host = Tensor::empty(&shape, (kind, Device::Cpu));
+            let host = if device.is_cuda() { host.pin_memory(device) } else { host };
+            Slot { host, device: Tensor::empty(&shape, (kind, device)), holds: None, events }
+        });
+        Staging {
+            slots,
             next: 0,
             images: Tensor::empty(&shape, (kind, device)),
             labels: Tensor::empty([batch], (Kind::Int64, device)),
             arange: Tensor::arange(batch, (Kind::Int64, device)),
-        })
+        }
     }
 
     /// Gathers the host images at `host_index` into slot `s` and queues their copy to its device
@@ -152,10 +162,7 @@ pub(crate) fn step_input(
     if !on_host {
         return Ok([images.shallow_clone(), labels.shallow_clone(), index]);
     }
-    if slot.is_none() {
-        *slot = Some(Staging::new(images, batch, labels.device())?);
-    }
-    let staging = slot.as_mut().expect("made above");
+    let staging = slot.get_or_insert_with(|| Staging::new(images, batch, labels.device()));
     staging.batch(images, labels, &host_index(), &index)
 }
 
