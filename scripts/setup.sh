@@ -62,7 +62,7 @@ install_torch() {
 install_nasm() {
   command -v nasm >/dev/null && return 0
   local bin=${CARGO_HOME:-$HOME/.cargo}/bin tmp
-  local plain="setup: JPEGs will decode with libjpeg-turbo's plain C kernels (the same pixels, slower)"
+  local plain="JPEGs will decode with libjpeg-turbo's plain C kernels (the same pixels, slower)"
   case ":$PATH:" in
     *":$bin:"*) ;;
     *) echo "setup: no nasm on PATH and $bin is not on PATH either; $plain" >&2; return 0 ;;
