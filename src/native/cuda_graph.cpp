@@ -113,10 +113,17 @@ void check(cudaError_t status, const char* call) {
   TORCH_CHECK(status == cudaSuccess, call, " failed with CUDA error ", static_cast<int>(status));
 }
 
-cudaError_t stream_wait(cudaStream_t stream, const Event& e) {
-  auto wait = cudart<cudaError_t(cudaStream_t, cudaEvent_t, unsigned int)>("cudaStreamWaitEvent");
+// The runtime functions a staged batch calls each step, looked up once.
+void stream_wait(cudaStream_t stream, const Event& e) {
+  static auto wait = cudart<cudaError_t(cudaStream_t, cudaEvent_t, unsigned int)>("cudaStreamWaitEvent");
   TORCH_CHECK(wait != nullptr, "cudaStreamWaitEvent is not loaded");
-  return wait(stream, e.event, 0);
+  check(wait(stream, e.event, 0), "cudaStreamWaitEvent");
+}
+
+void record_on(cudaStream_t stream, const Event& e) {
+  static auto record = cudart<cudaError_t(cudaEvent_t, cudaStream_t)>("cudaEventRecord");
+  TORCH_CHECK(record != nullptr, "cudaEventRecord is not loaded");
+  check(record(e.event, stream), "cudaEventRecord");
 }
 
 // Runs `f`, ignoring what it throws: used while undoing a failed capture, which must go on.
@@ -292,8 +299,7 @@ int csp_tch_cuda_mem_info(int device, size_t* free, size_t* total) {
     c10::DeviceGuard guard(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
     auto mem_get_info = cudart<cudaError_t(size_t*, size_t*)>("cudaMemGetInfo");
     TORCH_CHECK(mem_get_info != nullptr, "cudaMemGetInfo is not loaded");
-    cudaError_t status = mem_get_info(free, total);
-    TORCH_CHECK(status == cudaSuccess, "cudaMemGetInfo failed with error ", static_cast<int>(status));
+    check(mem_get_info(free, total), "cudaMemGetInfo");
     return 0;
   });
 }
@@ -331,9 +337,7 @@ void csp_tch_cuda_event_free(void* event) {
 int csp_tch_cuda_event_record(void* event) {
   auto& e = *static_cast<Event*>(event);
   return csp_tch::guarded(-1, [&] {
-    auto record = cudart<cudaError_t(cudaEvent_t, cudaStream_t)>("cudaEventRecord");
-    TORCH_CHECK(record != nullptr, "cudaEventRecord is not loaded");
-    check(record(e.event, c10::cuda::getCurrentCUDAStream(e.device).stream()), "cudaEventRecord");
+    record_on(c10::cuda::getCurrentCUDAStream(e.device).stream(), e);
     return 0;
   });
 }
@@ -342,7 +346,7 @@ int csp_tch_cuda_event_record(void* event) {
 int csp_tch_cuda_event_synchronize(void* event) {
   auto& e = *static_cast<Event*>(event);
   return csp_tch::guarded(-1, [&] {
-    auto wait = cudart<cudaError_t(cudaEvent_t)>("cudaEventSynchronize");
+    static auto wait = cudart<cudaError_t(cudaEvent_t)>("cudaEventSynchronize");
     TORCH_CHECK(wait != nullptr, "cudaEventSynchronize is not loaded");
     check(wait(e.event), "cudaEventSynchronize");
     return 0;
@@ -354,7 +358,7 @@ int csp_tch_cuda_event_synchronize(void* event) {
 int csp_tch_cuda_stream_wait_event(void* event) {
   auto& e = *static_cast<Event*>(event);
   return csp_tch::guarded(-1, [&] {
-    check(stream_wait(c10::cuda::getCurrentCUDAStream(e.device).stream(), e), "cudaStreamWaitEvent");
+    stream_wait(c10::cuda::getCurrentCUDAStream(e.device).stream(), e);
     return 0;
   });
 }
@@ -367,14 +371,12 @@ int csp_tch_copy_on_side_stream(const at::Tensor* dst, const at::Tensor* src, vo
   auto& d = *static_cast<Event*>(done);
   return csp_tch::guarded(-1, [&] {
     auto stream = copy_stream(d.device);
-    check(stream_wait(stream.stream(), *static_cast<Event*>(after)), "cudaStreamWaitEvent");
+    stream_wait(stream.stream(), *static_cast<Event*>(after));
     {
       c10::StreamGuard guard(stream.unwrap());
       const_cast<at::Tensor*>(dst)->copy_(*src, /*non_blocking=*/true);
     }
-    auto record = cudart<cudaError_t(cudaEvent_t, cudaStream_t)>("cudaEventRecord");
-    TORCH_CHECK(record != nullptr, "cudaEventRecord is not loaded");
-    check(record(d.event, stream.stream()), "cudaEventRecord");
+    record_on(stream.stream(), d);
     return 0;
   });
 }

@@ -117,8 +117,8 @@ pub(crate) fn last_error() -> String {
     unsafe { CStr::from_ptr(csp_tch_last_error()) }.to_string_lossy().into_owned()
 }
 
-/// 0 from a shim call, or its error with `what` failed.
-fn status(code: c_int, what: &str) -> anyhow::Result<()> {
+/// A shim call's status as a result: `Ok` for 0, else the shim's message after `what`.
+pub(crate) fn status(code: c_int, what: &str) -> anyhow::Result<()> {
     if code != 0 {
         anyhow::bail!("{what}: {}", last_error());
     }

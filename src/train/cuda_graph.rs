@@ -14,7 +14,7 @@
 //! one warning. Under `on` the same failures are errors.
 
 use crate::config::{CudaGraphs, Precision};
-use crate::native;
+use crate::native::{self, status};
 use anyhow::{bail, Context, Result};
 use std::os::raw::{c_int, c_void};
 use std::sync::Mutex;
@@ -39,14 +39,6 @@ fn cuda_index(device: Device) -> Result<c_int> {
         Device::Cuda(index) => Ok(index as c_int),
         other => bail!("CUDA graphs need a CUDA device, not {other:?}"),
     }
-}
-
-/// A shim call's status as a result: `Ok` for 0, else the shim's message after `what`.
-fn status(code: c_int, what: &str) -> Result<()> {
-    if code != 0 {
-        bail!("{what}: {}", native::last_error());
-    }
-    Ok(())
 }
 
 /// Waits for `device` and reports an asynchronous CUDA error as an error instead of tch's panic.
