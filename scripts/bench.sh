@@ -14,7 +14,8 @@
 # resize on every core, then an epoch's gathers once held) against torchvision's ImageFolder + DataLoader
 # with one worker per core (scripts/bench_imagefolder.py), images/s and per-epoch time side by side.
 #   scripts/bench.sh --ddp N [--models a] [--image-size 32] [--batch-size 64] [--steps 10] [--rounds 3]
-# instead times data-parallel train steps on N CPU processes over Gloo: `csp-tch bench --nproc-per-node N`
+# instead times data-parallel train steps on N CPU processes over Gloo: `csp-tch bench --nproc-per-node N`,
+# its allreduce after the backward pass and overlapped with it (--dist-overlap off, on),
 # against PyTorch's DistributedDataParallel (scripts/ddp_peer.py bench), the step time and the ms of it in
 # the gradient allreduce, side by side (the first model only, darknet53 unless --models names one).
 set -euo pipefail
@@ -67,9 +68,12 @@ if [ -n "$ddp" ]; then
   for round in $(seq "$rounds"); do
     ours=(target/release/csp-tch bench --model "$model" "${sizes[@]}" --device cpu --nproc-per-node "$ddp" --json)
     theirs=("$py" scripts/ddp_peer.py bench --model "$model" "${sizes[@]}" --world "$ddp")
-    if [ $((round % 2)) -eq 1 ]; then order=(ours theirs); else order=(theirs ours); fi
+    if [ $((round % 2)) -eq 1 ]; then order=(off on theirs); else order=(theirs on off); fi
     for who in "${order[@]}"; do
-      if [ "$who" = ours ]; then OMP_NUM_THREADS=1 "${ours[@]}" 2>/dev/null; else "${theirs[@]}"; fi >> "$lines"
+      case $who in
+        theirs) "${theirs[@]}" ;;
+        *) OMP_NUM_THREADS=1 "${ours[@]}" --dist-overlap "$who" 2>/dev/null ;;
+      esac >> "$lines"
     done
     echo "bench: data-parallel round $round/$rounds done" >&2
   done

@@ -75,6 +75,17 @@ pub struct BenchResult {
     pub backend: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allreduce_ms_per_step: Option<f64>,
+    /// With `--dist-overlap on`: how much of the allreduce was launched during the backward pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allreduce_overlap: Option<OverlapShare>,
+}
+
+/// The buckets of an overlapped allreduce (`--dist-overlap on`), over the timed steps.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct OverlapShare {
+    pub buckets_per_step: f64,
+    /// The share of the buckets launched before the backward pass ended.
+    pub launched_during_backward: f64,
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -135,6 +146,7 @@ pub fn run(config: &BenchConfig, group: Option<Rc<Group>>) -> Result<BenchResult
     let bs = recipe.batch_size as i64;
     let mut trainer = Trainer::new(&config.model, crate::data::CLASSES, recipe, &execution, config.device)?;
     let parallel = group.as_ref().map(|g| (g.world_size(), g.place.backend.label()));
+    let overlap = group.as_ref().is_some_and(|g| g.place.overlap == crate::config::DistOverlap::On);
     if let Some(group) = group {
         if config.mode != Mode::Train || config.breakdown {
             bail!("a data-parallel bench times train steps: drop --mode eval and --breakdown");
@@ -171,7 +183,7 @@ pub fn run(config: &BenchConfig, group: Option<Rc<Group>>) -> Result<BenchResult
         Ok(step_ms)
     };
     let mut phases = PhaseTimes::default();
-    let mut allreduce_ms = Vec::new();
+    let mut allreduce = Vec::new();
     let step_ms = match config.mode {
         Mode::Train if config.breakdown => timed(&mut |index, measured| {
             let phases = measured.then_some(&mut phases);
@@ -180,8 +192,8 @@ pub fn run(config: &BenchConfig, group: Option<Rc<Group>>) -> Result<BenchResult
         })?,
         Mode::Train => timed(&mut |index, measured| {
             trainer.train_batch(images, labels, index, recipe)?;
-            match trainer.take_allreduce_ms() {
-                Some(ms) if measured => allreduce_ms.push(ms),
+            match trainer.take_allreduce_stats() {
+                Some(stats) if measured => allreduce.push(stats),
                 _ => {}
             }
             Ok(())
@@ -228,6 +240,15 @@ pub fn run(config: &BenchConfig, group: Option<Rc<Group>>) -> Result<BenchResult
         }),
         world_size: parallel.map(|(world, _)| world),
         backend: parallel.map(|(_, backend)| backend),
-        allreduce_ms_per_step: (!allreduce_ms.is_empty()).then(|| median(&allreduce_ms)),
+        allreduce_ms_per_step: (!allreduce.is_empty())
+            .then(|| median(&allreduce.iter().map(|s| s.seconds * 1e3).collect::<Vec<_>>())),
+        allreduce_overlap: overlap.then(|| {
+            let (buckets, during) =
+                allreduce.iter().fold((0, 0), |(b, d), s| (b + s.buckets, d + s.launched_during_backward));
+            OverlapShare {
+                buckets_per_step: buckets as f64 / allreduce.len() as f64,
+                launched_during_backward: during as f64 / buckets.max(1) as f64,
+            }
+        }),
     })
 }

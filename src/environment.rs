@@ -151,6 +151,9 @@ pub struct ParallelEnvironment {
     pub world_size: usize,
     /// Each rank's device (`cuda:0 (NVIDIA H200)`, `cpu`), by rank.
     pub devices: Vec<String>,
+    /// `--dist-overlap`: whether the gradient allreduce ran during the backward pass (absent: after it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allreduce_overlapped: bool,
 }
 
 impl RunEnvironment {

@@ -2,7 +2,8 @@
 //! each, so the tests run side by side), each bounded by `--dist-timeout` and stopping by itself:
 //! - against PyTorch's own DistributedDataParallel (scripts/ddp_peer.py, torch.distributed over Gloo)
 //!   from the same initial weights on the same shards: rank 0's weights and BatchNorm statistics, the
-//!   epoch's training loss over both ranks and the sharded evaluation agree within float rounding;
+//!   epoch's training loss over both ranks and the sharded evaluation agree within float rounding,
+//!   the allreduce overlapped with the backward pass or after it (the same sums to the bit);
 //! - started by torchrun (`--no-python`, its agent hosting the store) and by `--nproc-per-node 2`:
 //!   the same numbers to the bit;
 //! - a rank killed in the second epoch: the other stops with an error naming it, and `--resume`
@@ -123,17 +124,18 @@ fn relative_distance(
 }
 
 #[test]
-fn two_gloo_processes_train_as_pytorch_ddp_does() {
-    against_pytorch_ddp(false);
+fn two_gloo_processes_overlapping_the_allreduce_with_the_backward_pass_train_as_pytorch_ddp_does() {
+    against_pytorch_ddp(false, true);
 }
 
 #[test]
 fn with_sync_bn_two_gloo_processes_train_as_pytorch_ddp_with_sync_batch_norm_does() {
-    against_pytorch_ddp(true);
+    against_pytorch_ddp(true, false);
 }
 
-/// csp-tch's 2-process run and the PyTorch peer's from the same weights on the same shards.
-fn against_pytorch_ddp(sync_bn: bool) {
+/// csp-tch's 2-process run and the PyTorch peer's from the same weights on the same shards; the
+/// allreduce during the backward pass (`overlap`) or after it.
+fn against_pytorch_ddp(sync_bn: bool, overlap: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     // 128 images, 64 a rank in 2 steps of 32: BatchNorm over 8 images of 1x1 maps at 32 px makes a
@@ -141,11 +143,14 @@ fn against_pytorch_ddp(sync_bn: bool) {
     // two steps stay within rounding. SGD with momentum: its update is linear in the gradient.
     let sgd = "--opt sgd --lr 1e-3 --momentum 0.9 --weight-decay 0 --normalize unit";
     let sync = if sync_bn { "--sync-bn" } else { "" };
-    let run = csp_tch_ok(&refs(&run_args_sized(&out, 1, 128, 32, &format!("{sgd} {sync} --nproc-per-node 2"))));
+    let overlap = if overlap { "on" } else { "off" };
+    let more = format!("{sgd} {sync} --dist-overlap {overlap} --nproc-per-node 2");
+    let run = csp_tch_ok(&refs(&run_args_sized(&out, 1, 128, 32, &more)));
     let statistics = if sync_bn { "over all of them (--sync-bn)" } else { "each its own" };
     let line = format!(
         "data-parallel: 2 processes over gloo (cpu, cpu); 32 images a step each, 64 in all, BatchNorm statistics \
-         {statistics}"
+         {statistics}; gradient allreduce {}",
+        if overlap == "on" { "during the backward pass" } else { "after the backward pass" }
     );
     assert!(err(&run).contains(&line), "{}", err(&run));
     // One writer: the files of a single run, written once.
@@ -155,11 +160,13 @@ fn against_pytorch_ddp(sync_bn: bool) {
     assert_eq!(report["config"].get("sync_bn").is_some(), sync_bn);
     assert_eq!(report["environment"]["data_parallel"]["backend"], "gloo");
     assert_eq!(report["environment"]["data_parallel"]["devices"], serde_json::json!(["cpu", "cpu"]));
+    assert_eq!(report["environment"]["data_parallel"].get("allreduce_overlapped").is_some(), overlap == "on");
     let markdown = std::fs::read_to_string(out.join("comparison.md")).unwrap();
     assert!(markdown.contains("batch 32 per process (64 a step)"), "{markdown}");
     let processes = format!(
-        "; 2 data-parallel processes over gloo (cpu, cpu){}, fp32,",
-        if sync_bn { ", SyncBatchNorm" } else { "" }
+        "; 2 data-parallel processes over gloo (cpu, cpu){}{}, fp32,",
+        if sync_bn { ", SyncBatchNorm" } else { "" },
+        if overlap == "on" { ", allreduce overlapped with the backward pass" } else { "" }
     );
     assert!(markdown.contains(&processes), "{markdown}");
 
@@ -224,7 +231,7 @@ fn against_pytorch_ddp(sync_bn: bool) {
 }
 
 #[test]
-fn with_sync_bn_two_processes_of_a_batch_end_where_one_process_of_twice_the_batch_does() {
+fn with_sync_bn_two_processes_of_a_batch_end_where_one_process_of_twice_the_batch_does_overlapped_or_not() {
     // One step of 64 images: 1 process of 64 against 2 of 32 (rank r takes every other image of the
     // shuffle, so the step sees the same 64). The first SGD step is the gradient itself.
     let tmp = tempfile::tempdir().unwrap();
@@ -236,10 +243,13 @@ fn with_sync_bn_two_processes_of_a_batch_end_where_one_process_of_twice_the_batc
         let out = tmp.path().join(format!("two{}", more.replace(' ', "")));
         csp_tch_ok(&refs(&run_args_sized(&out, 1, 64, 32, &format!("{sgd} --nproc-per-node 2 {more}"))));
         let apart = relative_distance(&tensors(&checkpoint(&out)), &one_weights, &start, |n| !n.contains("running"));
-        (metrics(&out)[0][1].parse::<f64>().unwrap(), apart)
+        (metrics(&out)[0][1].parse::<f64>().unwrap(), apart, out)
     };
-    let (synced_loss, synced) = two("--sync-bn");
-    let (_, local) = two("");
+    let (synced_loss, synced, after) = two("--sync-bn --dist-overlap off");
+    // The allreduce during the backward pass, interleaved with --sync-bn's own: the same sums.
+    let (_, _, during) = two("--sync-bn --dist-overlap on");
+    assert_same_tensors(&checkpoint(&after), &checkpoint(&during));
+    let (_, local, _) = two("");
     eprintln!("2 x 32 against 1 x 64, apart / moved: with --sync-bn {synced:.2e}, without {local:.2e}");
     let one_loss = metrics(&one)[0][1].parse::<f64>().unwrap();
     assert!((synced_loss - one_loss).abs() < 1e-5 * one_loss, "train loss {synced_loss} against {one_loss}");

@@ -248,8 +248,16 @@ fn print_bench(r: &crate::bench::BenchResult) {
     );
     if let (Some(world), Some(ms)) = (r.world_size, r.allreduce_ms_per_step) {
         let backend = r.backend.unwrap_or("?");
+        let overlap = r.allreduce_overlap.map_or(String::from("after the backward pass"), |o| {
+            format!(
+                "overlapped: {:.0}% of {:.0} buckets launched during the backward pass",
+                100.0 * o.launched_during_backward,
+                o.buckets_per_step
+            )
+        });
         println!(
-            "  data-parallel: {world} processes over {backend}, {ms:.1} ms/step in the gradient allreduce (rank 0)"
+            "  data-parallel: {world} processes over {backend}, {ms:.1} ms/step waiting for the gradient allreduce \
+             (rank 0; {overlap})"
         );
     }
     if let Some(p) = &r.phases_ms {

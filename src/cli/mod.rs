@@ -12,7 +12,7 @@ use crate::config::{
 };
 use crate::config::{Cifar100Labels, DatasetName, DatasetSpec, FlowersSplit};
 use crate::config::{
-    CudaGraphs, DataOn, DataParallel, DistBackend, Execution, MemoryFormat, Preset, Recipe, RunConfig,
+    CudaGraphs, DataOn, DataParallel, DistBackend, DistOverlap, Execution, MemoryFormat, Preset, Recipe, RunConfig,
 };
 use crate::data::{self, Access};
 use crate::environment::parse_device;
@@ -370,6 +370,11 @@ struct ParallelArgs {
     /// The process group: `auto` (NCCL on CUDA, Gloo on the CPU), `gloo` or `nccl`.
     #[arg(long, value_enum, default_value_t = DistBackend::Auto)]
     dist_backend: DistBackend,
+    /// When the gradient allreduce runs: `on`, during the backward pass (each bucket summed once its
+    /// gradients are in, as DistributedDataParallel does), `off`, after it, or `auto` (on over NCCL, off
+    /// over Gloo, where the sums compete with the backward pass for the CPU's cores).
+    #[arg(long, value_enum, default_value_t = DistOverlap::Auto)]
+    dist_overlap: DistOverlap,
     /// Seconds a rank waits for the others (joining, each allreduce, rank 0 reading the data) before it
     /// stops with an error: a rank that died or hangs stops the run within this time [PyTorch's 30 min].
     #[arg(long, value_name = "SECONDS", default_value_t = 1800.0)]
@@ -393,7 +398,12 @@ impl ParallelArgs {
     /// This process's role: with `--nproc-per-node`, the launcher of the workers, once `check` has
     /// accepted the settings (so a bad flag fails once, before any worker starts).
     fn role(&self, check: impl FnOnce() -> Result<()>) -> Result<Role> {
-        let place = DataParallel::from_env(|name| std::env::var(name).ok(), self.dist_backend, self.dist_timeout)?;
+        let place = DataParallel::from_env(
+            |name| std::env::var(name).ok(),
+            self.dist_backend,
+            self.dist_overlap,
+            self.dist_timeout,
+        )?;
         let Some(workers) = self.nproc_per_node else { return Ok(Role::Worker(place)) };
         if place.is_some() {
             bail!(

@@ -13,6 +13,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -201,6 +202,146 @@ uint8_t* csp_tch_store_get(void* handle, const char* key, size_t* len) {
 }
 
 void csp_tch_store_free(uint8_t* buffer) { std::free(buffer); }
+}
+
+namespace {
+// DistributedDataParallel's reducer overlap: a hook on each parameter copies its gradient, times
+// 1/world, into its slice of a bucket as soon as the backward pass has it, and a bucket whose
+// members are all in is summed over the ranks at once, asynchronously, while the backward pass goes
+// on. Buckets are launched strictly in their order (every rank must issue the same collectives in the
+// same order), a complete one waiting for those before it. Hooks act only between arm() and finish().
+struct OverlappedAllreduce {
+  Group* group;
+  std::vector<at::Tensor> params;
+  std::vector<unsigned> hooks;
+  std::vector<int> bucket_of;      // by parameter
+  std::vector<at::Tensor> slices;  // by parameter: its part of its bucket's flat buffer
+  std::vector<at::Tensor> flats;   // by bucket
+  std::vector<int> members;        // by bucket
+  double scale;
+
+  // One backward pass's state, under `mutex` (hooks run on libtorch's autograd threads).
+  std::mutex mutex;
+  bool armed = false;
+  std::vector<char> ready;  // by parameter
+  std::vector<int> pending;
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  size_t next = 0;               // the next bucket to launch
+  std::vector<int> ready_order;  // parameters in the order their gradients came
+  int early = 0;                 // buckets launched while gradients were still to come
+
+  void launch_complete_buckets() {
+    while (next < flats.size() && pending[next] == 0) {
+      std::vector<at::Tensor> tensors{flats[next]};
+      works.push_back(group->backend->allreduce(tensors));
+      ++next;
+      if (ready_order.size() < params.size()) ++early;
+    }
+  }
+
+  void on_gradient(int index, const at::Tensor& grad) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!armed || ready[index]) return;
+    // The same operations as the averaging after the backward pass (src/train/distributed.rs).
+    slices[index].copy_(grad.reshape({-1}) * scale);
+    ready[index] = 1;
+    ready_order.push_back(index);
+    --pending[bucket_of[index]];
+    launch_complete_buckets();
+  }
+
+  void arm() {
+    std::lock_guard<std::mutex> lock(mutex);
+    std::fill(ready.begin(), ready.end(), 0);
+    pending = members;
+    works.clear();
+    ready_order.clear();
+    next = 0;
+    early = 0;
+    armed = true;
+  }
+
+  // After the backward pass: the parameters that got no gradient count as zeros (as the averaging
+  // after the backward pass has it), the buckets not launched yet are, and every sum is waited for.
+  // Returns how many buckets were launched before the pass's last gradient came.
+  int finish() {
+    std::lock_guard<std::mutex> lock(mutex);
+    armed = false;
+    for (size_t p = 0; p < params.size(); ++p) {
+      if (!ready[p]) {
+        slices[p].zero_();
+        --pending[bucket_of[p]];
+      }
+    }
+    launch_complete_buckets();
+    for (auto& work : works) ::finish(work, *group);
+    works.clear();
+    return early;
+  }
+
+  ~OverlappedAllreduce() {
+    for (size_t p = 0; p < params.size(); ++p) params[p].remove_hook(hooks[p]);
+  }
+};
+}  // namespace
+
+extern "C" {
+// Hooks on the `n` parameters `params` that sum their gradients over `group` while the backward pass
+// runs: parameter p's gradient times `scale` goes to elements [offsets[p], offsets[p] + numel) of
+// bucket buckets_of[p], one of the `n_buckets` flat buffers `flats`. Returns the hooks, or null with
+// the message in csp_tch_last_error().
+void* csp_tch_overlapped_allreduce_new(void* group, const at::Tensor* const* params, const int* buckets_of,
+                                       const int64_t* offsets, int n, const at::Tensor* const* flats, int n_buckets,
+                                       double scale) {
+  return csp_tch::guarded<void*>(nullptr, [&]() -> void* {
+    auto reducer = std::make_unique<OverlappedAllreduce>();
+    reducer->group = static_cast<Group*>(group);
+    reducer->scale = scale;
+    for (int b = 0; b < n_buckets; ++b) reducer->flats.push_back(*flats[b]);
+    reducer->members.assign(n_buckets, 0);
+    reducer->ready.assign(n, 0);
+    for (int p = 0; p < n; ++p) {
+      if (buckets_of[p] < 0 || buckets_of[p] >= n_buckets) throw std::invalid_argument("bucket out of range");
+      const at::Tensor& param = *params[p];
+      reducer->params.push_back(param);
+      reducer->bucket_of.push_back(buckets_of[p]);
+      reducer->slices.push_back(reducer->flats[buckets_of[p]].narrow(0, offsets[p], param.numel()));
+      ++reducer->members[buckets_of[p]];
+    }
+    auto* raw = reducer.get();
+    for (int p = 0; p < n; ++p) {
+      reducer->hooks.push_back(reducer->params[p].register_hook([raw, p](const at::Tensor& grad) {
+        raw->on_gradient(p, grad);
+      }));
+    }
+    return reducer.release();
+  });
+}
+
+// Makes the hooks act in the next backward pass.
+void csp_tch_overlapped_allreduce_arm(void* reducer) { static_cast<OverlappedAllreduce*>(reducer)->arm(); }
+
+// After the backward pass: launches what is left, waits for every bucket's sum and writes how many
+// had been launched before the pass's last gradient came to *during. Returns 0, or -1 with the message in
+// csp_tch_last_error() (a rank gone, the timeout).
+int csp_tch_overlapped_allreduce_finish(void* reducer, int* during) {
+  return csp_tch::guarded(-1, [&] {
+    *during = static_cast<OverlappedAllreduce*>(reducer)->finish();
+    return 0;
+  });
+}
+
+// The parameters, by index, in the order their gradients came in the last backward pass (`out` has
+// room for all); returns how many came.
+int csp_tch_overlapped_allreduce_ready_order(void* reducer, int* out) {
+  auto& r = *static_cast<OverlappedAllreduce*>(reducer);
+  std::lock_guard<std::mutex> lock(r.mutex);
+  std::copy(r.ready_order.begin(), r.ready_order.end(), out);
+  return static_cast<int>(r.ready_order.size());
+}
+
+// Removes the hooks.
+void csp_tch_overlapped_allreduce_free(void* reducer) { delete static_cast<OverlappedAllreduce*>(reducer); }
 }
 
 namespace {

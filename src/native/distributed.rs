@@ -1,15 +1,19 @@
 //! A c10d process group (src/native/distributed.cpp): joined through a TCPStore, then collectives
-//! on tensors in place and the store's keys. Every call waits for its result, up to the timeout.
+//! on tensors in place and the store's keys. Every call waits for its result, up to the timeout;
+//! [`OverlappedAllreduce`]'s gradient hooks launch theirs during the backward pass and wait after it.
 
 use anyhow::{bail, Result};
 use std::ffi::CString;
 use std::os::raw::{c_int, c_void};
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::time::Duration;
 use tch::Tensor;
 
 use super::{
-    csp_tch_nccl_built, csp_tch_process_group_allreduce, csp_tch_process_group_broadcast, csp_tch_process_group_free,
+    csp_tch_nccl_built, csp_tch_overlapped_allreduce_arm, csp_tch_overlapped_allreduce_finish,
+    csp_tch_overlapped_allreduce_free, csp_tch_overlapped_allreduce_new, csp_tch_overlapped_allreduce_ready_order,
+    csp_tch_process_group_allreduce, csp_tch_process_group_broadcast, csp_tch_process_group_free,
     csp_tch_process_group_new, csp_tch_process_group_silent_ranks, csp_tch_store_free, csp_tch_store_get,
     csp_tch_store_set, csp_tch_sync_batch_norm, last_error,
 };
@@ -191,5 +195,84 @@ impl Drop for ProcessGroup {
     fn drop(&mut self) {
         // SAFETY: the handle came from csp_tch_process_group_new and is freed once.
         unsafe { csp_tch_process_group_free(self.handle.as_ptr()) }
+    }
+}
+
+/// Gradient hooks that sum a model's gradients over a group while the backward pass runs, as
+/// DistributedDataParallel's reducer does: each parameter's gradient, times a scale, is copied into
+/// its slice of a bucket (a flat buffer) when the backward pass produces it, and a bucket whose
+/// gradients are all in is summed over the ranks at once, buckets strictly in their order. The
+/// hooks stay on the parameters until this is dropped, and act only after [`OverlappedAllreduce::arm`].
+pub struct OverlappedAllreduce {
+    handle: NonNull<c_void>,
+    /// Keeps the group alive while the hooks can use it.
+    _group: Arc<ProcessGroup>,
+    params: usize,
+}
+
+impl OverlappedAllreduce {
+    /// Hooks on `params`: parameter p's gradient times `scale` goes to elements `offsets[p]..` of
+    /// `flats[buckets_of[p]]`.
+    pub fn new(
+        group: Arc<ProcessGroup>,
+        params: &[Tensor],
+        buckets_of: &[usize],
+        offsets: &[i64],
+        flats: &[Tensor],
+        scale: f64,
+    ) -> Result<OverlappedAllreduce> {
+        assert!(params.len() == buckets_of.len() && params.len() == offsets.len(), "one bucket place per parameter");
+        let pointers = |ts: &[Tensor]| ts.iter().map(|t| t.as_ptr() as *mut _).collect::<Vec<_>>();
+        let (param_ptrs, flat_ptrs) = (pointers(params), pointers(flats));
+        let buckets_of: Vec<c_int> = buckets_of.iter().map(|&b| b as c_int).collect();
+        // SAFETY: live tensors and group, arrays of the lengths passed; the shim catches every
+        // exception and keeps its own references to the tensors.
+        let handle = unsafe {
+            csp_tch_overlapped_allreduce_new(
+                group.handle.as_ptr(),
+                param_ptrs.as_ptr(),
+                buckets_of.as_ptr(),
+                offsets.as_ptr(),
+                params.len() as c_int,
+                flat_ptrs.as_ptr(),
+                flats.len() as c_int,
+                scale,
+            )
+        };
+        match NonNull::new(handle) {
+            Some(handle) => Ok(OverlappedAllreduce { handle, _group: group, params: params.len() }),
+            None => bail!("{}", last_error()),
+        }
+    }
+
+    /// Makes the hooks act in the next backward pass.
+    pub fn arm(&self) {
+        // SAFETY: a live reducer.
+        unsafe { csp_tch_overlapped_allreduce_arm(self.handle.as_ptr()) }
+    }
+
+    /// After the backward pass: launches the buckets left (a parameter that got no gradient counts as
+    /// zeros) and waits for every sum. Returns how many buckets were launched during the pass (before
+    /// its last gradient came, so while it still computed).
+    pub fn finish(&self) -> Result<usize> {
+        let mut during: c_int = 0;
+        // SAFETY: a live reducer and a valid out-pointer; the shim catches every exception.
+        ProcessGroup::status(unsafe { csp_tch_overlapped_allreduce_finish(self.handle.as_ptr(), &mut during) })?;
+        Ok(during as usize)
+    }
+
+    /// The parameters (by index) in the order their gradients came in the last backward pass.
+    pub fn ready_order(&self) -> Vec<usize> {
+        let mut order = vec![0 as c_int; self.params];
+        // SAFETY: a live reducer and room for every parameter.
+        let count = unsafe { csp_tch_overlapped_allreduce_ready_order(self.handle.as_ptr(), order.as_mut_ptr()) };
+        order[..count as usize].iter().map(|&p| p as usize).collect()
+    }
+}
+
+impl Drop for OverlappedAllreduce {
+    fn drop(&mut self) {
+        // SAFETY: made by csp_tch_overlapped_allreduce_new, freed once (the hooks removed).
+        unsafe { csp_tch_overlapped_allreduce_free(self.handle.as_ptr()) }
     }
 }

@@ -94,6 +94,20 @@ extern "C" {
     fn csp_tch_store_set(group: *mut c_void, key: *const c_char, value: *const u8, len: usize) -> c_int;
     fn csp_tch_store_get(group: *mut c_void, key: *const c_char, len: *mut usize) -> *mut u8;
     fn csp_tch_store_free(buffer: *mut u8);
+    fn csp_tch_overlapped_allreduce_new(
+        group: *mut c_void,
+        params: *const *mut C_tensor,
+        buckets_of: *const c_int,
+        offsets: *const i64,
+        n: c_int,
+        flats: *const *mut C_tensor,
+        n_buckets: c_int,
+        scale: f64,
+    ) -> *mut c_void;
+    fn csp_tch_overlapped_allreduce_arm(reducer: *mut c_void);
+    fn csp_tch_overlapped_allreduce_finish(reducer: *mut c_void, during: *mut c_int) -> c_int;
+    fn csp_tch_overlapped_allreduce_ready_order(reducer: *mut c_void, out: *mut c_int) -> c_int;
+    fn csp_tch_overlapped_allreduce_free(reducer: *mut c_void);
     fn csp_tch_sync_batch_norm(
         group: *mut c_void,
         input: *const C_tensor,
@@ -109,7 +123,7 @@ extern "C" {
 }
 
 mod distributed;
-pub use distributed::{nccl_built, GroupBackend, ProcessGroup, Rendezvous};
+pub use distributed::{nccl_built, GroupBackend, OverlappedAllreduce, ProcessGroup, Rendezvous};
 
 /// The message of the last libtorch error a shim function reported on this thread.
 pub(crate) fn last_error() -> String {

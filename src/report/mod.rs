@@ -458,11 +458,12 @@ pub fn run_line(config: &RunConfig, env: &RunEnvironment) -> String {
     };
     let device = match &env.data_parallel {
         Some(p) => format!(
-            "{} data-parallel processes over {} ({}){}",
+            "{} data-parallel processes over {} ({}){}{}",
             p.world_size,
             p.backend,
             p.devices.join(", "),
-            if config.sync_bn { ", SyncBatchNorm" } else { "" }
+            if config.sync_bn { ", SyncBatchNorm" } else { "" },
+            if p.allreduce_overlapped { ", allreduce overlapped with the backward pass" } else { "" }
         ),
         None => format!("device {} ({})", env.device, env.device_name),
     };

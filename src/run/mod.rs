@@ -81,7 +81,13 @@ pub fn run(settings: &Settings, access: &Access) -> Result<()> {
     let group = match &settings.parallel {
         Some(place) => {
             let group = Group::join(place, settings.device)?;
-            group.check_same("settings", &serde_json::json!({ "config": config, "resume": settings.resume }))?;
+            // Ranks must issue their collectives alike: an overlapped allreduce interleaves them with
+            // --sync-bn's in the backward pass.
+            let dist_overlap = group.place.overlap;
+            group.check_same(
+                "settings",
+                &serde_json::json!({ "config": config, "resume": settings.resume, "dist_overlap": dist_overlap }),
+            )?;
             Some(Rc::new(group))
         }
         None => None,
@@ -152,12 +158,13 @@ pub fn run(settings: &Settings, access: &Access) -> Result<()> {
             let statistics = if config.sync_bn { "over all of them (--sync-bn)" } else { "each its own" };
             say(format!(
                 "data-parallel: {} processes over {} ({}); {} images a step each, {} in all, BatchNorm statistics \
-                 {statistics}; steps run eagerly",
+                 {statistics}; gradient allreduce {}; steps run eagerly",
                 parallel.world_size,
                 parallel.backend,
                 parallel.devices.join(", "),
                 config.recipe.batch_size,
-                config.recipe.batch_size * parallel.world_size
+                config.recipe.batch_size * parallel.world_size,
+                if parallel.allreduce_overlapped { "during the backward pass" } else { "after the backward pass" }
             ));
             environment.data_parallel = Some(parallel);
         }

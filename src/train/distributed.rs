@@ -14,10 +14,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{CudaGraphs, DataParallel, DistBackend, Execution};
+use crate::config::{CudaGraphs, DataParallel, DistBackend, DistOverlap, Execution};
 use crate::environment::{ParallelEnvironment, RunEnvironment};
 use crate::models::sync_bn::SyncBatchNorm;
-use crate::native::{GroupBackend, ProcessGroup, Rendezvous};
+use crate::native::{GroupBackend, OverlappedAllreduce, ProcessGroup, Rendezvous};
 
 /// Whether this build has c10d's NCCL process group (`--dist-backend nccl`).
 pub use crate::native::nccl_built;
@@ -55,7 +55,7 @@ pub fn rank_device(spec: &str, execution: &Execution, place: DataParallel) -> Re
         ),
     };
     let backend = place.backend.resolve(device.is_cuda(), nccl_built())?;
-    Ok((device, DataParallel { backend, ..place }))
+    Ok((device, DataParallel { backend, overlap: place.overlap.resolve(backend), ..place }))
 }
 
 /// A joined data-parallel group and this process's place in it.
@@ -183,6 +183,7 @@ impl Group {
             backend: self.place.backend.label().to_string(),
             world_size: self.world_size(),
             devices: self.gather("device", &device)?,
+            allreduce_overlapped: self.place.overlap == DistOverlap::On,
         })
     }
 
@@ -250,77 +251,157 @@ struct Bucket {
     members: Vec<(usize, i64, i64)>,
 }
 
-/// The gradient averaging of one model, DDP's reducer without its overlap with the backward pass:
-/// buckets of at most 25 MB (the first 1 MB) over the parameters in reverse order, one dtype each,
-/// their flat buffers kept from step to step. A stop request rides in the last bucket as one more
-/// element, so that every rank learns of it at the same step.
+/// DDP's buckets over `params`, filled in `order` (parameter indices): at most `cap` bytes each (the
+/// first `first_cap`), one dtype each, their flat buffers zeroed; the last holds one element more,
+/// the stop vote.
+fn buckets(params: &[Tensor], order: impl Iterator<Item = usize>, (first_cap, cap): (i64, i64)) -> Vec<Bucket> {
+    let mut buckets: Vec<Bucket> = Vec::new();
+    // The bucket being filled for each dtype.
+    let mut filling: BTreeMap<String, Bucket> = BTreeMap::new();
+    for index in order {
+        let param = &params[index];
+        let key = format!("{:?}", param.kind());
+        let bucket = filling.entry(key.clone()).or_insert_with(|| Bucket {
+            flat: Tensor::empty([0], (param.kind(), param.device())),
+            members: Vec::new(),
+        });
+        let offset = bucket.members.last().map_or(0, |&(_, offset, numel)| offset + numel);
+        bucket.members.push((index, offset, param.numel() as i64));
+        let bytes = (offset + param.numel() as i64) * param.kind().elt_size_in_bytes() as i64;
+        if bytes >= if buckets.is_empty() { first_cap } else { cap } {
+            buckets.push(filling.remove(&key).expect("filling"));
+        }
+    }
+    buckets.extend(filling.into_values());
+    let count = buckets.len();
+    for (b, bucket) in buckets.iter_mut().enumerate() {
+        let elements = bucket.members.last().map_or(0, |&(_, offset, numel)| offset + numel);
+        let vote = i64::from(b + 1 == count);
+        bucket.flat = Tensor::zeros([elements + vote], (bucket.flat.kind(), bucket.flat.device()));
+    }
+    buckets
+}
+
+/// The gradient averaging of one model, DDP's reducer: buckets of at most 25 MB (the first 1 MB),
+/// their flat buffers kept from step to step, each gradient times 1/world while copied into its
+/// bucket, then each bucket summed over the ranks. Summed after the backward pass, or during it
+/// (`--dist-overlap`): then a hook on each parameter fills its bucket as the backward pass produces
+/// its gradient, and a bucket is summed as soon as it is full, while the pass goes on. A stop request
+/// rides in the last bucket as one more element, so that every rank learns of it at the same step.
 pub struct GradientAverager {
     buckets: Vec<Bucket>,
     world: f64,
-    /// Seconds spent in the buckets' allreduce since [`GradientAverager::take_allreduce_seconds`].
-    allreduce_seconds: f64,
+    /// Bucket sizes in bytes: the first, the others.
+    caps: (i64, i64),
+    overlap: Option<Overlap>,
+    stats: AllreduceStats,
+}
+
+/// `--dist-overlap`'s hooks and where their buckets stand.
+struct Overlap {
+    hooks: OverlappedAllreduce,
+    group: Arc<ProcessGroup>,
+    /// Whether the buckets have been laid out in the order the gradients come (after the first step,
+    /// as DDP rebuilds its buckets once): before, a bucket may wait for a gradient that comes last.
+    rebuilt: bool,
+}
+
+/// What the gradient allreduce cost since [`GradientAverager::take_stats`] was last called.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AllreduceStats {
+    /// Time the step waited for the sums (the slowest rank included): the whole allreduce when it
+    /// follows the backward pass, what is left of it after the pass when overlapped.
+    pub seconds: f64,
+    pub steps: usize,
+    /// Buckets summed, and of those, launched while the backward pass still computed (overlapped:
+    /// before its last gradient came).
+    pub buckets: usize,
+    pub launched_during_backward: usize,
 }
 
 impl GradientAverager {
-    /// Buckets for `params` (in the optimizer's order).
-    pub fn new(params: &[Tensor], world: usize) -> GradientAverager {
-        let mut buckets: Vec<Bucket> = Vec::new();
-        // The bucket being filled for each dtype.
-        let mut filling: BTreeMap<String, Bucket> = BTreeMap::new();
-        for (index, param) in params.iter().enumerate().rev() {
-            let key = format!("{:?}", param.kind());
-            let bucket = filling.entry(key.clone()).or_insert_with(|| Bucket {
-                flat: Tensor::empty([0], (param.kind(), param.device())),
-                members: Vec::new(),
-            });
-            let offset = bucket.members.last().map_or(0, |&(_, offset, numel)| offset + numel);
-            bucket.members.push((index, offset, param.numel() as i64));
-            let bytes = (offset + param.numel() as i64) * param.kind().elt_size_in_bytes() as i64;
-            if bytes >= if buckets.is_empty() { FIRST_BUCKET_BYTES } else { BUCKET_BYTES } {
-                buckets.push(filling.remove(&key).expect("filling"));
+    /// Buckets for `params` (in the optimizer's order) in reverse order, as DDP lays them out first,
+    /// summed over `world` ranks; with hooks on the parameters over `overlap_over` when given.
+    pub fn new(params: &[Tensor], world: usize, overlap_over: Option<&Group>) -> Result<GradientAverager> {
+        Self::with_caps(params, world, overlap_over, (FIRST_BUCKET_BYTES, BUCKET_BYTES))
+    }
+
+    /// As [`GradientAverager::new`], with buckets of `caps` bytes (the first, the others).
+    pub fn with_caps(
+        params: &[Tensor],
+        world: usize,
+        overlap_over: Option<&Group>,
+        caps: (i64, i64),
+    ) -> Result<GradientAverager> {
+        let mut averager = GradientAverager {
+            buckets: buckets(params, (0..params.len()).rev(), caps),
+            world: world as f64,
+            caps,
+            overlap: None,
+            stats: AllreduceStats::default(),
+        };
+        if let Some(group) = overlap_over {
+            let hooks = averager.hooks(&group.group, params)?;
+            averager.overlap = Some(Overlap { hooks, group: group.group.clone(), rebuilt: false });
+        }
+        Ok(averager)
+    }
+
+    /// Hooks on `params` that fill this averager's buckets.
+    fn hooks(&self, group: &Arc<ProcessGroup>, params: &[Tensor]) -> Result<OverlappedAllreduce> {
+        let (mut buckets_of, mut offsets) = (vec![0; params.len()], vec![0; params.len()]);
+        for (b, bucket) in self.buckets.iter().enumerate() {
+            for &(index, offset, _) in &bucket.members {
+                (buckets_of[index], offsets[index]) = (b, offset);
             }
         }
-        buckets.extend(filling.into_values());
-        let count = buckets.len();
-        for (b, bucket) in buckets.iter_mut().enumerate() {
-            let elements = bucket.members.last().map_or(0, |&(_, offset, numel)| offset + numel);
-            // The stop vote: one more element of the last bucket.
-            let vote = i64::from(b + 1 == count);
-            bucket.flat = Tensor::zeros([elements + vote], (bucket.flat.kind(), bucket.flat.device()));
+        let flats: Vec<Tensor> = self.buckets.iter().map(|b| b.flat.shallow_clone()).collect();
+        OverlappedAllreduce::new(group.clone(), params, &buckets_of, &offsets, &flats, 1.0 / self.world)
+    }
+
+    /// The allreduce's cost since the last call.
+    pub fn take_stats(&mut self) -> AllreduceStats {
+        std::mem::take(&mut self.stats)
+    }
+
+    /// Before the backward pass of a step: `stop` is this rank's vote to stop; with overlap, the
+    /// hooks are armed.
+    pub fn begin(&mut self, stop: bool) {
+        let last = &self.buckets.last().expect("a bucket").flat;
+        let _ = last.narrow(0, last.numel() as i64 - 1, 1).fill_(if stop { 1.0 } else { 0.0 });
+        if let Some(overlap) = &self.overlap {
+            overlap.hooks.arm();
         }
-        GradientAverager { buckets, world: world as f64, allreduce_seconds: 0.0 }
     }
 
-    /// The time the allreduce took (waiting for the slowest rank included) since the last call.
-    pub fn take_allreduce_seconds(&mut self) -> f64 {
-        std::mem::take(&mut self.allreduce_seconds)
-    }
-
-    /// Replaces each of `grads` (one per parameter; an undefined one counts as zeros, as DDP's
-    /// unused parameters do not, which csp-tch's models never have) by its mean over the ranks.
-    /// `stop`: this rank wants to stop; returns whether any rank does.
-    pub fn average(&mut self, group: &Group, grads: &[Tensor], stop: bool) -> Result<bool> {
+    /// After the backward pass: replaces each of `grads` (one per parameter of `params`; an
+    /// undefined one counts as zeros, as DDP's unused parameters do not, which csp-tch's models never
+    /// have) by its mean over the ranks. Returns whether any rank voted to stop.
+    pub fn average(&mut self, group: &Group, params: &[Tensor], grads: &[Tensor]) -> Result<bool> {
         let _guard = tch::no_grad_guard();
-        let scale = 1.0 / self.world;
-        let count = self.buckets.len();
-        let mut any_stop = false;
-        for (b, bucket) in self.buckets.iter_mut().enumerate() {
-            for &(index, offset, numel) in &bucket.members {
-                let grad = &grads[index];
-                let mut view = bucket.flat.narrow(0, offset, numel);
-                if grad.defined() {
-                    view.copy_(&(grad.reshape([-1]) * scale));
-                } else {
-                    let _ = view.zero_();
+        let started = std::time::Instant::now();
+        match &self.overlap {
+            Some(overlap) => {
+                let during = overlap.hooks.finish().with_context(|| group.failed("the gradient allreduce"))?;
+                self.stats.launched_during_backward += during;
+            }
+            None => {
+                for bucket in &self.buckets {
+                    for &(index, offset, numel) in &bucket.members {
+                        let mut view = bucket.flat.narrow(0, offset, numel);
+                        match &grads[index] {
+                            grad if grad.defined() => view.copy_(&(grad.reshape([-1]) * (1.0 / self.world))),
+                            _ => drop(view.zero_()),
+                        }
+                    }
+                    group.sum(&[&bucket.flat], "the gradient allreduce")?;
                 }
             }
-            let last = b + 1 == count;
-            if last {
-                let _ = bucket.flat.narrow(0, bucket.flat.numel() as i64 - 1, 1).fill_(if stop { 1.0 } else { 0.0 });
-            }
-            let started = std::time::Instant::now();
-            group.sum(&[&bucket.flat], "the gradient allreduce")?;
-            self.allreduce_seconds += started.elapsed().as_secs_f64();
+        }
+        self.stats.seconds += started.elapsed().as_secs_f64();
+        self.stats.steps += 1;
+        self.stats.buckets += self.buckets.len();
+        for bucket in &self.buckets {
             for &(index, offset, numel) in &bucket.members {
                 let grad = &grads[index];
                 if grad.defined() {
@@ -328,17 +409,124 @@ impl GradientAverager {
                     target.copy_(&bucket.flat.narrow(0, offset, numel).view_as(grad));
                 }
             }
-            if last {
-                any_stop = bucket.flat.narrow(0, bucket.flat.numel() as i64 - 1, 1).double_value(&[0]) > 0.0;
-            }
+        }
+        let last = &self.buckets.last().expect("a bucket").flat;
+        let any_stop = last.double_value(&[last.numel() as i64 - 1]) > 0.0;
+        if self.overlap.as_ref().is_some_and(|o| !o.rebuilt) {
+            self.rebuild(group, params)?;
         }
         Ok(any_stop)
+    }
+
+    /// Lays the buckets out in the order the gradients came in the step just taken (rank 0's, so
+    /// that every rank has the same buckets), as DDP's `_rebuild_buckets` after its first iteration.
+    fn rebuild(&mut self, group: &Group, params: &[Tensor]) -> Result<()> {
+        let overlap = self.overlap.take().expect("overlapped");
+        let mut order = overlap.hooks.ready_order();
+        // Parameters that got no gradient go last, in reverse order.
+        let came: std::collections::BTreeSet<usize> = order.iter().copied().collect();
+        order.extend((0..params.len()).rev().filter(|p| !came.contains(p)));
+        let shared = Tensor::from_slice(&order.iter().map(|&p| p as i64).collect::<Vec<i64>>());
+        let shared = shared.to_device(group.device);
+        group.broadcast_from_first(std::slice::from_ref(&shared), "sharing rank 0's bucket order")?;
+        let order: Vec<usize> =
+            Vec::<i64>::try_from(shared.to_device(Device::Cpu))?.into_iter().map(|p| p as usize).collect();
+        drop(overlap.hooks);
+        self.buckets = buckets(params, order.into_iter(), self.caps);
+        let hooks = self.hooks(&overlap.group, params)?;
+        self.overlap = Some(Overlap { hooks, group: overlap.group, rebuilt: true });
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{eval_shard, shard};
+    use super::{eval_shard, shard, GradientAverager, Group};
+    use crate::config::{DataParallel, DistBackend, DistOverlap};
+    use tch::{Device, Kind, Tensor};
+
+    /// Four 64x64 layers applied in turn to rank `rank`'s inputs of step `step`: the loss and its
+    /// gradients, `layers` listed first layer last (so that DDP's first layout, the reverse of the
+    /// parameter order, puts the gradient that comes last in the first bucket).
+    fn layers() -> Vec<Tensor> {
+        (0..4)
+            .rev()
+            .map(|l| {
+                ((Tensor::arange(64 * 64, (Kind::Float, Device::Cpu)) * (0.37 + l as f64)).sin() * 0.2)
+                    .reshape([64, 64])
+                    .set_requires_grad(true)
+            })
+            .collect()
+    }
+
+    fn loss(layers: &[Tensor], rank: usize, step: usize) -> Tensor {
+        let x = (Tensor::arange(8 * 64, (Kind::Float, Device::Cpu)) * (1.3 + rank as f64 + 0.1 * step as f64)).cos();
+        let x = layers.iter().rev().fold(x.reshape([8, 64]), |x, w| x.matmul(w).tanh());
+        x.square().sum(Kind::Float)
+    }
+
+    #[test]
+    fn overlapped_buckets_sum_what_the_plain_averaging_sums_and_launch_early_once_rebuilt() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // One layer's gradient (16 KB) fills a bucket: four buckets.
+        let caps = (1 << 10, 4 << 10);
+        let rank = |rank: usize| {
+            let place = DataParallel {
+                rank,
+                world_size: 2,
+                local_rank: rank,
+                master_addr: "127.0.0.1".into(),
+                master_port: port,
+                agent_store: false,
+                attempt: 0,
+                backend: DistBackend::Gloo,
+                overlap: DistOverlap::On,
+                timeout: std::time::Duration::from_secs(30),
+            };
+            let group = Group::join(&place, Device::Cpu).unwrap();
+            let params = layers();
+            let mut plain = GradientAverager::with_caps(&params, 2, None, caps).unwrap();
+            let mut overlapped = GradientAverager::with_caps(&params, 2, Some(&group), caps).unwrap();
+            let (mut early, mut last) = (Vec::new(), None);
+            for step in 0..3 {
+                // Rank 1 votes to stop at step 2: both ranks learn it there.
+                let stop = rank == 1 && step == 2;
+                let grads = Tensor::run_backward(&[loss(&params, rank, step)], &params, false, false);
+                let raw: Vec<Tensor> = grads.iter().map(Tensor::copy).collect();
+                plain.begin(stop);
+                let plain_stop = plain.average(&group, &params, &grads).unwrap();
+                overlapped.begin(stop);
+                let hooked = Tensor::run_backward(&[loss(&params, rank, step)], &params, false, false);
+                let overlapped_stop = overlapped.average(&group, &params, &hooked).unwrap();
+                assert_eq!((plain_stop, overlapped_stop), (step == 2, step == 2), "rank {rank} step {step}");
+                for (a, b) in grads.iter().zip(&hooked) {
+                    assert!(a.equal(b), "rank {rank} step {step}: the overlapped sums differ");
+                }
+                let stats = overlapped.take_stats();
+                assert_eq!((stats.steps, stats.buckets), (1, 4));
+                early.push(stats.launched_during_backward);
+                last = Some((raw, grads));
+            }
+            let (raw, averaged) = last.unwrap();
+            (early, raw, averaged)
+        };
+        let (zero, one) = std::thread::scope(|s| {
+            let zero = s.spawn(|| rank(0));
+            let one = s.spawn(|| rank(1));
+            (zero.join().unwrap(), one.join().unwrap())
+        });
+        // First laid out in reverse parameter order, bucket 0 waits for the first layer's gradient,
+        // which comes last: nothing goes early. Rebuilt in the order gradients came, three of the
+        // four buckets are summed while the backward pass computes the rest.
+        assert_eq!(zero.0, vec![0, 3, 3]);
+        assert_eq!(one.0, vec![0, 3, 3]);
+        // Both ranks hold the mean of their gradients (halving is exact, so to the bit).
+        for p in 0..4 {
+            let mean = &zero.1[p] * 0.5 + &one.1[p] * 0.5;
+            assert!(!zero.1[p].equal(&one.1[p]), "the ranks' own gradients differ");
+            assert!(zero.2[p].equal(&mean) && one.2[p].equal(&mean), "parameter {p}: not the mean over the ranks");
+        }
+    }
 
     #[test]
     fn shards_pad_with_the_head_of_the_order_and_take_every_world_th_index() {

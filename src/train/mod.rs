@@ -36,7 +36,7 @@ use std::time::Instant;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{CudaGraphs, DatasetName, Execution, Precision, Recipe};
+use crate::config::{CudaGraphs, DatasetName, DistOverlap, Execution, Precision, Recipe};
 use crate::data::transform;
 use crate::data::{self, Dataset};
 use crate::environment::synchronize;
@@ -46,7 +46,7 @@ use crate::train::metrics::EpochMetrics;
 use crate::train::optim::{LossScaler, Optimizer};
 use checkpoint::EpochProgress;
 use cuda_graph::{GraphPlan, MemoryPoolSlot, Replayer};
-use distributed::{GradientAverager, Group};
+use distributed::{AllreduceStats, GradientAverager, Group};
 use ema::Ema;
 use schedule::LrTable;
 use staging::Staging;
@@ -342,7 +342,8 @@ impl Trainer {
                 (p.loss_sum, p.correct, p.images) = (0.0, 0.0, 0);
             }
         }
-        let averager = GradientAverager::new(self.optimizer.params(), group.world_size());
+        let overlap = (group.place.overlap == DistOverlap::On).then_some(&*group);
+        let averager = GradientAverager::new(self.optimizer.params(), group.world_size(), overlap)?;
         self.graphs = None;
         self.eager_reason = Some(PARALLEL_EAGER.to_string());
         let sync_bn = sync_bn.then(|| std::sync::Arc::new(group.sync_batch_norm()));
@@ -351,9 +352,9 @@ impl Trainer {
         Ok(())
     }
 
-    /// In a data-parallel run, the milliseconds the gradient allreduce took since the last call.
-    pub fn take_allreduce_ms(&mut self) -> Option<f64> {
-        self.parallel.as_mut().map(|p| p.averager.take_allreduce_seconds() * 1e3)
+    /// In a data-parallel run, what the gradient allreduce cost since the last call.
+    pub fn take_allreduce_stats(&mut self) -> Option<AllreduceStats> {
+        self.parallel.as_mut().map(|p| p.averager.take_stats())
     }
 
     /// Gives every rank rank 0's BatchNorm statistics (and averages), so that all evaluate, and rank 0
@@ -407,17 +408,21 @@ impl Trainer {
             (logits, loss)
         });
         clock.lap(|t| &mut t.forward_ms);
+        if let Some(parallel) = self.parallel.as_mut() {
+            parallel.averager.begin(stop_requested());
+        }
         let grads = match &self.scaler {
             Some(scaler) => self.optimizer.gradients(&(&loss * scaler.scale())),
             None => self.optimizer.gradients(&loss),
         };
         let grads = match (grads, self.parallel.as_mut()) {
             (Ok(grads), _) => grads,
-            // Only a backward pass that talks to other ranks (--sync-bn) can fail: train_batch reports it.
+            // Only a backward pass that talks to other ranks (--sync-bn, --dist-overlap) can fail:
+            // train_batch reports it.
             (Err(err), Some(parallel)) => {
                 parallel.error.get_or_insert(anyhow::anyhow!(
                     "{}",
-                    parallel.group.failed_message("the --sync-bn backward pass", &err.to_string())
+                    parallel.group.failed_message("the data-parallel backward pass", &err.to_string())
                 ));
                 return (loss.detach(), logits.detach().to_kind(Kind::Float), ys);
             }
@@ -428,7 +433,7 @@ impl Trainer {
                 let message = parallel.group.failed_message("the --sync-bn forward pass", &err);
                 parallel.error.get_or_insert(anyhow::anyhow!("{message}"));
             }
-            match parallel.averager.average(&parallel.group, &grads, stop_requested()) {
+            match parallel.averager.average(&parallel.group, self.optimizer.params(), &grads) {
                 Ok(stop) => parallel.stop |= stop,
                 Err(err) => {
                     parallel.error.get_or_insert(err);
