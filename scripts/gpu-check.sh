@@ -13,8 +13,9 @@
 #            through pinned memory, the next one's copy on a side stream) and --data-on device: `csp-tch
 #            compare` of the two (they must be identical) and each one's ms/step (staged/host, staged/device);
 #   ddp      a data-parallel run of world size 1 through NCCL (the machine has one GPU): `--nproc-per-node 1`,
-#            1 epoch of cspdarknet53-pad0 on the recipe part's subset, then `bench --nproc-per-node 1` beside
-#            a plain eager bench (what the allreduce path costs);
+#            1 epoch of cspdarknet53-pad0 on the recipe part's subset, the allreduce overlapped with the
+#            backward pass (NCCL's default) and after it, `csp-tch compare` of the two (identical), then
+#            `bench --nproc-per-node 1` both ways beside a plain eager bench (what the allreduce path costs);
 #   bench    train steps, 224 px, batch 64, median of BENCH_STEPS after warm-up, alternating: csp-tch with
 #            CUDA graphs (the default) and without, PyTorch eager (NHWC, cuDNN benchmark mode, foreach Adam),
 #            each in fp32 and --amp;
@@ -26,7 +27,7 @@
 # the results come back within the device's limit; what was skipped is said in the log.
 # Results in $OUT: log.txt, graphs.jsonl, bench.jsonl (one JSON object per line, as `bench --json`
 # writes them; the table at the end of the log reads it), recipe/{on,off}/ and run/ (the runs' CSVs and
-# reports, no checkpoints), staged/{host,device}/, ddp/ and ddp-bench.jsonl.
+# reports, no checkpoints), staged/{host,device}/, ddp/overlap-{on,off}/ and ddp-bench.jsonl.
 # Try it here first with tiny settings:
 #   OUT=/tmp/g DEVICE=cpu BIN=target/release/csp-tch SIZE=32 BENCH_STEPS=2 RUN_ARGS="--preset quick --epochs 1 \
 #     --train-limit 256 --test-limit 128" DATA=data/cifar-10-batches-bin PY=$CSP_TCH_PYTHON bash scripts/gpu-check.sh
@@ -110,13 +111,17 @@ if wants staged && time_for 90 "host-staged and device-held runs" && need_data; 
 fi
 
 common=(--image-size "$SIZE" --mode train --steps "$BENCH_STEPS" --warmup 5 --device "$DEVICE" --json)
-if wants ddp && time_for 120 "data-parallel run and bench" && need_data; then
-  say "data-parallel: train --nproc-per-node 1 (NCCL on CUDA)"
-  timeout 200 "$BIN" train --model cspdarknet53-pad0 --epochs 1 --train-limit 4096 --test-limit 1024 \
-    --image-size "$SIZE" --nproc-per-node 1 --dist-timeout 60 --device "$DEVICE" --data-dir "$DATA" --out "$OUT/ddp" \
-    || say "data-parallel run failed"
-  rm -rf "$OUT/ddp/checkpoints"
-  for parallel in "--nproc-per-node 1 --dist-timeout 60" "--cuda-graphs off"; do
+if wants ddp && time_for 150 "data-parallel runs and bench" && need_data; then
+  for overlap in on off; do
+    say "data-parallel: train --nproc-per-node 1 (NCCL on CUDA), --dist-overlap $overlap"
+    timeout 200 "$BIN" train --model cspdarknet53-pad0 --epochs 1 --train-limit 4096 --test-limit 1024 \
+      --image-size "$SIZE" --nproc-per-node 1 --dist-timeout 60 --dist-overlap "$overlap" --device "$DEVICE" \
+      --data-dir "$DATA" --out "$OUT/ddp/overlap-$overlap" || say "data-parallel run (--dist-overlap $overlap) failed"
+    rm -rf "$OUT/ddp/overlap-$overlap/checkpoints"
+  done
+  "$BIN" compare "$OUT/ddp/overlap-on" "$OUT/ddp/overlap-off" || say "overlapped and plain allreduce runs differ"
+  for parallel in "--nproc-per-node 1 --dist-timeout 60" "--nproc-per-node 1 --dist-timeout 60 --dist-overlap off" \
+    "--cuda-graphs off"; do
     timeout 120 "$BIN" bench --model cspdarknet53-pad0 "${common[@]}" $parallel >>"$OUT/ddp-bench.jsonl" \
       || say "bench $parallel failed"
   done

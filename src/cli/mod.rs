@@ -371,9 +371,8 @@ struct ParallelArgs {
     #[arg(long, value_enum, default_value_t = DistBackend::Auto)]
     dist_backend: DistBackend,
     /// When the gradient allreduce runs: `on`, during the backward pass (each bucket summed once its
-    /// gradients are in, as DistributedDataParallel does), `off`, after it, or `auto` (on over NCCL, off
-    /// over Gloo, where the sums compete with the backward pass for the CPU's cores).
-    #[arg(long, value_enum, default_value_t = DistOverlap::Auto)]
+    /// gradients are in, as DistributedDataParallel does), or `off`, after it (the same sums).
+    #[arg(long, value_enum, default_value_t = DistOverlap::On)]
     dist_overlap: DistOverlap,
     /// Seconds a rank waits for the others (joining, each allreduce, rank 0 reading the data) before it
     /// stops with an error: a rank that died or hangs stops the run within this time [PyTorch's 30 min].

@@ -55,7 +55,7 @@ pub fn rank_device(spec: &str, execution: &Execution, place: DataParallel) -> Re
         ),
     };
     let backend = place.backend.resolve(device.is_cuda(), nccl_built())?;
-    Ok((device, DataParallel { backend, overlap: place.overlap.resolve(backend), ..place }))
+    Ok((device, DataParallel { backend, ..place }))
 }
 
 /// A joined data-parallel group and this process's place in it.
