@@ -445,9 +445,8 @@ mod tests {
     use crate::config::{DataParallel, DistBackend, DistOverlap};
     use tch::{Device, Kind, Tensor};
 
-    /// Four 64x64 layers applied in turn to rank `rank`'s inputs of step `step`: the loss and its
-    /// gradients, `layers` listed first layer last (so that DDP's first layout, the reverse of the
-    /// parameter order, puts the gradient that comes last in the first bucket).
+    /// The weights of four 64x64 layers, the first layer listed last: DDP's first layout (the reverse
+    /// of the parameter order) then puts the gradient that comes last in the first bucket.
     fn layers() -> Vec<Tensor> {
         (0..4)
             .rev()
@@ -459,6 +458,7 @@ mod tests {
             .collect()
     }
 
+    /// The layers applied in turn (first to last) to rank `rank`'s inputs of step `step`, summed.
     fn loss(layers: &[Tensor], rank: usize, step: usize) -> Tensor {
         let x = (Tensor::arange(8 * 64, (Kind::Float, Device::Cpu)) * (1.3 + rank as f64 + 0.1 * step as f64)).cos();
         let x = layers.iter().rev().fold(x.reshape([8, 64]), |x, w| x.matmul(w).tanh());
