@@ -694,7 +694,7 @@ impl DistBackend {
 
 /// `--dist-overlap`: whether the gradient allreduce runs during the backward pass (hooks on the
 /// parameters launch each bucket's sum once its gradients are in, as DistributedDataParallel does) or
-/// after it. On by default, as DDP: over Gloo on 2 CPU cores it measured 6% faster a step
+/// after it. On by default, as DDP: over Gloo on 2 CPU cores it measured no slower a step
 /// (docs/DISTRIBUTED.md), and over NCCL the sums run on the GPU beside the backward kernels.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
