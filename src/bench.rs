@@ -146,7 +146,7 @@ pub fn run(config: &BenchConfig, group: Option<Rc<Group>>) -> Result<BenchResult
     let bs = recipe.batch_size as i64;
     let mut trainer = Trainer::new(&config.model, crate::data::CLASSES, recipe, &execution, config.device)?;
     let parallel = group.as_ref().map(|g| (g.world_size(), g.place.backend.label()));
-    let overlap = group.as_ref().is_some_and(|g| g.place.overlap == crate::config::DistOverlap::On);
+    let overlap = group.as_ref().is_some_and(|g| g.overlaps());
     if let Some(group) = group {
         if config.mode != Mode::Train || config.breakdown {
             bail!("a data-parallel bench times train steps: drop --mode eval and --breakdown");
@@ -243,10 +243,11 @@ pub fn run(config: &BenchConfig, group: Option<Rc<Group>>) -> Result<BenchResult
         allreduce_ms_per_step: (!allreduce.is_empty())
             .then(|| median(&allreduce.iter().map(|s| s.seconds * 1e3).collect::<Vec<_>>())),
         allreduce_overlap: overlap.then(|| {
-            let (buckets, during) =
-                allreduce.iter().fold((0, 0), |(b, d), s| (b + s.buckets, d + s.launched_during_backward));
+            let (steps, buckets, during) = allreduce
+                .iter()
+                .fold((0, 0, 0), |(n, b, d), s| (n + s.steps, b + s.buckets, d + s.launched_during_backward));
             OverlapShare {
-                buckets_per_step: buckets as f64 / allreduce.len() as f64,
+                buckets_per_step: buckets as f64 / steps.max(1) as f64,
                 launched_during_backward: during as f64 / buckets.max(1) as f64,
             }
         }),

@@ -267,6 +267,7 @@ struct OverlappedAllreduce {
   int finish() {
     std::lock_guard<std::mutex> lock(mutex);
     armed = false;
+    const int launched_early = early;  // what is launched from here on waited for the pass's end
     for (size_t p = 0; p < params.size(); ++p) {
       if (!ready[p]) {
         slices[p].zero_();
@@ -276,7 +277,7 @@ struct OverlappedAllreduce {
     launch_complete_buckets();
     for (auto& work : works) ::finish(work, *group);
     works.clear();
-    return early;
+    return launched_early;
   }
 
   ~OverlappedAllreduce() {

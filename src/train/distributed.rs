@@ -111,6 +111,11 @@ impl Group {
         self.place.world_size
     }
 
+    /// Whether gradients are summed during the backward pass (`--dist-overlap on`).
+    pub fn overlaps(&self) -> bool {
+        self.place.overlap == DistOverlap::On
+    }
+
     /// `--sync-bn`'s BatchNorm statistics over this group.
     pub fn sync_batch_norm(&self) -> SyncBatchNorm {
         SyncBatchNorm::new(self.group.clone(), self.rank(), self.world_size())
@@ -183,7 +188,7 @@ impl Group {
             backend: self.place.backend.label().to_string(),
             world_size: self.world_size(),
             devices: self.gather("device", &device)?,
-            allreduce_overlapped: self.place.overlap == DistOverlap::On,
+            allreduce_overlapped: self.overlaps(),
         })
     }
 
@@ -300,7 +305,6 @@ pub struct GradientAverager {
 /// `--dist-overlap`'s hooks and where their buckets stand.
 struct Overlap {
     hooks: OverlappedAllreduce,
-    group: Arc<ProcessGroup>,
     /// Whether the buckets have been laid out in the order the gradients come (after the first step,
     /// as DDP rebuilds its buckets once): before, a bucket may wait for a gradient that comes last.
     rebuilt: bool,
@@ -342,7 +346,7 @@ impl GradientAverager {
         };
         if let Some(group) = overlap_over {
             let hooks = averager.hooks(&group.group, params)?;
-            averager.overlap = Some(Overlap { hooks, group: group.group.clone(), rebuilt: false });
+            averager.overlap = Some(Overlap { hooks, rebuilt: false });
         }
         Ok(averager)
     }
@@ -431,10 +435,10 @@ impl GradientAverager {
         group.broadcast_from_first(std::slice::from_ref(&shared), "sharing rank 0's bucket order")?;
         let order: Vec<usize> =
             Vec::<i64>::try_from(shared.to_device(Device::Cpu))?.into_iter().map(|p| p as usize).collect();
-        drop(overlap.hooks);
+        drop(overlap);
         self.buckets = buckets(params, order.into_iter(), self.caps);
-        let hooks = self.hooks(&overlap.group, params)?;
-        self.overlap = Some(Overlap { hooks, group: overlap.group, rebuilt: true });
+        let hooks = self.hooks(&group.group, params)?;
+        self.overlap = Some(Overlap { hooks, rebuilt: true });
         Ok(())
     }
 }

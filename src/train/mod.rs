@@ -36,7 +36,7 @@ use std::time::Instant;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{CudaGraphs, DatasetName, DistOverlap, Execution, Precision, Recipe};
+use crate::config::{CudaGraphs, DatasetName, Execution, Precision, Recipe};
 use crate::data::transform;
 use crate::data::{self, Dataset};
 use crate::environment::synchronize;
@@ -342,7 +342,7 @@ impl Trainer {
                 (p.loss_sum, p.correct, p.images) = (0.0, 0.0, 0);
             }
         }
-        let overlap = (group.place.overlap == DistOverlap::On).then_some(&*group);
+        let overlap = group.overlaps().then_some(&*group);
         let averager = GradientAverager::new(self.optimizer.params(), group.world_size(), overlap)?;
         self.graphs = None;
         self.eager_reason = Some(PARALLEL_EAGER.to_string());
