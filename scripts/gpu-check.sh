@@ -13,9 +13,11 @@
 #            through pinned memory, the next one's copy on a side stream) and --data-on device: `csp-tch
 #            compare` of the two (they must be identical) and each one's ms/step (staged/host, staged/device);
 #   ddp      a data-parallel run of world size 1 through NCCL (the machine has one GPU): `--nproc-per-node 1`,
-#            1 epoch of cspdarknet53-pad0 on the recipe part's subset, the allreduce overlapped with the
-#            backward pass (NCCL's default) and after it, `csp-tch compare` of the two (identical), then
-#            `bench --nproc-per-node 1` both ways beside a plain eager bench (what the allreduce path costs);
+#            1 epoch of cspdarknet53-pad0 on the recipe part's subset three ways: recorded in CUDA graphs with
+#            the allreduce inside (the default), eager, and eager with the allreduce after the backward pass;
+#            `csp-tch compare` of recorded against eager and of the two eager ones (identical), then `bench
+#            --nproc-per-node 1` the same three ways beside single-process benches with and without graphs
+#            (what the data-parallel step costs);
 #   bench    train steps, 224 px, batch 64, median of BENCH_STEPS after warm-up, alternating: csp-tch with
 #            CUDA graphs (the default) and without, PyTorch eager (NHWC, cuDNN benchmark mode, foreach Adam),
 #            each in fp32 and --amp;
@@ -27,7 +29,7 @@
 # the results come back within the device's limit; what was skipped is said in the log.
 # Results in $OUT: log.txt, graphs.jsonl, bench.jsonl (one JSON object per line, as `bench --json`
 # writes them; the table at the end of the log reads it), recipe/{on,off}/ and run/ (the runs' CSVs and
-# reports, no checkpoints), staged/{host,device}/, ddp/overlap-{on,off}/ and ddp-bench.jsonl.
+# reports, no checkpoints), staged/{host,device}/, ddp/{recorded,eager,after-backward}/ and ddp-bench.jsonl.
 # Try it here first with tiny settings:
 #   OUT=/tmp/g DEVICE=cpu BIN=target/release/csp-tch SIZE=32 BENCH_STEPS=2 RUN_ARGS="--preset quick --epochs 1 \
 #     --train-limit 256 --test-limit 128" DATA=data/cifar-10-batches-bin PY=$CSP_TCH_PYTHON bash scripts/gpu-check.sh
@@ -111,19 +113,25 @@ if wants staged && time_for 90 "host-staged and device-held runs" && need_data; 
 fi
 
 common=(--image-size "$SIZE" --mode train --steps "$BENCH_STEPS" --warmup 5 --device "$DEVICE" --json)
-if wants ddp && time_for 150 "data-parallel runs and bench" && need_data; then
-  for overlap in on off; do
-    say "data-parallel: train --nproc-per-node 1 (NCCL on CUDA), --dist-overlap $overlap"
+DDP_WAYS=("recorded:" "eager:--cuda-graphs off" "after-backward:--cuda-graphs off --dist-overlap off")
+if wants ddp && time_for 240 "data-parallel runs and bench" && need_data; then
+  for way in "${DDP_WAYS[@]}"; do
+    name=${way%%:*} flags=${way#*:}
+    say "data-parallel: train --nproc-per-node 1 (NCCL on CUDA), $name (${flags:-the default flags})"
     timeout 200 "$BIN" train --model cspdarknet53-pad0 --epochs 1 --train-limit 4096 --test-limit 1024 \
-      --image-size "$SIZE" --nproc-per-node 1 --dist-timeout 60 --dist-overlap "$overlap" --device "$DEVICE" \
-      --data-dir "$DATA" --out "$OUT/ddp/overlap-$overlap" || say "data-parallel run (--dist-overlap $overlap) failed"
-    rm -rf "$OUT/ddp/overlap-$overlap/checkpoints"
+      --image-size "$SIZE" --nproc-per-node 1 --dist-timeout 60 $flags --device "$DEVICE" \
+      --data-dir "$DATA" --out "$OUT/ddp/$name" || say "data-parallel run $name failed"
+    rm -rf "$OUT/ddp/$name/checkpoints"
   done
-  "$BIN" compare "$OUT/ddp/overlap-on" "$OUT/ddp/overlap-off" || say "overlapped and plain allreduce runs differ"
-  for parallel in "--nproc-per-node 1 --dist-timeout 60" "--nproc-per-node 1 --dist-timeout 60 --dist-overlap off" \
-    "--cuda-graphs off"; do
-    timeout 120 "$BIN" bench --model cspdarknet53-pad0 "${common[@]}" $parallel >>"$OUT/ddp-bench.jsonl" \
-      || say "bench $parallel failed"
+  "$BIN" compare "$OUT/ddp/recorded" "$OUT/ddp/eager" || say "recorded and eager data-parallel runs differ"
+  "$BIN" compare "$OUT/ddp/eager" "$OUT/ddp/after-backward" || say "overlapped and plain allreduce runs differ"
+  for way in "${DDP_WAYS[@]}"; do
+    timeout 120 "$BIN" bench --model cspdarknet53-pad0 "${common[@]}" --nproc-per-node 1 --dist-timeout 60 ${way#*:} \
+      >>"$OUT/ddp-bench.jsonl" || say "bench --nproc-per-node 1 ${way#*:} failed"
+  done
+  for single in "" "--cuda-graphs off"; do
+    timeout 120 "$BIN" bench --model cspdarknet53-pad0 "${common[@]}" $single >>"$OUT/ddp-bench.jsonl" \
+      || say "bench $single failed"
   done
   cat "$OUT/ddp-bench.jsonl" 2>/dev/null
 fi

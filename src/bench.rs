@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::{CudaGraphs, Execution, Recipe};
 use crate::environment::{device_label, synchronize};
 use crate::train::cuda_graph::WARMUP_STEPS;
-use crate::train::distributed::Group;
+use crate::train::distributed::{graph_obstacle, Group};
 use crate::train::{PhaseTimes, Trainer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -147,19 +147,17 @@ pub fn run(config: &BenchConfig, group: Option<Rc<Group>>) -> Result<BenchResult
     let mut trainer = Trainer::new(&config.model, crate::data::CLASSES, recipe, &execution, config.device)?;
     let parallel = group.as_ref().map(|g| (g.world_size(), g.place.backend.label()));
     let overlap = group.as_ref().is_some_and(|g| g.overlaps());
+    let obstacle = group.as_ref().and_then(|g| graph_obstacle(g.device, g.place.backend, false));
     if let Some(group) = group {
         if config.mode != Mode::Train || config.breakdown {
             bail!("a data-parallel bench times train steps: drop --mode eval and --breakdown");
         }
         trainer.distribute(group, false)?;
     }
-    match &parallel {
-        Some(_) => eprintln!("CUDA graphs: off: {}", trainer.graph_status().off_reason.unwrap_or_default()),
-        None => eprintln!(
-            "{}",
-            crate::train::cuda_graph::decision_line(execution.cuda_graphs, config.device, trainer.precision())?
-        ),
-    }
+    eprintln!(
+        "{}",
+        crate::train::cuda_graph::decision_line(execution.cuda_graphs, config.device, trainer.precision(), obstacle)?
+    );
     // With CUDA graphs, the untimed steps include the eager ones and the capture.
     let warmup = if trainer.graph_status().replayed { config.warmup.max(WARMUP_STEPS + 1) } else { config.warmup };
     let batches = SyntheticBatches::new(recipe.batch_size, 0, config.device);
@@ -192,8 +190,9 @@ pub fn run(config: &BenchConfig, group: Option<Rc<Group>>) -> Result<BenchResult
         })?,
         Mode::Train => timed(&mut |index, measured| {
             trainer.train_batch(images, labels, index, recipe)?;
+            // A replayed step's allreduce is inside the graph, not timed apart.
             match trainer.take_allreduce_stats() {
-                Some(stats) if measured => allreduce.push(stats),
+                Some(stats) if measured && stats.steps > 0 => allreduce.push(stats),
                 _ => {}
             }
             Ok(())

@@ -54,7 +54,7 @@ fn the_shim_reports_libtorch_errors_as_messages() {
 fn on_the_cpu_every_setting_runs_eagerly_and_says_why() {
     for setting in [CudaGraphs::Auto, CudaGraphs::On, CudaGraphs::Off] {
         for precision in [Precision::Fp32, Precision::Bf16, Precision::Fp16] {
-            let plan = cuda_graph::plan(setting, Device::Cpu, precision).unwrap();
+            let plan = cuda_graph::plan(setting, Device::Cpu, precision, None).unwrap();
             let GraphPlan::Eager(why) = plan else { panic!("{setting:?} {precision:?}: {plan:?}") };
             let expected = if setting == CudaGraphs::Off { "--cuda-graphs off" } else { "not a CUDA device" };
             assert_eq!(why, expected);

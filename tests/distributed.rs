@@ -9,6 +9,10 @@
 //! - a rank killed in the second epoch: the other stops with an error naming it, and `--resume`
 //!   finishes with the numbers of the uninterrupted run; so does torchrun's restart, and the command
 //!   printed after a Ctrl-C to `--nproc-per-node`'s launcher; a hung rank is named after the timeout;
+//! - recorded steps (the test-only stand-in `CSP_TCH_SIMULATE_CUDA_GRAPHS`, whose "replays" run the
+//!   step on the recorded index buffer) give the eager run's numbers to the bit, a Ctrl-C stops every
+//!   rank at the same replayed step, and a capture that fails on one rank turns graphs off on every
+//!   rank (`auto`) or stops them all (`on`);
 //! - ranks started with different settings refuse to train, naming what differs.
 
 mod common;
@@ -24,6 +28,9 @@ use std::process::Output;
 use tch::{Device, Kind, Tensor};
 
 const MODEL: &str = "cspdarknet53-pad0";
+
+/// The test-only stand-in for CUDA graphs (src/train/cuda_graph.rs).
+const SIMULATE: &str = "CSP_TCH_SIMULATE_CUDA_GRAPHS";
 
 /// A small data-parallel run of MODEL on the shared synthetic data: `train` training images in
 /// batches of `batch` a rank, 32 test images.
@@ -145,7 +152,12 @@ fn against_pytorch_ddp(sync_bn: bool, overlap: bool) {
     let sync = if sync_bn { "--sync-bn" } else { "" };
     let overlap = if overlap { "on" } else { "off" };
     let more = format!("{sgd} {sync} --dist-overlap {overlap} --nproc-per-node 2");
-    let run = csp_tch_ok(&refs(&run_args_sized(&out, 1, 128, 32, &more)));
+    // With --sync-bn, recorded steps asked for (the stand-in, as on a GPU): they run eagerly, saying why.
+    let mut command = command(&refs(&run_args_sized(&out, 1, 128, 32, &more)));
+    let run = command.envs(sync_bn.then_some((SIMULATE, "ok"))).output().unwrap();
+    assert!(run.status.success(), "{}", err(&run));
+    let graphs = "CUDA graphs: off (--cuda-graphs auto): --sync-bn's steps run eagerly";
+    assert_eq!(err(&run).contains(graphs), sync_bn, "{}", err(&run));
     let statistics = if sync_bn { "over all of them (--sync-bn)" } else { "each its own" };
     let line = format!(
         "data-parallel: 2 processes over gloo (cpu, cpu); 32 images a step each, 64 in all, BatchNorm statistics \
@@ -299,14 +311,17 @@ fn torchrun_and_nproc_per_node_give_the_same_run_and_a_killed_rank_is_named_and_
     assert_eq!(metrics(&ours), metrics(&killed), "resumed after a killed rank");
     assert_same_tensors(&checkpoint(&ours), &checkpoint(&killed));
 
-    // Ctrl-C to the launcher: forwarded to the workers, every rank stops at the same step, rank 0
-    // saves its place, and the command it prints (with --nproc-per-node) resumes to the same numbers.
+    // Ctrl-C to the launcher, its steps replayed from recordings: forwarded to the workers, every
+    // rank stops at the same step, rank 0 saves its place, and the command it prints (with
+    // --nproc-per-node) resumes, eagerly, to the same numbers.
     let stopped = tmp.path().join("stopped");
-    let mut launcher = common::Running::spawn(&refs(&run_args(&stopped, 2, "--nproc-per-node 2")));
+    let simulated = [(SIMULATE, "ok")];
+    let mut launcher = common::Running::spawn_with(&refs(&run_args(&stopped, 2, "--nproc-per-node 2")), simulated);
     launcher.wait_for_line(&format!("{MODEL} epoch 1/2"));
     launcher.signal(libc::SIGINT);
     let (status, log) = launcher.finish();
     assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("CUDA graphs record the training steps with their allreduce"), "{log}");
     let resume = log.lines().skip_while(|l| !l.contains("resume with:")).nth(1).expect("a resume command");
     let resume: Vec<&str> = resume.split_whitespace().skip(1).collect();
     assert!(resume.windows(2).any(|w| w == ["--nproc-per-node", "2"]) && resume.contains(&"--resume"), "{log}");
@@ -365,6 +380,42 @@ fn worker_pid(agent: u32, rank: &str) -> Option<u32> {
 }
 
 #[test]
+fn recorded_steps_give_the_eager_numbers_and_a_capture_failing_on_one_rank_is_every_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, simulate: Option<&str>, more: &str| {
+        let out = tmp.path().join(name);
+        let mut command = command(&refs(&run_args(&out, 1, &format!("--nproc-per-node 2 {more}"))));
+        if let Some(fault) = simulate {
+            command.env(SIMULATE, fault);
+        }
+        (command.output().unwrap(), out)
+    };
+    let (eager, eager_out) = run("eager", None, "");
+    assert!(eager.status.success(), "{}", err(&eager));
+    // 4 steps: 3 eager, then recorded and replayed once.
+    let (replayed, replayed_out) = run("replayed", Some("ok"), "");
+    assert!(replayed.status.success(), "{}", err(&replayed));
+    let report = common::read_json(&replayed_out.join("comparison.json"));
+    assert_eq!(report["models"][MODEL]["cuda_graphs"], true, "{}", err(&replayed));
+    assert_eq!(metrics(&eager_out), metrics(&replayed_out));
+    assert_same_tensors(&checkpoint(&eager_out), &checkpoint(&replayed_out));
+    // Rank 1's capture fails: under auto both ranks learn it and run that step and the rest eagerly.
+    let (fell_back, fell_back_out) = run("fell-back", Some("capture@1"), "");
+    assert!(fell_back.status.success(), "{}", err(&fell_back));
+    let report = common::read_json(&fell_back_out.join("comparison.json"));
+    assert_eq!(report["models"][MODEL]["cuda_graphs"], false);
+    let reason = report["models"][MODEL]["cuda_graphs_off"].as_str().unwrap();
+    assert!(reason.contains("the capture failed on rank 1 of 2"), "rank 0's reason: {reason}");
+    assert!(err(&fell_back).contains("failed on rank 1 of 2: simulated capture failure"), "{}", err(&fell_back));
+    assert_same_tensors(&checkpoint(&eager_out), &checkpoint(&fell_back_out));
+    // Under on, every rank stops, rank 0 naming rank 1.
+    let (stopped, _) = run("stopped", Some("capture@1"), "--cuda-graphs on");
+    assert!(!stopped.status.success());
+    let log = err(&stopped);
+    assert!(log.contains("--cuda-graphs on") && log.contains("capture: the capture failed on rank 1 of 2"), "{log}");
+}
+
+#[test]
 fn a_hung_rank_stops_the_other_within_the_timeout_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
@@ -392,13 +443,12 @@ fn ranks_with_different_settings_refuse_to_train_naming_the_difference() {
     assert!(!status.success());
     assert!(log.contains("rank 1 of 2 was started with other settings than rank 0") && log.contains("seed"), "{log}");
     assert!(!out.join(format!("{MODEL}.csv")).exists(), "nothing trained");
-    // Recorded steps asked for, which a data-parallel run does not make: refused before any worker starts.
-    let graphs = command(&refs(&run_args(&out, 1, "--nproc-per-node 2 --cuda-graphs on"))).output().unwrap();
-    assert!(
-        !graphs.status.success() && err(&graphs).contains("--cuda-graphs on: a data-parallel run"),
-        "{}",
-        err(&graphs)
-    );
+    // Recorded steps asked for with --sync-bn, whose steps cannot be recorded: refused before any
+    // worker starts; under auto they run eagerly and say why.
+    let more = "--nproc-per-node 2 --sync-bn --cuda-graphs";
+    let graphs = command(&refs(&run_args(&out, 1, &format!("{more} on")))).env(SIMULATE, "ok").output().unwrap();
+    let why = "--sync-bn's steps run eagerly";
+    assert!(!graphs.status.success() && err(&graphs).contains(&format!("--cuda-graphs on: {why}")), "{}", err(&graphs));
     assert!(!err(&graphs).contains("launching"), "{}", err(&graphs));
     // A half-set environment is refused before anything starts.
     let out = command(&refs(&run_args(&out, 1, ""))).env("RANK", "0").output().unwrap();

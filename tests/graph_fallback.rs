@@ -13,7 +13,10 @@ fn drive(replayer: &mut Replayer, steps: i64) -> anyhow::Result<Vec<i64>> {
     let mut seen = Vec::new();
     for i in 0..steps {
         let index = Tensor::from_slice(&[i]).to_kind(Kind::Int64);
-        replayer.run(&index, &pool, |ran_on: &Tensor| seen.push(ran_on.int64_value(&[0])))?;
+        replayer.run(&index, &pool, |ran_on: &Tensor| {
+            seen.push(ran_on.int64_value(&[0]));
+            Ok(())
+        })?;
     }
     Ok(seen)
 }

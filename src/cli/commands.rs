@@ -72,7 +72,10 @@ pub(super) fn env() -> Result<()> {
         true => println!("CUDA graphs: available in this build"),
         false => println!("CUDA graphs: not in this build ({})", crate::train::cuda_graph::MISSING_REASON),
     }
-    println!("{}", crate::train::cuda_graph::decision_line(CudaGraphs::Auto, device, crate::config::Precision::Fp32)?);
+    println!(
+        "{}",
+        crate::train::cuda_graph::decision_line(CudaGraphs::Auto, device, crate::config::Precision::Fp32, None)?
+    );
     let nccl = if distributed::nccl_built() { "NCCL (CUDA) and Gloo (CPU)" } else { "Gloo only (built without NCCL)" };
     println!("data-parallel: c10d process groups, {nccl}; under torchrun or --nproc-per-node");
     match data::decode::jpeg_simd() {
@@ -204,7 +207,7 @@ fn print_eval(r: &EvalReport) {
 
 pub(super) fn bench(args: BenchArgs) -> Result<()> {
     let config = args.step.config(args.acceleration.execution(), args.steps, args.warmup, args.mode, args.breakdown)?;
-    let place = match args.parallel.role(|| distributed::check_execution(&config.execution))? {
+    let place = match args.parallel.role(|| distributed::check_execution(&config.execution, false))? {
         Role::Launched => return Ok(()),
         Role::Worker(place) => place,
     };
@@ -212,7 +215,7 @@ pub(super) fn bench(args: BenchArgs) -> Result<()> {
         None => (config, None),
         Some(place) => {
             let spec = if config.device.is_cuda() { "cuda" } else { "cpu" };
-            let (device, place) = distributed::rank_device(spec, &config.execution, place)?;
+            let (device, place) = distributed::rank_device(spec, &config.execution, place, false)?;
             let group = distributed::Group::join(&place, device)?;
             (crate::bench::BenchConfig { device, ..config }, Some(std::rc::Rc::new(group)))
         }

@@ -422,7 +422,7 @@ impl ParallelArgs {
     fn run(&self, mut config: RunConfig, resume: bool, access: &Access) -> Result<()> {
         config.sync_bn = self.sync_bn;
         let check = || {
-            crate::train::distributed::check_execution(&config.execution)?;
+            crate::train::distributed::check_execution(&config.execution, self.sync_bn)?;
             run::Settings::check(config.clone(), resume, None)?;
             Ok(())
         };

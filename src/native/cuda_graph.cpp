@@ -353,6 +353,19 @@ int csp_tch_cuda_event_synchronize(void* event) {
   });
 }
 
+// Whether the work before `event`'s last recording is done: 1, 0 (not yet) or -1 (a CUDA error).
+int csp_tch_cuda_event_query(void* event) {
+  auto& e = *static_cast<Event*>(event);
+  return csp_tch::guarded(-1, [&] {
+    static auto query = cudart<cudaError_t(cudaEvent_t)>("cudaEventQuery");
+    TORCH_CHECK(query != nullptr, "cudaEventQuery is not loaded");
+    const cudaError_t status = query(e.event);
+    if (status == cudaErrorNotReady) return 0;
+    check(status, "cudaEventQuery");
+    return 1;
+  });
+}
+
 // Makes the current stream of `event`'s device wait (on the device, not the host) for the work
 // before its last recording: 0 or -1.
 int csp_tch_cuda_stream_wait_event(void* event) {
@@ -408,6 +421,7 @@ void* csp_tch_cuda_event_new(int) { return unavailable(), nullptr; }
 void csp_tch_cuda_event_free(void*) {}
 int csp_tch_cuda_event_record(void*) { return unavailable(); }
 int csp_tch_cuda_event_synchronize(void*) { return unavailable(); }
+int csp_tch_cuda_event_query(void*) { return unavailable(); }
 int csp_tch_cuda_stream_wait_event(void*) { return unavailable(); }
 int csp_tch_copy_on_side_stream(const at::Tensor*, const at::Tensor*, void*, void*) { return unavailable(); }
 }

@@ -30,12 +30,20 @@ namespace {
 // How often each rank's heartbeat counter in the store goes up.
 constexpr auto kHeartbeat = std::chrono::milliseconds(500);
 
+// How much later than the group's timeout NCCL's watchdog gives up on a collective.
+constexpr auto kWatchdogMargin = std::chrono::milliseconds(60000);
+
 std::string heartbeat_key(int rank) { return "heartbeat/" + std::to_string(rank); }
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
   std::chrono::milliseconds timeout;
+  // NCCL: a collective runs on the device, in the order of the streams' work, and a training step's
+  // collectives are waited for by the stream that uses the sums, not the host, so that the step can
+  // be recorded in a CUDA graph; the host waits for the step's end with the timeout
+  // (Group::wait_for_device in src/train/distributed.rs).
+  bool stream_ordered = false;
   // A thread that counts up this rank's heartbeat in the store, so that after a failed collective
   // the others can tell which rank is gone (its count stopped) from one that is slow.
   std::thread heartbeat;
@@ -72,6 +80,16 @@ struct Group {
 // Waits for `work`, rethrowing its failure (a peer that died, or the timeout) as an exception.
 void finish(const c10::intrusive_ptr<c10d::Work>& work, const Group& group) {
   if (!work->wait(group.timeout)) throw std::runtime_error("timed out");
+}
+
+// Waits for `work`, a collective of a training step: on NCCL the current stream waits for it (the
+// host goes on), else as finish().
+void finish_in_step(const c10::intrusive_ptr<c10d::Work>& work, const Group& group) {
+  if (group.stream_ordered) {
+    work->wait();
+  } else {
+    finish(work, group);
+  }
 }
 
 // Sums `tensor` over the group's ranks in place.
@@ -124,13 +142,16 @@ void* csp_tch_process_group_new(int backend, const char* host, int port, int ran
     } else {
 #ifdef CSP_TCH_NCCL
       auto nccl = c10d::ProcessGroupNCCL::Options::create();
-      nccl->timeout = timeout;
+      // NCCL's watchdog ends the process at its own timeout: later than this group's, so that a rank
+      // that stopped answering is found by csp-tch's timed waits first and named.
+      nccl->timeout = timeout + kWatchdogMargin;
       auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, nccl);
       // Bind the communicator to this rank's device now, as init_process_group(device_id=...) does.
       auto cuda = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
       pg->setBoundDeviceId(cuda);
       pg->eagerConnectSingleDevice(cuda);
       group->backend = pg;
+      group->stream_ordered = true;
 #else
       (void)device;
       throw std::runtime_error("this csp-tch was built without NCCL (no nccl.h beside libtorch); use --dist-backend gloo");
@@ -172,10 +193,26 @@ int csp_tch_process_group_broadcast(void* handle, const at::Tensor* tensor, int 
   });
 }
 
-// Replaces `tensor` by its sum over the ranks, in place.
-int csp_tch_process_group_allreduce(void* handle, const at::Tensor* tensor) {
+// Replaces `tensor` by its sum over the ranks, in place. in_step: a training step's collective
+// (finish_in_step).
+int csp_tch_process_group_allreduce(void* handle, const at::Tensor* tensor, int in_step) {
   return csp_tch::guarded(-1, [&] {
-    sum_over_ranks(*static_cast<Group*>(handle), *tensor);
+    auto& group = *static_cast<Group*>(handle);
+    if (in_step == 0) {
+      sum_over_ranks(group, *tensor);
+    } else {
+      std::vector<at::Tensor> tensors{*tensor};
+      finish_in_step(group.backend->allreduce(tensors), group);
+    }
+    return 0;
+  });
+}
+
+// Aborts the group's collectives in flight (NCCL's communicator: its kernels then end), after a
+// step's end was not reached within the timeout, so that the process can exit.
+void csp_tch_process_group_abort(void* handle) {
+  csp_tch::guarded(0, [&] {
+    static_cast<Group*>(handle)->backend->abort();
     return 0;
   });
 }
@@ -275,7 +312,7 @@ struct OverlappedAllreduce {
       }
     }
     launch_complete_buckets();
-    for (auto& work : works) ::finish(work, *group);
+    for (auto& work : works) finish_in_step(work, *group);
     works.clear();
     return launched_early;
   }

@@ -1,6 +1,8 @@
 //! A c10d process group (src/native/distributed.cpp): joined through a TCPStore, then collectives
-//! on tensors in place and the store's keys. Every call waits for its result, up to the timeout;
-//! [`OverlappedAllreduce`]'s gradient hooks launch theirs during the backward pass and wait after it.
+//! on tensors in place and the store's keys. Every call waits for its result, up to the timeout,
+//! except a training step's collectives on NCCL ([`ProcessGroup::all_reduce_sum_in_step`],
+//! [`OverlappedAllreduce`]'s): the stream that uses the sums waits for them, so that a CUDA graph
+//! can record them, and the caller waits for the step's end.
 
 use anyhow::{bail, Result};
 use std::ffi::CString;
@@ -13,9 +15,9 @@ use tch::Tensor;
 use super::{
     csp_tch_nccl_built, csp_tch_overlapped_allreduce_arm, csp_tch_overlapped_allreduce_finish,
     csp_tch_overlapped_allreduce_free, csp_tch_overlapped_allreduce_new, csp_tch_overlapped_allreduce_ready_order,
-    csp_tch_process_group_allreduce, csp_tch_process_group_broadcast, csp_tch_process_group_free,
-    csp_tch_process_group_new, csp_tch_process_group_silent_ranks, csp_tch_store_free, csp_tch_store_get,
-    csp_tch_store_set, csp_tch_sync_batch_norm, last_error,
+    csp_tch_process_group_abort, csp_tch_process_group_allreduce, csp_tch_process_group_broadcast,
+    csp_tch_process_group_free, csp_tch_process_group_new, csp_tch_process_group_silent_ranks, csp_tch_store_free,
+    csp_tch_store_get, csp_tch_store_set, csp_tch_sync_batch_norm, last_error,
 };
 
 /// Whether this build has c10d's NCCL process group (nccl.h was found beside libtorch).
@@ -103,7 +105,21 @@ impl ProcessGroup {
     /// Replaces `tensor` on every rank by its sum over the ranks.
     pub fn all_reduce_sum(&self, tensor: &Tensor) -> Result<()> {
         // SAFETY: as in `broadcast`.
-        Self::status(unsafe { csp_tch_process_group_allreduce(self.handle.as_ptr(), tensor.as_ptr()) })
+        Self::status(unsafe { csp_tch_process_group_allreduce(self.handle.as_ptr(), tensor.as_ptr(), 0) })
+    }
+
+    /// As [`ProcessGroup::all_reduce_sum`], for a collective of a training step: on NCCL the
+    /// current stream waits for the sum, not the host.
+    pub fn all_reduce_sum_in_step(&self, tensor: &Tensor) -> Result<()> {
+        // SAFETY: as in `broadcast`.
+        Self::status(unsafe { csp_tch_process_group_allreduce(self.handle.as_ptr(), tensor.as_ptr(), 1) })
+    }
+
+    /// Aborts the collectives in flight (NCCL's kernels then end), once a step was not done within
+    /// the timeout, so that the process can exit.
+    pub fn abort(&self) {
+        // SAFETY: a live group; the shim catches every exception.
+        unsafe { csp_tch_process_group_abort(self.handle.as_ptr()) }
     }
 
     /// After a failed collective: the ranks of `world_size` whose heartbeat (counted up twice a

@@ -64,6 +64,7 @@ extern "C" {
     fn csp_tch_cuda_event_free(event: *mut c_void);
     fn csp_tch_cuda_event_record(event: *mut c_void) -> c_int;
     fn csp_tch_cuda_event_synchronize(event: *mut c_void) -> c_int;
+    fn csp_tch_cuda_event_query(event: *mut c_void) -> c_int;
     fn csp_tch_cuda_stream_wait_event(event: *mut c_void) -> c_int;
     fn csp_tch_copy_on_side_stream(
         dst: *const C_tensor,
@@ -90,7 +91,8 @@ extern "C" {
     fn csp_tch_process_group_free(group: *mut c_void);
     fn csp_tch_process_group_silent_ranks(group: *mut c_void, world: c_int, wait_ms: i64, silent: *mut c_int) -> c_int;
     fn csp_tch_process_group_broadcast(group: *mut c_void, tensor: *const C_tensor, root: c_int) -> c_int;
-    fn csp_tch_process_group_allreduce(group: *mut c_void, tensor: *const C_tensor) -> c_int;
+    fn csp_tch_process_group_allreduce(group: *mut c_void, tensor: *const C_tensor, in_step: c_int) -> c_int;
+    fn csp_tch_process_group_abort(group: *mut c_void);
     fn csp_tch_store_set(group: *mut c_void, key: *const c_char, value: *const u8, len: usize) -> c_int;
     fn csp_tch_store_get(group: *mut c_void, key: *const c_char, len: *mut usize) -> *mut u8;
     fn csp_tch_store_free(buffer: *mut u8);
@@ -162,6 +164,15 @@ impl CudaEvent {
     pub fn synchronize(&self) -> anyhow::Result<()> {
         // SAFETY: as in `record`.
         status(unsafe { csp_tch_cuda_event_synchronize(self.0.as_ptr()) }, "waiting for a CUDA event")
+    }
+
+    /// Whether the work before the last recording is done (without waiting).
+    pub fn is_done(&self) -> anyhow::Result<bool> {
+        // SAFETY: as in `record`.
+        match unsafe { csp_tch_cuda_event_query(self.0.as_ptr()) } {
+            -1 => anyhow::bail!("querying a CUDA event: {}", last_error()),
+            done => Ok(done == 1),
+        }
     }
 
     /// Makes the device's current stream wait (on the device) for the work before the last recording.

@@ -43,7 +43,8 @@ impl Settings {
         let (device, parallel) = match parallel {
             None => (parse_device(&config.device)?, None),
             Some(place) => {
-                let (device, place) = distributed::rank_device(&config.device, &config.execution, place)?;
+                let (device, place) =
+                    distributed::rank_device(&config.device, &config.execution, place, config.sync_bn)?;
                 config.world_size = place.world_size;
                 (device, Some(place))
             }
@@ -51,8 +52,21 @@ impl Settings {
         for name in &config.models {
             models::model_info(name)?.check_image_size(config.recipe.image_size)?;
         }
-        cuda_graph::plan(config.execution.cuda_graphs, device, config.execution.precision(device))?;
-        Ok(Settings { config, device, resume, parallel })
+        let settings = Settings { config, device, resume, parallel };
+        settings.graph_plan()?;
+        Ok(settings)
+    }
+
+    /// What `--cuda-graphs` comes to for this process's steps.
+    fn graph_plan(&self) -> Result<cuda_graph::GraphPlan> {
+        let execution = &self.config.execution;
+        cuda_graph::plan(execution.cuda_graphs, self.device, execution.precision(self.device), self.graph_obstacle())
+    }
+
+    /// Why this data-parallel rank's steps cannot be recorded, if they cannot.
+    fn graph_obstacle(&self) -> Option<&'static str> {
+        let place = self.parallel.as_ref()?;
+        distributed::graph_obstacle(self.device, place.backend, self.config.sync_bn)
     }
 
     /// The single runs this one is made of: itself, or one per seed with `--seeds`.
@@ -152,23 +166,33 @@ pub fn run(settings: &Settings, access: &Access) -> Result<()> {
     }
     let precision = config.execution.precision(settings.device);
     let mut environment = RunEnvironment::detect(settings.device, precision);
+    let graph_line =
+        cuda_graph::decision_line(config.execution.cuda_graphs, settings.device, precision, settings.graph_obstacle())?;
     match &group {
         Some(group) => {
             let parallel = group.environment(&environment)?;
             let statistics = if config.sync_bn { "over all of them (--sync-bn)" } else { "each its own" };
+            let recorded = match settings.graph_plan()? {
+                cuda_graph::GraphPlan::Replay(_) => {
+                    "; CUDA graphs record the training steps with their allreduce, evaluation steps run eagerly"
+                }
+                cuda_graph::GraphPlan::Eager(_) => "",
+            };
             say(format!(
-                "data-parallel: {} processes over {} ({}); {} images a step each, {} in all, BatchNorm statistics \
-                 {statistics}; gradient allreduce {}; steps run eagerly",
+                "data-parallel: {} {} over {} ({}); {} images a step each, {} in all, BatchNorm statistics \
+                 {statistics}; gradient allreduce {}{recorded}",
                 parallel.world_size,
+                if parallel.world_size == 1 { "process" } else { "processes" },
                 parallel.backend,
                 parallel.devices.join(", "),
                 config.recipe.batch_size,
                 config.recipe.batch_size * parallel.world_size,
                 if parallel.allreduce_overlapped { "during the backward pass" } else { "after the backward pass" }
             ));
+            say(graph_line);
             environment.data_parallel = Some(parallel);
         }
-        None => eprintln!("{}", cuda_graph::decision_line(config.execution.cuda_graphs, settings.device, precision)?),
+        None => eprintln!("{graph_line}"),
     }
     if settings.resume {
         // Refuse a mismatched checkpoint before any training.

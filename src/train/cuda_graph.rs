@@ -12,11 +12,18 @@
 //! replay (an asynchronous CUDA error included, read back by a synchronisation right after it) runs
 //! the step eagerly instead and turns graphs off for the rest of the process ([`fallen_back`]), with
 //! one warning. Under `on` the same failures are errors.
+//!
+//! In a data-parallel run ([`Replayer::share_with`]) the recorded training step holds the gradient
+//! allreduce, and the ranks' steps must stay alike: every rank learns where the capture failed and
+//! all fall back together; a warm-up step or first replay that failed may have run part of its
+//! collectives, so it is an error whatever the setting.
 
+use super::distributed::Group;
 use crate::config::{CudaGraphs, Precision};
 use crate::native::{self, status};
 use anyhow::{bail, Context, Result};
 use std::os::raw::{c_int, c_void};
+use std::rc::Rc;
 use std::sync::Mutex;
 use tch::{Device, Tensor};
 
@@ -72,7 +79,7 @@ impl Graph {
     /// Records what `record` queues on `device` (running nothing), on the device's capture stream.
     /// Tensors `record` allocates come from `pool`. `record` must not read values back from the
     /// device. A capture that fails leaves nothing in capture mode.
-    pub fn capture(device: Device, pool: &MemoryPool, record: impl FnOnce()) -> Result<Graph> {
+    pub fn capture(device: Device, pool: &MemoryPool, record: impl FnOnce() -> Result<()>) -> Result<Graph> {
         let raw = unsafe { native::csp_tch_graph_new(cuda_index(device)?) };
         if raw.is_null() {
             bail!("cannot create a CUDA graph: {}", native::last_error());
@@ -101,7 +108,7 @@ impl Drop for Graph {
 }
 
 /// Runs `f` on `device`'s capture stream (after the work queued so far; waiting for it after).
-fn on_capture_stream(device: Device, f: impl FnOnce()) -> Result<()> {
+fn on_capture_stream(device: Device, f: impl FnOnce() -> Result<()>) -> Result<()> {
     let index = cuda_index(device)?;
     let guard = unsafe { native::csp_tch_capture_stream_enter(index) };
     if guard.is_null() {
@@ -116,12 +123,12 @@ fn on_capture_stream(device: Device, f: impl FnOnce()) -> Result<()> {
 
 /// Runs `f`, turning a panic (tch's way of reporting a libtorch error) into an error, with the
 /// panic message printer silenced.
-fn catch_panic(f: impl FnOnce()) -> Result<()> {
+fn catch_panic(f: impl FnOnce() -> Result<()>) -> Result<()> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     std::panic::set_hook(hook);
-    result.map_err(|panic| anyhow::anyhow!("{}", panic_message(&panic)))
+    result.map_err(|panic| anyhow::anyhow!("{}", panic_message(&panic)))?
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
@@ -178,19 +185,22 @@ pub enum Recorder {
 
 impl Recorder {
     /// The test-only stand-in the environment asks for: `CSP_TCH_SIMULATE_CUDA_GRAPHS=ok`, or a
-    /// fault: `warmup`, `capture`, `replay`, `stale-index`.
+    /// fault: `warmup`, `capture`, `replay`, `stale-index`; `FAULT@R`: on data-parallel rank R only
+    /// (torchrun's `RANK`), the other ranks record and replay.
     pub fn simulated_from_env() -> Result<Option<Recorder>> {
         const VAR: &str = "CSP_TCH_SIMULATE_CUDA_GRAPHS";
         let Ok(value) = std::env::var(VAR) else { return Ok(None) };
-        let fault = match value.as_str() {
+        let (name, rank) = value.split_once('@').map_or((value.as_str(), None), |(name, rank)| (name, Some(rank)));
+        let fault = match name {
             "ok" => Fault::None,
             "warmup" => Fault::Warmup,
             "capture" => Fault::Capture,
             "replay" => Fault::Replay,
             "stale-index" => Fault::StaleIndex,
-            other => bail!("{VAR}={other}: expected ok, warmup, capture, replay or stale-index"),
+            other => bail!("{VAR}={other}: expected ok, warmup, capture, replay or stale-index, then @RANK or not"),
         };
-        Ok(Some(Recorder::Simulated(fault)))
+        let elsewhere = rank.is_some_and(|rank| std::env::var("RANK").ok().as_deref() != Some(rank));
+        Ok(Some(Recorder::Simulated(if elsewhere { Fault::None } else { fault })))
     }
 }
 
@@ -213,11 +223,20 @@ pub struct Replayer {
     recorded: Option<Recorded>,
     /// Why steps run eagerly after a failure.
     failure: Option<String>,
+    /// In a data-parallel run, the group whose ranks record and replay the step together.
+    peers: Option<Rc<Group>>,
 }
 
 impl Replayer {
     pub fn new(device: Device, recorder: Recorder, fall_back: bool) -> Replayer {
-        Replayer { device, recorder, fall_back, eager_left: WARMUP_STEPS, recorded: None, failure: None }
+        Replayer { device, recorder, fall_back, eager_left: WARMUP_STEPS, recorded: None, failure: None, peers: None }
+    }
+
+    /// Makes this replayer's steps those of one rank of `group`'s data-parallel run, from its first
+    /// step: captures are agreed over the ranks, and the first replay is waited for with the
+    /// group's timeout.
+    pub fn share_with(&mut self, group: Rc<Group>) {
+        self.peers = Some(group);
     }
 
     /// Why this replayer's steps run eagerly: its own failure, or an earlier one in this process.
@@ -228,43 +247,72 @@ impl Replayer {
     /// Runs `step` on the batch `index` (always of the same length): eagerly during warm-up, then
     /// recorded once into `pool` and replayed. A failure is an error (`--cuda-graphs on`), or the
     /// step runs eagerly instead and graphs are off for the rest of the process (`auto`).
-    pub fn run(&mut self, index: &Tensor, pool: &MemoryPoolSlot, mut step: impl FnMut(&Tensor)) -> Result<()> {
+    pub fn run(
+        &mut self,
+        index: &Tensor,
+        pool: &MemoryPoolSlot,
+        mut step: impl FnMut(&Tensor) -> Result<()>,
+    ) -> Result<()> {
         if self.failure.is_some() || fallen_back().is_some() {
-            step(index);
-            return Ok(());
+            return step(index);
         }
         if self.eager_left > 0 {
             self.eager_left -= 1;
             return match self.warm_up(index, &mut step) {
                 Ok(()) => Ok(()),
+                // Its collectives may have run in part: the ranks' steps can no longer match.
+                Err(err) if self.peers.is_some() => Err(err.context("a data-parallel step before the capture")),
                 Err(err) => self.fail(err.context("warm-up"), || step(index)),
             };
         }
         if self.recorded.is_none() {
-            match self.record(index, pool, &mut step) {
+            let recorded = self.record(index, pool, &mut step);
+            match self.agree(recorded)? {
                 Ok(recorded) => self.recorded = Some(recorded),
                 Err(err) => return self.fail(err.context("capture"), || step(index)),
             }
         }
         let first = self.recorded.as_ref().is_some_and(|r| r.replays == 0);
         match self.replay(index, first, &mut step) {
+            Err(err) if first && self.peers.is_some() => Err(err.context(
+                "the first replay of the data-parallel step (which may have run part of its collectives, so the \
+                 ranks cannot fall back together; use --cuda-graphs off)",
+            )),
             Err(err) if first => self.fail(err.context("first replay"), || step(index)),
             other => other,
         }
     }
 
-    fn warm_up(&self, index: &Tensor, step: &mut impl FnMut(&Tensor)) -> Result<()> {
+    fn warm_up(&self, index: &Tensor, step: &mut impl FnMut(&Tensor) -> Result<()>) -> Result<()> {
         match self.recorder {
             Recorder::Cuda => on_capture_stream(self.device, || step(index)),
             Recorder::Simulated(Fault::Warmup) => bail!("simulated warm-up failure"),
-            Recorder::Simulated(_) => {
-                step(index);
-                Ok(())
-            }
+            Recorder::Simulated(_) => step(index),
         }
     }
 
-    fn record(&self, index: &Tensor, pool: &MemoryPoolSlot, step: &mut impl FnMut(&Tensor)) -> Result<Recorded> {
+    /// In a data-parallel run, `recorded` as every rank sees it: failed wherever it failed on any
+    /// rank (a capture runs nothing, so every rank can still run the step eagerly), naming where.
+    fn agree(&self, recorded: Result<Recorded>) -> Result<Result<Recorded>> {
+        let Some(group) = &self.peers else { return Ok(recorded) };
+        let failed = group.failed_ranks(recorded.is_err(), "agreeing on the CUDA graph capture")?;
+        let on = |ranks: &[usize]| {
+            let ranks: Vec<String> = ranks.iter().map(|r| format!("rank {r}")).collect();
+            format!("failed on {} of {}", ranks.join(", "), group.world_size())
+        };
+        Ok(match recorded {
+            Ok(_) if !failed.is_empty() => Err(anyhow::anyhow!("the capture {}", on(&failed))),
+            Err(err) => Err(err.context(on(&failed))),
+            ok => ok,
+        })
+    }
+
+    fn record(
+        &self,
+        index: &Tensor,
+        pool: &MemoryPoolSlot,
+        step: &mut impl FnMut(&Tensor) -> Result<()>,
+    ) -> Result<Recorded> {
         let static_index = index.copy();
         let graph = match self.recorder {
             Recorder::Cuda => Some(Graph::capture(self.device, pool.get(self.device)?, || step(&static_index))?),
@@ -275,7 +323,7 @@ impl Replayer {
     }
 
     /// Replays the recorded step on `index`; `first`: no replay has run yet.
-    fn replay(&mut self, index: &Tensor, first: bool, step: &mut impl FnMut(&Tensor)) -> Result<()> {
+    fn replay(&mut self, index: &Tensor, first: bool, step: &mut impl FnMut(&Tensor) -> Result<()>) -> Result<()> {
         let recorded = self.recorded.as_mut().expect("recorded before replaying");
         recorded.static_index.copy_(index);
         recorded.replays += 1;
@@ -283,27 +331,24 @@ impl Replayer {
             (Some(graph), _) => {
                 graph.replay()?;
                 // An asynchronous fault of the first replay shows at the next synchronisation: make
-                // that one here, where it can still fall back.
-                if first {
-                    synchronize(self.device)?;
+                // that one here, where it can still fall back (data-parallel: bounded by the
+                // group's timeout, since the step waits for the other ranks).
+                match (&self.peers, first) {
+                    (Some(group), true) => group.wait_for_device("the first replayed step")?,
+                    (None, true) => synchronize(self.device)?,
+                    (_, false) => {}
                 }
                 Ok(())
             }
             (None, Recorder::Simulated(Fault::Replay)) => bail!("simulated replay failure"),
-            (None, Recorder::Simulated(Fault::StaleIndex)) => {
-                step(&recorded.captured_index);
-                Ok(())
-            }
-            (None, _) => {
-                step(&recorded.static_index);
-                Ok(())
-            }
+            (None, Recorder::Simulated(Fault::StaleIndex)) => step(&recorded.captured_index),
+            (None, _) => step(&recorded.static_index),
         }
     }
 
     /// A failure: an error under `on`; under `auto` the step runs eagerly instead (it ran on the
     /// device at most in part: a capture runs nothing) and graphs are off from then on.
-    fn fail(&mut self, err: anyhow::Error, eager_step: impl FnOnce()) -> Result<()> {
+    fn fail(&mut self, err: anyhow::Error, eager_step: impl FnOnce() -> Result<()>) -> Result<()> {
         self.recorded = None;
         if !self.fall_back {
             return Err(err.context("--cuda-graphs on (use --cuda-graphs auto to fall back to eager steps, or off)"));
@@ -311,8 +356,7 @@ impl Replayer {
         let reason = format!("{err:#}");
         fall_back(&reason);
         self.failure = Some(reason);
-        eager_step();
-        Ok(())
+        eager_step()
     }
 }
 
@@ -338,9 +382,10 @@ pub enum GraphPlan {
     Eager(String),
 }
 
-/// What a run on `device` in `precision` does: replay graphs, or run eagerly and why. The
-/// test-only `CSP_TCH_SIMULATE_CUDA_GRAPHS` stands in for a CUDA device ([`Recorder::Simulated`]).
-pub fn plan(setting: CudaGraphs, device: Device, precision: Precision) -> Result<GraphPlan> {
+/// What a run on `device` in `precision` does: replay graphs, or run eagerly and why. `obstacle`:
+/// why this run's steps cannot be recorded otherwise (a data-parallel run's, [`super::distributed::graph_obstacle`]).
+/// The test-only `CSP_TCH_SIMULATE_CUDA_GRAPHS` stands in for a CUDA device ([`Recorder::Simulated`]).
+pub fn plan(setting: CudaGraphs, device: Device, precision: Precision, obstacle: Option<&str>) -> Result<GraphPlan> {
     let eager = |why: &str| Ok(GraphPlan::Eager(why.to_string()));
     let simulated = Recorder::simulated_from_env()?;
     if setting == CudaGraphs::Off {
@@ -361,6 +406,12 @@ pub fn plan(setting: CudaGraphs, device: Device, precision: Precision) -> Result
     if let Some(reason) = fallen_back().filter(|_| setting == CudaGraphs::Auto) {
         return eager(&format!("an earlier failure in this process: {reason}"));
     }
+    if let Some(why) = obstacle {
+        if setting == CudaGraphs::On {
+            bail!("--cuda-graphs on: {why}; use --cuda-graphs auto (steps then run eagerly) or off");
+        }
+        return eager(why);
+    }
     if let Some(recorder) = simulated {
         return Ok(GraphPlan::Replay(recorder));
     }
@@ -377,10 +428,15 @@ pub fn plan(setting: CudaGraphs, device: Device, precision: Precision) -> Result
 }
 
 /// The one line `run-all`, `train` and `bench` print about CUDA graphs.
-pub fn decision_line(setting: CudaGraphs, device: Device, precision: Precision) -> Result<String> {
+pub fn decision_line(
+    setting: CudaGraphs,
+    device: Device,
+    precision: Precision,
+    obstacle: Option<&str>,
+) -> Result<String> {
     let name = clap::ValueEnum::to_possible_value(&setting).map(|v| v.get_name().to_string()).unwrap_or_default();
     let flag = format!("--cuda-graphs {name}");
-    Ok(match plan(setting, device, precision)? {
+    Ok(match plan(setting, device, precision, obstacle)? {
         GraphPlan::Replay(Recorder::Cuda) => {
             format!("CUDA graphs: on ({flag}): full batches replay recorded steps")
         }

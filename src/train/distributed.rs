@@ -7,7 +7,10 @@
 //! - BatchNorm statistics local to each rank (DDP's default), rank 0's broadcast before an evaluation
 //!   and a checkpoint, as DDP's `broadcast_buffers` gives rank 0's at the start of every forward;
 //! - `DistributedSampler`'s shards of each epoch's shuffle, and evaluation sharded so that each test
-//!   image counts once, its sums added over the ranks.
+//!   image counts once, its sums added over the ranks;
+//! - on NCCL, a training step's collectives ordered on the device, so that a CUDA graph records the
+//!   step with its allreduce ([`graph_obstacle`] says when it cannot), the step's end waited for with
+//!   the timeout.
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -17,7 +20,8 @@ use tch::{Device, Kind, Tensor};
 use crate::config::{CudaGraphs, DataParallel, DistBackend, DistOverlap, Execution};
 use crate::environment::{ParallelEnvironment, RunEnvironment};
 use crate::models::sync_bn::SyncBatchNorm;
-use crate::native::{GroupBackend, OverlappedAllreduce, ProcessGroup, Rendezvous};
+use crate::native::{CudaEvent, GroupBackend, OverlappedAllreduce, ProcessGroup, Rendezvous};
+use crate::train::cuda_graph;
 
 /// Whether this build has c10d's NCCL process group (`--dist-backend nccl`).
 pub use crate::native::nccl_built;
@@ -30,20 +34,41 @@ const FIRST_BUCKET_BYTES: i64 = 1 << 20;
 /// failed, to tell which are gone.
 const HEARTBEAT_WAIT: std::time::Duration = std::time::Duration::from_millis(2500);
 
-/// Refuses what data-parallel steps computed as `execution` says cannot do: `--cuda-graphs on` (they
-/// run eagerly).
-pub fn check_execution(execution: &Execution) -> Result<()> {
-    if execution.cuda_graphs == CudaGraphs::On {
-        bail!("--cuda-graphs on: {}; use --cuda-graphs auto or off", super::PARALLEL_EAGER);
+/// Why `--sync-bn`'s steps run eagerly.
+const SYNC_BN_EAGER: &str =
+    "--sync-bn's steps run eagerly: its forward pass reads the global batch's size back from the device";
+
+/// Why the training steps of a data-parallel rank on `device` over `backend` cannot be recorded in a
+/// CUDA graph, if they cannot: `--sync-bn`, or Gloo's collectives on CUDA tensors (through the host).
+pub fn graph_obstacle(device: Device, backend: DistBackend, sync_bn: bool) -> Option<&'static str> {
+    if sync_bn {
+        Some(SYNC_BN_EAGER)
+    } else if device.is_cuda() && backend == DistBackend::Gloo {
+        Some("Gloo sums CUDA tensors through the host, which a recorded step cannot wait for; use --dist-backend nccl")
+    } else {
+        None
+    }
+}
+
+/// Refuses, before any rank starts, what no data-parallel step computed as `execution` says can
+/// do: `--cuda-graphs on` with `--sync-bn`.
+pub fn check_execution(execution: &Execution, sync_bn: bool) -> Result<()> {
+    if execution.cuda_graphs == CudaGraphs::On && sync_bn {
+        bail!("--cuda-graphs on: {SYNC_BN_EAGER}; use --cuda-graphs auto (steps then run eagerly) or off");
     }
     Ok(())
 }
 
 /// The device of rank `place` under `--device spec` (CUDA device `LOCAL_RANK` under `auto`, where CUDA
 /// is available, or `cuda`; the CPU under `cpu`), and `place` with its backend resolved for it, once
-/// `execution` is one a data-parallel step can run ([`check_execution`]).
-pub fn rank_device(spec: &str, execution: &Execution, place: DataParallel) -> Result<(Device, DataParallel)> {
-    check_execution(execution)?;
+/// `execution` is one its steps can run (with `--sync-bn` or not).
+pub fn rank_device(
+    spec: &str,
+    execution: &Execution,
+    place: DataParallel,
+    sync_bn: bool,
+) -> Result<(Device, DataParallel)> {
+    check_execution(execution, sync_bn)?;
     let device = match spec {
         "auto" | "cuda" if tch::Cuda::is_available() || spec == "cuda" => {
             crate::environment::parse_device(&format!("cuda:{}", place.local_rank))?
@@ -55,6 +80,8 @@ pub fn rank_device(spec: &str, execution: &Execution, place: DataParallel) -> Re
         ),
     };
     let backend = place.backend.resolve(device.is_cuda(), nccl_built())?;
+    let obstacle = graph_obstacle(device, backend, sync_bn);
+    cuda_graph::plan(execution.cuda_graphs, device, execution.precision(device), obstacle)?;
     Ok((device, DataParallel { backend, ..place }))
 }
 
@@ -156,6 +183,39 @@ impl Group {
     pub fn sum(&self, tensors: &[&Tensor], what: &str) -> Result<()> {
         for tensor in tensors {
             self.group.all_reduce_sum(tensor).with_context(|| self.failed(what))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces `tensor` by its sum over the ranks within a training step: on NCCL the device waits
+    /// for the sum, not the host ([`Group::wait_for_device`] after the step).
+    fn sum_in_step(&self, tensor: &Tensor, what: &str) -> Result<()> {
+        self.group.all_reduce_sum_in_step(tensor).with_context(|| self.failed(what))
+    }
+
+    /// Every rank's `failed` for `what`: the ranks where it is true (every rank must call this).
+    pub fn failed_ranks(&self, failed: bool, what: &str) -> Result<Vec<usize>> {
+        let flags = Tensor::zeros([self.world_size() as i64], (Kind::Float, self.device));
+        let _ = flags.get(self.rank() as i64).fill_(f64::from(u8::from(failed)));
+        self.sum(&[&flags], what)?;
+        let flags = Vec::<f32>::try_from(flags.to_device(Device::Cpu))?;
+        Ok(flags.iter().enumerate().filter(|(_, &f)| f > 0.0).map(|(rank, _)| rank).collect())
+    }
+
+    /// Waits until this rank's device has run the step queued on it, its collectives included, up
+    /// to the timeout: on NCCL, whose step collectives the host does not wait for (elsewhere they
+    /// were waited for, with the timeout, within the step).
+    pub fn wait_for_device(&self, what: &str) -> Result<()> {
+        let (DistBackend::Nccl, Device::Cuda(index)) = (self.place.backend, self.device) else { return Ok(()) };
+        let done = CudaEvent::new(index)?;
+        done.record()?;
+        let deadline = std::time::Instant::now() + self.place.timeout;
+        while !done.is_done()? {
+            if std::time::Instant::now() > deadline {
+                self.group.abort();
+                return Err(anyhow::anyhow!("timed out").context(self.failed(what)));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
         }
         Ok(())
     }
@@ -293,8 +353,14 @@ fn buckets(params: &[Tensor], order: impl Iterator<Item = usize>, (first_cap, ca
 /// (`--dist-overlap`): then a hook on each parameter fills its bucket as the backward pass produces
 /// its gradient, and a bucket is summed as soon as it is full, while the pass goes on. A stop request
 /// rides in the last bucket as one more element, so that every rank learns of it at the same step.
+///
+/// What a step runs on the device reads nothing back and writes no value from the host, so that a
+/// CUDA graph can record it: the vote is set before the step ([`GradientAverager::set_vote`]) and
+/// read after it ([`GradientAverager::stop_voted`]).
 pub struct GradientAverager {
     buckets: Vec<Bucket>,
+    /// This rank's vote to stop, copied into the last bucket at the step's start.
+    vote: Tensor,
     world: f64,
     /// Bucket sizes in bytes: the first, the others.
     caps: (i64, i64),
@@ -337,8 +403,10 @@ impl GradientAverager {
         overlap_over: Option<&Group>,
         caps: (i64, i64),
     ) -> Result<GradientAverager> {
+        let device = params.first().map_or(Device::Cpu, Tensor::device);
         let mut averager = GradientAverager {
             buckets: buckets(params, (0..params.len()).rev(), caps),
+            vote: Tensor::zeros([1], (Kind::Float, device)),
             world: world as f64,
             caps,
             overlap: None,
@@ -368,11 +436,21 @@ impl GradientAverager {
         std::mem::take(&mut self.stats)
     }
 
-    /// Before the backward pass of a step: `stop` is this rank's vote to stop; with overlap, the
-    /// hooks are armed.
-    pub fn begin(&mut self, stop: bool) {
+    /// Before a step (outside what a CUDA graph records): this rank's vote to stop after it.
+    pub fn set_vote(&mut self, stop: bool) {
+        let _ = self.vote.fill_(f64::from(u8::from(stop)));
+    }
+
+    /// The last element of the last bucket: the votes' sum after the allreduce.
+    fn vote_slot(&self) -> Tensor {
         let last = &self.buckets.last().expect("a bucket").flat;
-        let _ = last.narrow(0, last.numel() as i64 - 1, 1).fill_(if stop { 1.0 } else { 0.0 });
+        last.narrow(0, last.numel() as i64 - 1, 1)
+    }
+
+    /// Before the backward pass of a step: the vote goes into its bucket; with overlap, the hooks
+    /// are armed.
+    pub fn begin(&mut self) {
+        self.vote_slot().copy_(&self.vote);
         if let Some(overlap) = &self.overlap {
             overlap.hooks.arm();
         }
@@ -380,8 +458,8 @@ impl GradientAverager {
 
     /// After the backward pass: replaces each of `grads` (one per parameter of `params`; an
     /// undefined one counts as zeros, as DDP's unused parameters do not, which csp-tch's models never
-    /// have) by its mean over the ranks. Returns whether any rank voted to stop.
-    pub fn average(&mut self, group: &Group, params: &[Tensor], grads: &[Tensor]) -> Result<bool> {
+    /// have) by its mean over the ranks.
+    pub fn average(&mut self, group: &Group, params: &[Tensor], grads: &[Tensor]) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let started = std::time::Instant::now();
         match &self.overlap {
@@ -398,7 +476,7 @@ impl GradientAverager {
                             _ => drop(view.zero_()),
                         }
                     }
-                    group.sum(&[&bucket.flat], "the gradient allreduce")?;
+                    group.sum_in_step(&bucket.flat, "the gradient allreduce")?;
                 }
             }
         }
@@ -414,12 +492,19 @@ impl GradientAverager {
                 }
             }
         }
-        let last = &self.buckets.last().expect("a bucket").flat;
-        let any_stop = last.double_value(&[last.numel() as i64 - 1]) > 0.0;
         if self.overlap.as_ref().is_some_and(|o| !o.rebuilt) {
+            let votes = self.vote_slot().copy();
             self.rebuild(group, params)?;
+            self.vote_slot().copy_(&votes);
         }
-        Ok(any_stop)
+        Ok(())
+    }
+
+    /// After a step (eager or replayed): whether any rank voted to stop, once the device has run it
+    /// (waiting up to the group's timeout).
+    pub fn stop_voted(&self, group: &Group) -> Result<bool> {
+        group.wait_for_device("the training step's gradient allreduce")?;
+        Ok(self.vote_slot().double_value(&[0]) > 0.0)
     }
 
     /// Lays the buckets out in the order the gradients came in the step just taken (rank 0's, so
@@ -497,11 +582,15 @@ mod tests {
                 let stop = rank == 1 && step == 2;
                 let grads = Tensor::run_backward(&[loss(&params, rank, step)], &params, false, false);
                 let raw: Vec<Tensor> = grads.iter().map(Tensor::copy).collect();
-                plain.begin(stop);
-                let plain_stop = plain.average(&group, &params, &grads).unwrap();
-                overlapped.begin(stop);
+                plain.set_vote(stop);
+                plain.begin();
+                plain.average(&group, &params, &grads).unwrap();
+                let plain_stop = plain.stop_voted(&group).unwrap();
+                overlapped.set_vote(stop);
+                overlapped.begin();
                 let hooked = Tensor::run_backward(&[loss(&params, rank, step)], &params, false, false);
-                let overlapped_stop = overlapped.average(&group, &params, &hooked).unwrap();
+                overlapped.average(&group, &params, &hooked).unwrap();
+                let overlapped_stop = overlapped.stop_voted(&group).unwrap();
                 assert_eq!((plain_stop, overlapped_stop), (step == 2, step == 2), "rank {rank} step {step}");
                 for (a, b) in grads.iter().zip(&hooked) {
                     assert!(a.equal(b), "rank {rank} step {step}: the overlapped sums differ");

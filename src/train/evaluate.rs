@@ -167,7 +167,10 @@ impl<'a> Evaluator<'a> {
         };
         let full = index.size()[0] == recipe.batch_size as i64;
         match self.graphs.as_deref_mut() {
-            Some(StepGraphs { eval, pool, .. }) if full => eval.run(index, pool, step),
+            Some(StepGraphs { eval: Some(eval), pool, .. }) if full => eval.run(index, pool, |index| {
+                step(index);
+                Ok(())
+            }),
             _ => {
                 partial_batch(images.device(), full, || step(index));
                 Ok(())

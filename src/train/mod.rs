@@ -121,17 +121,24 @@ impl TrainSums {
 }
 
 /// The recorded steps of a trainer that replays CUDA graphs: full training batches and full
-/// evaluation batches, sharing one memory pool (they never run at the same time).
+/// evaluation batches, sharing one memory pool (they never run at the same time). In a
+/// data-parallel run evaluation steps run eagerly: a failed capture of one would turn graphs off
+/// on its rank alone, and every rank's training steps must stay alike.
 pub struct StepGraphs {
     train: Replayer,
-    eval: Replayer,
+    eval: Option<Replayer>,
     pool: MemoryPoolSlot,
 }
 
 impl StepGraphs {
     /// Why steps run eagerly after a failure, if one happened.
     fn off_reason(&self) -> Option<String> {
-        self.train.off_reason().or_else(|| self.eval.off_reason())
+        self.train.off_reason().or_else(|| self.eval.as_ref().and_then(Replayer::off_reason))
+    }
+
+    /// Whether full evaluation batches replay a recorded step.
+    fn eval_replays(&self) -> bool {
+        self.eval.is_some() && self.off_reason().is_none()
     }
 }
 
@@ -199,10 +206,6 @@ struct Parallel {
     sync_bn: Option<std::sync::Arc<SyncBatchNorm>>,
 }
 
-/// Why data-parallel steps run eagerly.
-const PARALLEL_EAGER: &str = "a data-parallel run's steps run eagerly: its gradient allreduce is not recorded in a \
-                              CUDA graph";
-
 impl Trainer {
     /// A freshly initialised model (seeded by the recipe) with its optimizer, computing as
     /// `execution` says. The recipe's image size must suit the model: settings are checked where
@@ -210,7 +213,7 @@ impl Trainer {
     pub fn new(name: &str, classes: i64, recipe: &Recipe, execution: &Execution, device: Device) -> Result<Trainer> {
         let info = crate::models::model_info(name)?;
         let precision = execution.precision(device);
-        let plan = cuda_graph::plan(execution.cuda_graphs, device, precision)?;
+        let plan = cuda_graph::plan(execution.cuda_graphs, device, precision, None)?;
         let channels_last = execution
             .memory_format
             .channels_last(|| crate::models::summary(info, classes, recipe.image_size).smallest_map);
@@ -239,7 +242,7 @@ impl Trainer {
                     let fall_back = execution.cuda_graphs == CudaGraphs::Auto;
                     Some(StepGraphs {
                         train: Replayer::new(device, *recorder, fall_back),
-                        eval: Replayer::new(device, *recorder, fall_back),
+                        eval: Some(Replayer::new(device, *recorder, fall_back)),
                         pool: MemoryPoolSlot::default(),
                     })
                 }
@@ -330,8 +333,10 @@ impl Trainer {
 
     /// Makes this trainer one rank of `group`'s data-parallel run, before its first step (after a
     /// checkpoint is restored: every rank restores the same one): every variable and average
-    /// broadcast from rank 0, gradients averaged from the next step, steps eager. Other ranks than
-    /// rank 0 keep none of a resumed epoch's sums: rank 0's checkpoint holds those of all ranks.
+    /// broadcast from rank 0, gradients averaged from the next step. Recorded training steps hold
+    /// the allreduce, unless [`distributed::graph_obstacle`] says they cannot; evaluation steps run
+    /// eagerly. Other ranks than rank 0 keep none of a resumed epoch's sums: rank 0's checkpoint
+    /// holds those of all ranks.
     ///
     /// `sync_bn`: BatchNorm statistics over every rank's images in training (`--sync-bn`).
     pub fn distribute(&mut self, group: Rc<Group>, sync_bn: bool) -> Result<()> {
@@ -344,8 +349,17 @@ impl Trainer {
         }
         let overlap = group.overlaps().then_some(&*group);
         let averager = GradientAverager::new(self.optimizer.params(), group.world_size(), overlap)?;
-        self.graphs = None;
-        self.eager_reason = Some(PARALLEL_EAGER.to_string());
+        match (self.graphs.as_mut(), distributed::graph_obstacle(group.device, group.place.backend, sync_bn)) {
+            (Some(_), Some(why)) => {
+                self.graphs = None;
+                self.eager_reason = Some(why.to_string());
+            }
+            (Some(graphs), None) => {
+                graphs.train.share_with(group.clone());
+                graphs.eval = None;
+            }
+            (None, _) => {}
+        }
         let sync_bn = sync_bn.then(|| std::sync::Arc::new(group.sync_batch_norm()));
         self.model.set_sync_batch_norm(sync_bn.clone());
         self.parallel = Some(Parallel { group, averager, stop: false, error: None, sync_bn });
@@ -409,7 +423,7 @@ impl Trainer {
         });
         clock.lap(|t| &mut t.forward_ms);
         if let Some(parallel) = self.parallel.as_mut() {
-            parallel.averager.begin(stop_requested());
+            parallel.averager.begin();
         }
         let grads = match &self.scaler {
             Some(scaler) => self.optimizer.gradients(&(&loss * scaler.scale())),
@@ -433,11 +447,8 @@ impl Trainer {
                 let message = parallel.group.failed_message("the --sync-bn forward pass", &err);
                 parallel.error.get_or_insert(anyhow::anyhow!("{message}"));
             }
-            match parallel.averager.average(&parallel.group, self.optimizer.params(), &grads) {
-                Ok(stop) => parallel.stop |= stop,
-                Err(err) => {
-                    parallel.error.get_or_insert(err);
-                }
+            if let Err(err) = parallel.averager.average(&parallel.group, self.optimizer.params(), &grads) {
+                parallel.error.get_or_insert(err);
             }
         }
         clock.lap(|t| &mut t.backward_ms);
@@ -457,28 +468,33 @@ impl Trainer {
     }
 
     /// A train step on the images at `index` with its loss and accuracy added to the epoch's sums:
-    /// a replay of the recorded step for a full batch when CUDA graphs are on, eager otherwise.
+    /// a replay of the recorded step for a full batch when CUDA graphs are on, eager otherwise. In a
+    /// data-parallel run this rank's vote to stop goes with it, and every rank's comes back.
     pub fn train_batch(&mut self, images: &Tensor, labels: &Tensor, index: &Tensor, recipe: &Recipe) -> Result<()> {
         let step = |trainer: &mut Trainer, index: &Tensor| {
             let (loss, logits, ys) = trainer.train_step(images, labels, index, recipe, None);
             trainer.train_sums.add(&loss, &logits, &ys);
+            trainer.parallel.as_mut().and_then(|p| p.error.take()).map_or(Ok(()), Err)
         };
+        if let Some(parallel) = self.parallel.as_mut() {
+            parallel.averager.set_vote(stop_requested());
+        }
         let full = index.size()[0] == recipe.batch_size as i64;
         match self.graphs.take() {
             Some(mut graphs) if full => {
                 let result = graphs.train.run(index, &graphs.pool, |index| step(self, index));
                 self.graphs = Some(graphs);
-                result
+                result?;
             }
             graphs => {
                 self.graphs = graphs;
-                partial_batch(images.device(), full, || step(self, index));
-                match self.parallel.as_mut().and_then(|p| p.error.take()) {
-                    Some(err) => Err(err),
-                    None => Ok(()),
-                }
+                partial_batch(images.device(), full, || step(self, index))?;
             }
         }
+        if let Some(parallel) = self.parallel.as_mut() {
+            parallel.stop |= parallel.averager.stop_voted(&parallel.group)?;
+        }
+        Ok(())
     }
 
     /// Trains one epoch (number `history.len() + 1`), evaluates on the test split, logs a line and
@@ -688,7 +704,7 @@ impl Trainer {
     /// The model set up for evaluation as [`Trainer::evaluate`] runs it (`bench` times its batches).
     pub fn evaluator(&mut self) -> Evaluator<'_> {
         // Folded unless full batches replay a graph (after a fallback they run eagerly).
-        let fold = self.graphs.as_ref().is_none_or(|g| g.off_reason().is_some());
+        let fold = !self.graphs.as_ref().is_some_and(StepGraphs::eval_replays);
         self.evaluator_folding(fold)
     }
 
@@ -724,13 +740,14 @@ fn build_model(
 
 /// Runs a step eagerly; one of a partial batch without cuDNN's benchmark mode: a new shape would
 /// make cuDNN time every algorithm for a single batch per epoch, at a cost of seconds per model.
-fn partial_batch(device: Device, full: bool, step: impl FnOnce()) {
+fn partial_batch<T>(device: Device, full: bool, step: impl FnOnce() -> T) -> T {
     if full || !device.is_cuda() {
         return step();
     }
     tch::Cuda::cudnn_set_benchmark(false);
-    step();
+    let result = step();
     tch::Cuda::cudnn_set_benchmark(true);
+    result
 }
 
 #[cfg(test)]
