@@ -68,7 +68,8 @@ pub struct BenchResult {
     /// Mean ms per train step in each phase, with `--breakdown`.
     pub phases_ms: Option<PhaseTimes>,
     /// A data-parallel bench (`--nproc-per-node`): its processes, backend and the median ms per step
-    /// spent in the gradient allreduce (on rank 0, waiting for the others included).
+    /// spent in the gradient allreduce (on rank 0, waiting for the others included; absent when the
+    /// steps replayed CUDA graphs, which hold the allreduce).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub world_size: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -241,7 +242,7 @@ pub fn run(config: &BenchConfig, group: Option<Rc<Group>>) -> Result<BenchResult
         backend: parallel.map(|(_, backend)| backend),
         allreduce_ms_per_step: (!allreduce.is_empty())
             .then(|| median(&allreduce.iter().map(|s| s.seconds * 1e3).collect::<Vec<_>>())),
-        allreduce_overlap: overlap.then(|| {
+        allreduce_overlap: (overlap && !allreduce.is_empty()).then(|| {
             let (steps, buckets, during) = allreduce
                 .iter()
                 .fold((0, 0, 0), |(n, b, d), s| (n + s.steps, b + s.buckets, d + s.launched_during_backward));

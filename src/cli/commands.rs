@@ -249,6 +249,10 @@ fn print_bench(r: &crate::bench::BenchResult) {
         r.steps,
         r.warmup
     );
+    if let (Some(world), None) = (r.world_size, r.allreduce_ms_per_step) {
+        let backend = r.backend.unwrap_or("?");
+        println!("  data-parallel: {world} processes over {backend}, the gradient allreduce inside the recorded steps");
+    }
     if let (Some(world), Some(ms)) = (r.world_size, r.allreduce_ms_per_step) {
         let backend = r.backend.unwrap_or("?");
         let overlap = r.allreduce_overlap.map_or(String::from("after the backward pass"), |o| {

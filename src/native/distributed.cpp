@@ -17,6 +17,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -77,6 +78,17 @@ struct Group {
   }
 };
 
+// c10d logs a failed store or socket read (a rank that exited) as a warning with a C++ stack trace
+// before it throws, and csp-tch reports the failure itself, naming the rank: c10's log keeps only
+// errors, unless TORCH_CPP_LOG_LEVEL asks for more (read as PyTorch reads it).
+void quiet_c10d_warnings() {
+  if (std::getenv("TORCH_CPP_LOG_LEVEL") != nullptr) {
+    c10::initLogging();
+  } else {
+    FLAGS_caffe2_log_level = 2;  // c10's ERROR
+  }
+}
+
 // Waits for `work`, rethrowing its failure (a peer that died, or the timeout) as an exception.
 void finish(const c10::intrusive_ptr<c10d::Work>& work, const Group& group) {
   if (!work->wait(group.timeout)) throw std::runtime_error("timed out");
@@ -117,6 +129,7 @@ void* csp_tch_process_group_new(int backend, const char* host, int port, int ran
                                 const char* prefix, int64_t timeout_ms, int device, const char* gloo_host,
                                 const char* gloo_interface) {
   return csp_tch::guarded<void*>(nullptr, [&]() -> void* {
+    quiet_c10d_warnings();
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions options;
     options.port = static_cast<std::uint16_t>(port);
