@@ -249,23 +249,22 @@ fn print_bench(r: &crate::bench::BenchResult) {
         r.steps,
         r.warmup
     );
-    if let (Some(world), None) = (r.world_size, r.allreduce_ms_per_step) {
+    if let Some(world) = r.world_size {
         let backend = r.backend.unwrap_or("?");
-        println!("  data-parallel: {world} processes over {backend}, the gradient allreduce inside the recorded steps");
-    }
-    if let (Some(world), Some(ms)) = (r.world_size, r.allreduce_ms_per_step) {
-        let backend = r.backend.unwrap_or("?");
-        let overlap = r.allreduce_overlap.map_or(String::from("after the backward pass"), |o| {
-            format!(
-                "overlapped: {:.0}% of {:.0} buckets launched during the backward pass",
-                100.0 * o.launched_during_backward,
-                o.buckets_per_step
-            )
-        });
-        println!(
-            "  data-parallel: {world} processes over {backend}, {ms:.1} ms/step waiting for the gradient allreduce \
-             (rank 0; {overlap})"
-        );
+        let allreduce = match r.allreduce_ms_per_step {
+            None => "the gradient allreduce inside the recorded steps".to_string(),
+            Some(ms) => {
+                let overlap = r.allreduce_overlap.map_or(String::from("after the backward pass"), |o| {
+                    format!(
+                        "overlapped: {:.0}% of {:.0} buckets launched during the backward pass",
+                        100.0 * o.launched_during_backward,
+                        o.buckets_per_step
+                    )
+                });
+                format!("{ms:.1} ms/step waiting for the gradient allreduce (rank 0; {overlap})")
+            }
+        };
+        println!("  data-parallel: {world} processes over {backend}, {allreduce}");
     }
     if let Some(p) = &r.phases_ms {
         let total = p.transform_ms + p.forward_ms + p.backward_ms + p.optimizer_ms;

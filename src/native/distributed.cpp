@@ -211,12 +211,9 @@ int csp_tch_process_group_broadcast(void* handle, const at::Tensor* tensor, int 
 int csp_tch_process_group_allreduce(void* handle, const at::Tensor* tensor, int in_step) {
   return csp_tch::guarded(-1, [&] {
     auto& group = *static_cast<Group*>(handle);
-    if (in_step == 0) {
-      sum_over_ranks(group, *tensor);
-    } else {
-      std::vector<at::Tensor> tensors{*tensor};
-      finish_in_step(group.backend->allreduce(tensors), group);
-    }
+    std::vector<at::Tensor> tensors{*tensor};
+    auto work = group.backend->allreduce(tensors);
+    in_step == 0 ? finish(work, group) : finish_in_step(work, group);
     return 0;
   });
 }

@@ -166,13 +166,13 @@ pub fn run(settings: &Settings, access: &Access) -> Result<()> {
     }
     let precision = config.execution.precision(settings.device);
     let mut environment = RunEnvironment::detect(settings.device, precision);
-    let graph_line =
-        cuda_graph::decision_line(config.execution.cuda_graphs, settings.device, precision, settings.graph_obstacle())?;
+    let graph_plan = settings.graph_plan()?;
+    let graph_line = cuda_graph::describe(config.execution.cuda_graphs, &graph_plan);
     match &group {
         Some(group) => {
             let parallel = group.environment(&environment)?;
             let statistics = if config.sync_bn { "over all of them (--sync-bn)" } else { "each its own" };
-            let recorded = match settings.graph_plan()? {
+            let recorded = match graph_plan {
                 cuda_graph::GraphPlan::Replay(_) => {
                     "; CUDA graphs record the training steps with their allreduce, evaluation steps run eagerly"
                 }

@@ -408,7 +408,7 @@ pub fn plan(setting: CudaGraphs, device: Device, precision: Precision, obstacle:
     }
     if let Some(why) = obstacle {
         if setting == CudaGraphs::On {
-            bail!("--cuda-graphs on: {why}; use --cuda-graphs auto (steps then run eagerly) or off");
+            return Err(refused_on(why));
         }
         return eager(why);
     }
@@ -427,20 +427,31 @@ pub fn plan(setting: CudaGraphs, device: Device, precision: Precision, obstacle:
     Ok(GraphPlan::Replay(Recorder::Cuda))
 }
 
-/// The one line `run-all`, `train` and `bench` print about CUDA graphs.
+/// The one line `run-all`, `train` and `bench` print about CUDA graphs, for what [`plan`] makes of
+/// these settings.
 pub fn decision_line(
     setting: CudaGraphs,
     device: Device,
     precision: Precision,
     obstacle: Option<&str>,
 ) -> Result<String> {
+    Ok(describe(setting, &plan(setting, device, precision, obstacle)?))
+}
+
+/// The line that says what `setting` came to (`plan`).
+pub fn describe(setting: CudaGraphs, plan: &GraphPlan) -> String {
     let name = clap::ValueEnum::to_possible_value(&setting).map(|v| v.get_name().to_string()).unwrap_or_default();
     let flag = format!("--cuda-graphs {name}");
-    Ok(match plan(setting, device, precision, obstacle)? {
+    match plan {
         GraphPlan::Replay(Recorder::Cuda) => {
             format!("CUDA graphs: on ({flag}): full batches replay recorded steps")
         }
         GraphPlan::Replay(recorder) => format!("CUDA graphs: on ({flag}), {recorder:?}: a test stand-in"),
         GraphPlan::Eager(why) => format!("CUDA graphs: off ({flag}): {why}"),
-    })
+    }
+}
+
+/// The error for `--cuda-graphs on` when `why` keeps this run's steps from being recorded.
+pub fn refused_on(why: &str) -> anyhow::Error {
+    anyhow::anyhow!("--cuda-graphs on: {why}; use --cuda-graphs auto (steps then run eagerly) or off")
 }

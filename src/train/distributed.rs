@@ -54,7 +54,7 @@ pub fn graph_obstacle(device: Device, backend: DistBackend, sync_bn: bool) -> Op
 /// do: `--cuda-graphs on` with `--sync-bn`.
 pub fn check_execution(execution: &Execution, sync_bn: bool) -> Result<()> {
     if execution.cuda_graphs == CudaGraphs::On && sync_bn {
-        bail!("--cuda-graphs on: {SYNC_BN_EAGER}; use --cuda-graphs auto (steps then run eagerly) or off");
+        return Err(cuda_graph::refused_on(SYNC_BN_EAGER));
     }
     Ok(())
 }
